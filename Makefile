@@ -1,0 +1,47 @@
+# Every target builds .venv from requirements.lock when it is missing or the lock changed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-from-lock
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test setup bench bench-features bench-train bench-decode airflow ui lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 1; }
+	@command -v java >/dev/null || echo "warning: java not found; METEOR/ROUGE/CIDEr scoring needs Java 17 (apt-get install openjdk-17-jre-headless)"
+	@command -v git >/dev/null || { echo "error: git not found (DVC needs it)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+# Runs the whole pipeline on the embedded synthetic dataset (offline), then captions a few test images.
+run: $(STAMP)
+	$(BIN)/dvc repro
+	$(BIN)/python -m pipeline.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: bench-features bench-train bench-decode
+
+bench-features: $(STAMP)
+	$(BIN)/python benchmarks/bench_features.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-decode: $(STAMP)
+	$(BIN)/python benchmarks/bench_decode.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline dags tests benchmarks
+
+clean:
+	rm -rf data/raw data/prepared data/features models metrics reports/*.json reports/*.parquet reports/*.html reports/*.csv reports/*.png

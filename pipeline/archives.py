@@ -1,0 +1,145 @@
+"""Resumable HTTP download with checksum, and zip extraction that refuses unsafe members."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import time
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+import requests
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A transfer failed, was truncated, or its checksum did not match."""
+
+
+class UnsafeArchiveError(RuntimeError):
+    """A zip holds an absolute path, a '..' member or a link."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, expected_sha256: str | None, url: str) -> None:
+    if not expected_sha256:
+        return
+    actual = sha256_of(path)
+    if actual != expected_sha256.lower():
+        bad = path.with_name(path.name + ".bad")
+        os.replace(path, bad)
+        raise DownloadError(
+            f"sha256 mismatch for {url}: expected {expected_sha256}, got {actual}; "
+            f"the file was moved to {bad} and nothing was extracted")
+
+
+def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float = 60,
+             retries: int = 5, backoff_s: float = 1.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest``, resuming ``dest.part`` with HTTP Range after a cut.
+
+    A complete ``dest`` whose checksum matches (or with no checksum given) is reused.
+    ``dest`` only appears once the whole body arrived and the checksum matched.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file():
+        _verify(dest, sha256, url)
+        log.info("using cached %s", dest)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    last_error: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), 30))
+            log.warning("retrying %s (attempt %d/%d): %s", url, attempt + 1, retries + 1, last_error)
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+                if resp.status_code == 416 and have:  # range past the end: the part is whole
+                    break
+                if resp.status_code not in (200, 206):
+                    raise DownloadError(f"GET {url}: HTTP {resp.status_code} {resp.reason}")
+                if have and resp.status_code == 200:  # server ignored Range: start over
+                    have = 0
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                mode = "ab" if have else "wb"
+                with part.open(mode) as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True,
+                        desc=dest.name, disable=not progress) as bar:
+                    for chunk in resp.iter_content(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                size = part.stat().st_size
+                if total is not None and size < total:
+                    raise DownloadError(f"transfer cut at {size} of {total} bytes")
+                break
+        except (requests.RequestException, DownloadError) as err:
+            if isinstance(err, DownloadError) and "HTTP 4" in str(err):
+                raise
+            last_error = err
+    else:
+        raise DownloadError(
+            f"download of {url} failed after {retries + 1} attempts: {last_error}; "
+            f"the partial file {part} is kept and the next run resumes it")
+    _verify(part, sha256, url)
+    os.replace(part, dest)
+    return dest
+
+
+def _is_skipped(name: str) -> bool:
+    """macOS resource forks and Finder files that ride along in many zips."""
+    parts = PurePosixPath(name).parts
+    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] == ".DS_Store"
+
+
+def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
+    name = info.filename.replace("\\", "/")
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise UnsafeArchiveError(
+            f"{archive}: refusing to extract member {info.filename!r} "
+            "(absolute path or '..' would write outside the target folder)")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchiveError(f"{archive}: refusing to extract symbolic link {info.filename!r}")
+
+
+def safe_extract(archive: Path, target: Path, progress: bool = True) -> list[Path]:
+    """Extract a zip into ``target`` after checking every member; returns extracted files.
+    Nothing is written when any member is unsafe."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as err:
+        raise DownloadError(f"{archive} is not a valid zip (truncated or corrupt?): {err}") from None
+    with zf:
+        members = [m for m in zf.infolist() if not _is_skipped(m.filename)]
+        for member in members:
+            _check_member(member, archive)
+        written = []
+        for member in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=not progress):
+            if member.is_dir():
+                continue
+            out = target.joinpath(*PurePosixPath(member.filename.replace("\\", "/")).parts)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+                raise DownloadError(f"{archive}: member {member.filename!r} is corrupt: {err}") from None
+            written.append(out)
+    return written
+

@@ -1,0 +1,111 @@
+"""The CNN that turns an image into a feature vector, and the image preprocessing that goes
+with it. Shared by the features stage and the served model so both see images alike.
+
+Weights: ``imagenet`` (Keras downloads them once into ~/.keras/models), ``none`` (random
+init from ``seed``: the offline default) or a path to a local weights file (air-gapped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+
+from .images import ImageSource, load_rgb  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIM = {"xception": 2048}
+
+
+class BackboneError(RuntimeError):
+    """The CNN could not be built (e.g. ImageNet weights unavailable offline)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str = "xception"
+    weights: str = "none"
+    image_size: int = 299
+    seed: int = 7
+
+    @property
+    def feature_dim(self) -> int:
+        return FEATURE_DIM[self.name]
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance stored with the features (Parquet schema metadata, MLflow params)."""
+        import pyarrow
+        import tensorflow as tf
+
+        return {
+            "backbone": self.name, "weights": self.weights, "input_size": str(self.image_size),
+            "seed": str(self.seed), "feature_dim": str(self.feature_dim),
+            "preprocessing": "PIL decode (EXIF transpose, RGB), bilinear resize to "
+                             f"{self.image_size}x{self.image_size}, xception.preprocess_input "
+                             "(x/127.5 - 1), global average pooling",
+            "keras_version": keras.__version__, "tensorflow_version": tf.__version__,
+            "pyarrow_version": pyarrow.__version__,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build(spec: BackboneSpec) -> keras.Model:
+    """Xception without its classifier, average pooled: (N, S, S, 3) -> (N, 2048)."""
+    shape = (spec.image_size, spec.image_size, 3)
+    kwargs = dict(include_top=False, pooling="avg", input_shape=shape)
+    if spec.weights == "none":
+        keras.utils.set_random_seed(spec.seed)  # same seed, same random CNN
+        return keras.applications.Xception(weights=None, **kwargs)
+    if spec.weights == "imagenet":
+        try:
+            return keras.applications.Xception(weights="imagenet", **kwargs)
+        except Exception as err:  # keras raises a bare Exception on a failed fetch
+            raise BackboneError(
+                "could not load the ImageNet weights for Xception "
+                f"({type(err).__name__}: {err}). Offline, either set features.weights: none "
+                "(random-init CNN, runs anywhere) or set features.weights to the path of a "
+                "local weights file (xception_weights_tf_dim_ordering_tf_kernels_notop.h5), "
+                "or copy that file into ~/.keras/models/.") from None
+    path = Path(spec.weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"features.weights: {path} is not a file; use imagenet, none or a "
+                            "path to a weights file")
+    model = keras.applications.Xception(weights=None, **kwargs)
+    try:
+        model.load_weights(str(path))
+    except Exception as err:
+        raise BackboneError(f"cannot load Xception weights from {path}: {err}") from None
+    return model
+
+
+def load_saved(weights_file: Path, spec: BackboneSpec) -> keras.Model:
+    """Rebuild the exact CNN whose weights the features stage saved."""
+    model = keras.applications.Xception(
+        weights=None, include_top=False, pooling="avg",
+        input_shape=(spec.image_size, spec.image_size, 3))
+    model.load_weights(str(weights_file))
+    return model
+
+
+def preprocess(batch_uint8: np.ndarray) -> np.ndarray:
+    """uint8 RGB (N, S, S, 3) -> float32 in [-1, 1], as Xception was trained."""
+    return keras.applications.xception.preprocess_input(batch_uint8.astype(np.float32))
+
+
+def load_image(source: ImageSource, spec: BackboneSpec) -> np.ndarray:
+    """One image -> (S, S, 3) uint8, exactly as the features stage reads it."""
+    return load_rgb(source, spec.image_size)
+
+
+def embed(model: keras.Model, batch_uint8: np.ndarray) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, D) float32 features."""
+    return np.asarray(model(preprocess(batch_uint8), training=False), dtype=np.float32)

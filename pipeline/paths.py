@@ -1,0 +1,47 @@
+"""File locations shared by the stages; they mirror the outs/deps declared in dvc.yaml."""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+DOWNLOADS_DIR = Path("data/downloads")  # archive cache for resumable downloads (not a DVC out)
+PREPARED_DIR = Path("data/prepared")
+CAPTIONS = PREPARED_DIR / "captions.parquet"
+REJECTS = PREPARED_DIR / "rejects.parquet"
+FEATURES_DIR = Path("data/features")
+MODELS_DIR = Path("models")
+DECODER = MODELS_DIR / "decoder.keras"
+VOCAB = MODELS_DIR / "vocab.json"
+TRAIN_RUN = MODELS_DIR / "train_run.json"
+METRICS_DIR = Path("metrics")
+EVAL_METRICS = METRICS_DIR / "eval.json"
+REPORTS_DIR = Path("reports")
+VALIDATION_REPORT = REPORTS_DIR / "validation.json"
+FAILED_REJECTS = REPORTS_DIR / "validation_rejects.parquet"
+TRAIN_HISTORY = REPORTS_DIR / "train_history.csv"
+TRAIN_CURVE = REPORTS_DIR / "train_history.png"
+TEST_CAPTIONS = REPORTS_DIR / "test_captions.parquet"
+GALLERY = REPORTS_DIR / "gallery.html"
+REGISTRY_REPORT = REPORTS_DIR / "registry.json"
+
+TOKEN_FILE = "Flickr8k.token.txt"
+KAGGLE_CAPTIONS = "captions.txt"
+IMAGES_SUBDIR = "Images"
+SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+
+
+def dataset_dir(source: str) -> Path:
+    """data/raw/<dataset>/ for a data.source value."""
+    return RAW_DIR / source
+
+
+def features_file(backbone: str) -> Path:
+    return FEATURES_DIR / f"{backbone}.parquet"
+
+
+def backbone_weights_file(backbone: str) -> Path:
+    """The exact CNN weights used for the features, bundled later into the served model."""
+    return FEATURES_DIR / f"{backbone}.weights.h5"

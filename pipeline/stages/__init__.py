@@ -1,0 +1,1 @@
+"""The six DVC stages, one module each: ``run(settings)`` plus a thin ``main()``."""

@@ -1,0 +1,182 @@
+"""Stage ``features``: every prepared image -> one CNN feature vector in Parquet.
+
+Output ``data/features/<backbone>.parquet``: ``image`` (string) and ``embedding``
+(fixed_size_list<float32>[D]), with the backbone's provenance in the schema metadata; and
+``data/features/<backbone>.weights.h5``, the exact CNN weights, which the served model bundles.
+
+A tf.data pipeline decodes and resizes images in parallel and prefetches batches while the
+CNN runs. Finished batches are written to ``<backbone>.parts/`` as they complete, so an
+interrupted run resumes where it stopped; the final file appears by atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .. import paths
+from ..backbone import BackboneError, BackboneSpec, build, preprocess
+from ..config import Settings
+from ..images import load_rgb
+from ._cli import StageError, stage_main
+
+log = logging.getLogger("pipeline.features")
+
+
+def embedding_table(images: list[str], embeddings: np.ndarray, metadata: dict | None = None) -> pa.Table:
+    dim = embeddings.shape[1]
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    table = pa.table({"image": pa.array(images, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    return table.replace_schema_metadata(metadata) if metadata else table
+
+
+def read_features(path: Path) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """(image names, (N, D) float32 matrix, schema metadata) of a features file."""
+    table = pq.read_table(path)
+    dim = table.schema.field("embedding").type.list_size
+    matrix = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return table.column("image").to_pylist(), matrix, meta
+
+
+def _image_batches(files: list[Path], size: int, batch_size: int):
+    """tf.data: parallel PIL decode/resize (PIL releases the GIL), batched, prefetched."""
+    import tensorflow as tf
+
+    def load(path: bytes) -> np.ndarray:
+        try:
+            return load_rgb(path.decode(), size)
+        except Exception as err:
+            raise ValueError(f"undecodable image {path.decode()}: {err}") from None
+
+    ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
+    ds = ds.map(lambda p: tf.ensure_shape(tf.numpy_function(load, [p], tf.uint8), (size, size, 3)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class _Parts:
+    """Completed batches on disk, so a rerun extracts only what is missing."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = folder
+        manifest = folder / "manifest.json"
+        if folder.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != fingerprint):
+            log.info("discarding parts from a different configuration in %s", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(fingerprint))
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def done(self) -> set[str]:
+        names: set[str] = set()
+        for part in self.files():
+            try:
+                names.update(pq.read_table(part, columns=["image"]).column("image").to_pylist())
+            except (pa.ArrowInvalid, OSError):
+                part.unlink()  # torn write: redo those images
+        return names
+
+    def write(self, images: list[str], embeddings: np.ndarray) -> None:
+        index = len(self.files())
+        target = self.folder / f"part-{index:05d}.parquet"
+        tmp = target.with_suffix(".tmp")
+        pq.write_table(embedding_table(images, embeddings), tmp)
+        os.replace(tmp, target)
+
+
+def extract_features(image_dir: Path, images: list[str], out: Path, weights_out: Path,
+                     spec: BackboneSpec, batch_size: int, rows_per_part: int) -> dict:
+    """Write features of ``images`` (names in ``image_dir``) to ``out``; returns stats."""
+    import tensorflow as tf
+
+    parts = _Parts(out.with_suffix(".parts"), {**spec.to_dict(), "images": len(images)})
+    done = parts.done()
+    todo = [n for n in images if n not in done]
+    if done:
+        log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
+    try:
+        model = build(spec)
+    except BackboneError as err:
+        raise StageError(str(err)) from None
+    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    start, buffer_names, buffer_vecs = time.perf_counter(), [], []
+    names_iter = iter(todo)
+    bar = tqdm(total=len(todo), desc="features", unit="img")
+    try:
+        for batch in _image_batches([image_dir / n for n in todo], spec.image_size, batch_size):
+            vectors = infer(preprocess(batch.numpy())).numpy()
+            buffer_names += [next(names_iter) for _ in range(len(vectors))]
+            buffer_vecs.append(vectors)
+            if len(buffer_names) >= rows_per_part:
+                parts.write(buffer_names, np.concatenate(buffer_vecs))
+                buffer_names, buffer_vecs = [], []
+            bar.update(len(vectors))
+    except tf.errors.OpError as err:
+        detail = err.message.split("ValueError: ")[-1].split("\n")[0]
+        raise StageError(f"{detail}\n({bar.n} images before it are saved in {parts.folder}; "
+                         "fix or remove the image, rerun validate, then rerun features to resume)") from None
+    finally:
+        if buffer_names:
+            parts.write(buffer_names, np.concatenate(buffer_vecs))
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    tables = [pq.read_table(p) for p in parts.files()]
+    table = pa.concat_tables(tables).combine_chunks() if tables else embedding_table(
+        [], np.zeros((0, spec.feature_dim), np.float32))
+    table = table.take(pa.compute.sort_indices(table, [("image", "ascending")]))
+    missing = set(images) - set(table.column("image").to_pylist())
+    if missing:
+        raise StageError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
+    table = table.replace_schema_metadata(spec.metadata())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_weights = weights_out.with_name("tmp-" + weights_out.name)
+    model.save_weights(str(tmp_weights))
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=rows_per_part)
+    os.replace(tmp_weights, weights_out)
+    os.replace(tmp, out)
+    shutil.rmtree(parts.folder)
+    rate = len(todo) / elapsed if todo and elapsed > 0 else float("nan")
+    log.info("wrote %s: %d images (%d new at %.1f img/s)", out, len(images), len(todo), rate)
+    return {"images": len(images), "extracted": len(todo), "reused": len(images) - len(todo),
+            "seconds": elapsed, "images_per_s": rate}
+
+
+def spec_from(settings: Settings) -> BackboneSpec:
+    f = settings.features
+    return BackboneSpec(f.backbone, f.weights, f.image_size, f.seed)
+
+
+def run(settings: Settings) -> dict:
+    """Extract features for every image of ``data/prepared/captions.parquet``."""
+    if not paths.CAPTIONS.is_file():
+        raise StageError(f"{paths.CAPTIONS} not found: run the validate stage first")
+    images = sorted(pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique())
+    spec = spec_from(settings)
+    return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR, images,
+                            paths.features_file(spec.name), paths.backbone_weights_file(spec.name),
+                            spec, settings.features.batch_size, settings.features.rows_per_part)
+
+
+def main() -> None:
+    stage_main("features", __doc__, run)
+
+
+if __name__ == "__main__":
+    main()
