@@ -78,6 +78,9 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
                 mode = "ab" if have else "wb"
+                # Keep the bytes that did arrive when the connection drops; the length
+                # check below notices the cut and the next attempt resumes from there.
+                resp.raw.enforce_content_length = False
                 with part.open(mode) as f, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True,
                         desc=dest.name, disable=not progress) as bar:

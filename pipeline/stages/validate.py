@@ -102,7 +102,7 @@ def validate_dataset(dataset: Path, settings: Settings) -> tuple[pd.DataFrame, p
     results += runner.run("images", image_table, [c for c in checks if c.table == "images"])
 
     counted = sum(1 for r in reasons.values() if set(r) != {UNSPLIT})
-    unsplit_images = sorted(set(table.loc[table["split"].isna(), "image"]))
+    unsplit_images = sorted(set(table.loc[table["split"].isna() & parsed, "image"]))
     report = {
         "dataset": str(dataset), "caption_file": caption_file.name,
         "rows_read": len(table), "kept": len(kept), "rejected": len(rejects),

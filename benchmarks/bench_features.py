@@ -1,0 +1,89 @@
+"""Feature extraction throughput: tutorial loop vs the features stage vs the ceiling.
+
+(a) tutorial: per image ``keras.utils.load_img`` + ``model.predict`` on a batch of one;
+(b) the features stage's pipeline (tf.data PIL decode in parallel, batched inference,
+    Parquet parts and final file);
+(c) ceiling: ``model(x)`` on a prepared in-memory batch of 32.
+Same 64 photo-sized (500x375) JPEGs, same random-init Xception at 299x299.
+Target: b/a >= 2.0 and b/c >= 0.85.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, append_report  # noqa: E402
+from pipeline.backbone import BackboneSpec, build, preprocess  # noqa: E402
+from pipeline.stages.features import extract_features  # noqa: E402
+
+
+def photo_like_jpegs(folder: Path, n: int) -> list[str]:
+    """Smooth colour fields plus noise: JPEG sizes and decode cost close to real photos."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    names = []
+    for i in range(n):
+        base = np.stack([np.sin(xx / rng.uniform(20, 80) + i), np.cos(yy / rng.uniform(20, 80)),
+                         np.sin((xx + yy) / rng.uniform(30, 90))], axis=-1)
+        img = ((base + 1) * 100 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        name = f"photo_{i:03d}.jpg"
+        Image.fromarray(img).save(folder / name, quality=90)
+        names.append(name)
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    import keras
+
+    spec = BackboneSpec(weights="none", image_size=299)
+    model = build(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = photo_like_jpegs(folder, args.images)
+        warm = np.zeros((args.batch_size, 299, 299, 3), np.uint8)
+        model(preprocess(warm), training=False)  # first call builds oneDNN kernels
+        model.predict(preprocess(warm[:1]), verbose=0)
+
+        with Timer() as tutorial:
+            for name in names:
+                img = keras.utils.load_img(folder / name, target_size=(299, 299))
+                x = keras.applications.xception.preprocess_input(keras.utils.img_to_array(img)[None])
+                model.predict(x, verbose=0)
+
+        with Timer() as stage:
+            extract_features(folder, names, folder / "out" / "f.parquet", folder / "out" / "f.weights.h5",
+                             spec, args.batch_size, rows_per_part=256)
+
+        batch = preprocess(np.stack([np.asarray(keras.utils.load_img(folder / n, target_size=(299, 299)))
+                                     for n in names[: args.batch_size]]))
+        rounds = max(1, args.images // args.batch_size)
+        with Timer() as ceiling:
+            for _ in range(rounds):
+                model(batch, training=False)
+
+    a = args.images / tutorial.seconds
+    b = args.images / stage.seconds
+    c = rounds * args.batch_size / ceiling.seconds
+    append_report("Feature extraction (bench_features.py)", [
+        ("(a) tutorial: load_img + predict per image", f"{a:.2f} img/s"),
+        ("(b) features stage pipeline", f"{b:.2f} img/s"),
+        ("(c) ceiling: model(x), in-memory batch of 32", f"{c:.2f} img/s"),
+        ("b / a (target >= 2.0)", f"{b / a:.2f}"),
+        ("b / c (target >= 0.85)", f"{b / c:.2f}"),
+    ], [f"{args.images} JPEGs 500x375, Xception 299x299 random init, batch {args.batch_size}; "
+        "(b) includes model build and Parquet writing"])
+
+
+if __name__ == "__main__":
+    main()

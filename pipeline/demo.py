@@ -1,0 +1,38 @@
+"""What ``make run`` prints after ``dvc repro``: captions for a few test images by the
+champion model, and where the metrics, gallery and MLflow store are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from . import paths
+from .config import load_settings
+
+
+def main() -> None:
+    settings = load_settings()
+    test = pd.read_parquet(paths.CAPTIONS)
+    images = sorted(test.loc[test["split"] == "test", "image"].unique())[:4]
+    folder = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    print("\n== Captions by the champion model (captioner caption ...) ==", flush=True)
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "caption", *[str(folder / i) for i in images]],
+                   check=False)
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    registry = json.loads(paths.REGISTRY_REPORT.read_text())
+    print("\n== Test-split scores (metrics/eval.json) ==")
+    print(f"{'':10s}" + "".join(f"{k:>9s}" for k in ("bleu1", "bleu4", "meteor", "rouge_l", "cider")))
+    for mode in ("greedy", "beam", "baseline"):
+        m = metrics[mode]
+        print(f"{mode:10s}" + "".join(f"{m[k]:9.3f}" for k in ("bleu1", "bleu4", "meteor", "rouge_l", "cider")))
+    print(f"\nregistry: {registry['model_name']} v{registry['version']} -> {registry['decision']} "
+          f"(champion: v{registry['champion']})")
+    print(f"gallery:  {paths.GALLERY}\nmetrics:  {paths.EVAL_METRICS}\n"
+          f"MLflow:   {registry['tracking_uri']}  (make ui -> http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Caption metrics.
+
+* BLEU-1..4 (``bleu1``..``bleu4``): nltk ``corpus_bleu``, references = all reference token
+  lists of an image, uniform weights summing to 1, no smoothing (corpus-level BLEU needs none;
+  a corpus with no matching 4-gram scores 0 for BLEU-4, as it should).
+* ``coco_bleu4``, ``meteor``, ``rouge_l``, ``cider``: pycocoevalcap on the same tokens
+  (METEOR 1.5 runs in Java). With the same tokens, nltk and coco BLEU-4 agree.
+Captions are tokenised by ``clean_caption`` on both sides; ``nltk.download`` is never used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+from nltk.translate.bleu_score import corpus_bleu
+
+BLEU_WEIGHTS = {
+    "bleu1": (1.0,),
+    "bleu2": (0.5, 0.5),
+    "bleu3": (1 / 3, 1 / 3, 1 / 3),
+    "bleu4": (0.25, 0.25, 0.25, 0.25),
+}
+
+
+class JavaMissingError(RuntimeError):
+    pass
+
+
+def nltk_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    """Corpus BLEU-1..4 of tokenised hypotheses against lists of tokenised references."""
+    with warnings.catch_warnings():  # nltk warns when an n-gram order has no match
+        warnings.simplefilter("ignore")
+        return {name: float(corpus_bleu(references, hypotheses, weights=w))
+                for name, w in BLEU_WEIGHTS.items()}
+
+
+def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    """coco BLEU-4, METEOR, ROUGE-L and CIDEr (pycocoevalcap) on pre-tokenised captions."""
+    if shutil.which("java") is None:
+        raise JavaMissingError("METEOR needs Java (pycocoevalcap runs meteor-1.5.jar): install a "
+                               "Java runtime, e.g. apt-get install openjdk-17-jre-headless")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(h) if h else "<empty>"] for i, h in enumerate(hypotheses)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor = Meteor()
+    try:
+        meteor_score, _ = meteor.compute_score(gts, res)
+    finally:  # the wrapper has no close(); end the Java process now rather than at GC
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.wait(timeout=60)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"coco_bleu4": float(bleu[3]), "meteor": float(meteor_score),
+            "rouge_l": float(rouge), "cider": float(cider)}
+
+
+def score(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    return {**nltk_bleu(references, hypotheses), **coco_metrics(references, hypotheses)}

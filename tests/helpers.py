@@ -1,0 +1,132 @@
+"""Builders for small datasets and fixture archives used across the tests."""
+
+from __future__ import annotations
+
+import io
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from pipeline import paths
+from pipeline.config import Settings, parse_settings
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def tiny_params(**overrides) -> dict:
+    """The project's params.yaml shrunk for tests, with nested overrides by dotted key."""
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    defaults = {
+        "data.synthetic.n_images": 40, "data.synthetic.image_size": 48,
+        "features.image_size": 71, "features.batch_size": 8, "features.rows_per_part": 8,
+        "train.epochs": 3, "train.units": 32, "train.embedding_dim": 16, "train.batch_size": 32,
+        "evaluate.gallery_size": 4,
+    }
+    for key, value in {**defaults, **overrides}.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return raw
+
+
+def tiny_settings(**overrides) -> Settings:
+    return parse_settings(tiny_params(**overrides))
+
+
+def write_params(directory: Path, **overrides) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
+    return path
+
+
+def write_flickr_dataset(root: Path, images: dict[str, bytes | None], token_lines: list[str] | bytes,
+                         splits: dict[str, list[str]]) -> Path:
+    """A dataset in the common layout: images (None = not written), token file, split lists."""
+    (root / paths.IMAGES_SUBDIR).mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        if data is not None:
+            (root / paths.IMAGES_SUBDIR / name).write_bytes(data)
+    body = token_lines if isinstance(token_lines, bytes) else "".join(
+        f"{line}\n" for line in token_lines).encode()
+    (root / paths.TOKEN_FILE).write_bytes(body)
+    for split, names in splits.items():
+        (root / paths.SPLIT_FILES[split]).write_text("".join(f"{n}\n" for n in names))
+    return root
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+class FixtureServer:
+    """HTTP server on 127.0.0.1 serving in-memory files, with Range support.
+
+    ``cut_once[path] = n`` makes the next full GET of ``path`` send only ``n`` bytes of the
+    body and drop the connection, as a flaky network would."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut_once: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                cut = server.cut_once.pop(self.path, None)
+                payload = body[start:] if cut is None else body[start:start + cut]
+                self.wfile.write(payload)
+                if cut is not None:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "FixtureServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

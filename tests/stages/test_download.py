@@ -1,0 +1,89 @@
+import pytest
+
+from pipeline import paths
+from pipeline.flickr8k import read_splits
+from pipeline.stages import download
+from pipeline.stages._cli import StageError
+from tests.helpers import jpeg_bytes, tiny_settings, zip_bytes
+
+NAMES = [f"10{i}_abc.jpg" for i in range(6)]
+TOKEN = "".join(f"{n}#{k}\tA red thing number {k} .\n" for n in NAMES for k in range(5)).encode()
+SPLITS = {"Flickr_8k.trainImages.txt": NAMES[:4], "Flickr_8k.devImages.txt": NAMES[4:5],
+          "Flickr_8k.testImages.txt": NAMES[5:]}
+
+
+def official_archives() -> tuple[bytes, bytes]:
+    """Archives shaped like the real ones: images under Flicker8k_Dataset/ (sic), text at
+    the root, plus the __MACOSX folder the real zips carry."""
+    images = {f"Flicker8k_Dataset/{n}": jpeg_bytes() for n in NAMES}
+    images["__MACOSX/Flicker8k_Dataset/._x.jpg"] = b"junk"
+    text = {"Flickr8k.token.txt": TOKEN, "readme.txt": b"Flickr8k",
+            **{k: "".join(f"{n}\n" for n in v).encode() for k, v in SPLITS.items()}}
+    return zip_bytes(images), zip_bytes(text)
+
+
+def flickr_settings(server, **extra):
+    return tiny_settings(**{"data.source": "flickr8k",
+                            "data.flickr8k.images_url": f"{server.url}/Flickr8k_Dataset.zip",
+                            "data.flickr8k.text_url": f"{server.url}/Flickr8k_text.zip",
+                            "data.flickr8k.retries": 1, **extra})
+
+
+def test_flickr8k_download_normalises_the_official_layout(workdir, http_server):
+    images, text = official_archives()
+    http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": text})
+    out = download.run(flickr_settings(http_server))
+    assert out == paths.dataset_dir("flickr8k")
+    assert sorted(p.name for p in (out / "Images").iterdir()) == NAMES
+    assert (out / paths.TOKEN_FILE).read_bytes() == TOKEN
+    assert read_splits(out)["image"].tolist() == NAMES
+    assert not list(paths.RAW_DIR.glob(".staging-*"))
+
+
+def test_failed_download_keeps_the_earlier_dataset(workdir, http_server):
+    images, text = official_archives()
+    http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": text})
+    out = download.run(flickr_settings(http_server))
+    before = sorted(p.name for p in out.rglob("*"))
+    paths.DOWNLOADS_DIR.joinpath("Flickr8k_text.zip").unlink()  # force a fresh fetch...
+    with pytest.raises(StageError, match="sha256 mismatch") as err:   # ...that fails
+        download.run(flickr_settings(http_server, **{"data.flickr8k.text_sha256": "ab" * 32}))
+    assert "unchanged" in str(err.value)
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_zip_with_parent_path_member_is_refused(workdir, http_server):
+    images, _ = official_archives()
+    evil = zip_bytes({"Flickr8k.token.txt": TOKEN, "../evil.sh": b"rm -rf /"})
+    http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": evil})
+    with pytest.raises(StageError, match=r"refusing to extract member '\.\./evil\.sh'"):
+        download.run(flickr_settings(http_server))
+    assert not (workdir / "data" / "evil.sh").exists() and not (workdir / "evil.sh").exists()
+    assert not paths.dataset_dir("flickr8k").exists()
+
+
+def test_local_kaggle_zip_gets_deterministic_split_lists(workdir):
+    captions = "image,caption\n" + "".join(
+        f'{n},"A dog , running {k} ."\n' for n in NAMES for k in range(5))
+    archive = workdir / "flickr8k-kaggle.zip"
+    archive.write_bytes(zip_bytes({"captions.txt": captions.encode(),
+                                   **{f"Images/{n}": jpeg_bytes() for n in NAMES}}))
+    settings = tiny_settings(**{"data.source": "local", "data.local_path": str(archive)})
+    out = download.run(settings)
+    assert (out / "captions.txt").read_text() == captions
+    first = read_splits(out)
+    assert sorted(first["image"]) == NAMES
+    download.run(settings)
+    assert read_splits(out).equals(first)
+
+
+def test_synthetic_dataset_is_deterministic_and_in_flickr_format(workdir):
+    out = download.run(tiny_settings())
+    token = (out / paths.TOKEN_FILE).read_text()
+    assert len(token.splitlines()) == 40 * 5
+    first_line = token.splitlines()[0]
+    assert "#0\t" in first_line and first_line.endswith(".") or first_line[-1].isalpha()
+    images = sorted(p.name for p in (out / "Images").iterdir())
+    assert len(images) == 40 and all(n.endswith(".jpg") for n in images)
+    download.run(tiny_settings())
+    assert (out / paths.TOKEN_FILE).read_text() == token

@@ -1,0 +1,72 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import paths
+from pipeline.backbone import BackboneError, BackboneSpec, build
+from pipeline.stages import download, features, validate
+from pipeline.stages._cli import StageError
+from tests.helpers import tiny_settings
+
+
+@pytest.fixture
+def prepared(workdir):
+    settings = tiny_settings(**{"data.synthetic.n_images": 20})
+    download.run(settings)
+    validate.run(settings)
+    return settings
+
+
+def test_features_schema_rows_and_metadata(prepared):
+    stats = features.run(prepared)
+    table = pq.read_table(paths.features_file("xception"))
+    assert table.num_rows == stats["images"] == 20
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[2048]"
+    assert table.column("image").to_pylist() == sorted(table.column("image").to_pylist())
+    meta = table.schema.metadata
+    assert meta[b"backbone"] == b"xception" and meta[b"weights"] == b"none"
+    assert meta[b"input_size"] == b"71" and b"keras_version" in meta and b"preprocess_input" in meta[b"preprocessing"]
+    assert paths.backbone_weights_file("xception").is_file()
+    assert not paths.features_file("xception").with_suffix(".parts").exists()
+
+
+def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
+    images_dir = paths.dataset_dir("synthetic") / "Images"
+    last = sorted(images_dir.iterdir())[-1]
+    good = last.read_bytes()
+    last.write_bytes(good[:100])  # broken after validation ran
+    with pytest.raises(StageError, match=rf"undecodable image .*{last.name}"):
+        features.run(prepared)
+    assert not paths.features_file("xception").exists()
+    last.write_bytes(good)
+    stats = features.run(prepared)
+    assert stats["reused"] == 16 and stats["extracted"] == 4  # parts of 8 rows were kept
+    assert pq.read_table(paths.features_file("xception")).num_rows == 20
+
+
+def test_embedding_does_not_depend_on_batch_size(prepared):
+    features.run(prepared)
+    names, one, _ = features.read_features(paths.features_file("xception"))
+    paths.features_file("xception").unlink()
+    features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": 3}))
+    names2, other, _ = features.read_features(paths.features_file("xception"))
+    assert names == names2
+    scale = np.abs(one).max()
+    assert np.abs(one - other).max() / scale < 1e-5
+
+
+def test_imagenet_offline_names_both_ways_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no way to fetch them
+    with pytest.raises(BackboneError, match=r"features\.weights: none.*path"):
+        build(BackboneSpec(weights="imagenet", image_size=71))
+
+
+def test_local_weights_file_is_used(tmp_path):
+    spec = BackboneSpec(weights="none", image_size=71, seed=3)
+    model = build(spec)
+    path = tmp_path / "w.weights.h5"
+    model.save_weights(path)
+    loaded = build(BackboneSpec(weights=str(path), image_size=71))
+    x = np.random.default_rng(0).random((1, 71, 71, 3)).astype("float32")
+    np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5)
