@@ -2,7 +2,8 @@
 
 * BLEU-1..4 (``bleu1``..``bleu4``): nltk ``corpus_bleu``, references = all reference token
   lists of an image, uniform weights summing to 1, no smoothing (corpus-level BLEU needs none;
-  a corpus with no matching 4-gram scores 0 for BLEU-4, as it should).
+  a corpus with no matching n-gram of some order scores 0 for that BLEU: nltk returns a
+  value around 1e-155 there, which is reported as 0.0).
 * ``coco_bleu4``, ``meteor``, ``rouge_l``, ``cider``: pycocoevalcap on the same tokens
   (METEOR 1.5 runs in Java). With the same tokens, nltk and coco BLEU-4 agree.
 Captions are tokenised by ``clean_caption`` on both sides; ``nltk.download`` is never used.
@@ -31,8 +32,9 @@ def nltk_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) ->
     """Corpus BLEU-1..4 of tokenised hypotheses against lists of tokenised references."""
     with warnings.catch_warnings():  # nltk warns when an n-gram order has no match
         warnings.simplefilter("ignore")
-        return {name: float(corpus_bleu(references, hypotheses, weights=w))
-                for name, w in BLEU_WEIGHTS.items()}
+        scores = {name: float(corpus_bleu(references, hypotheses, weights=w))
+                  for name, w in BLEU_WEIGHTS.items()}
+    return {name: (0.0 if value < 1e-12 else value) for name, value in scores.items()}
 
 
 def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:

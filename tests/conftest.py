@@ -19,3 +19,36 @@ def workdir(tmp_path, monkeypatch):
 def http_server():
     with FixtureServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory):
+    """A tiny project taken through download -> evaluate once per session (about 30 s).
+    Tests chdir into a copy-free shared folder, so they must not delete its outputs."""
+    from pipeline.stages import download, evaluate, features, train, validate
+    from tests.helpers import tiny_settings
+
+    root = tmp_path_factory.mktemp("trained")
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    try:
+        settings = tiny_settings(**{"data.synthetic.n_images": 60, "train.epochs": 25,
+                                     "train.units": 64, "train.learning_rate": 0.003})
+        for stage in (download, validate, features, train, evaluate):
+            stage.run(settings)
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return root, settings
+
+
+@pytest.fixture
+def in_trained(trained_project, monkeypatch):
+    root, settings = trained_project
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    return root, settings

@@ -47,11 +47,16 @@ def repo(tmp_path_factory):
 @pytest.mark.slow
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     first = sh(["dvc", "repro"], repo)
-    for stage in ("download", "validate", "features"):
+    for stage in ("download", "validate", "features", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/features/xception.parquet").is_file()
     report = json.loads((repo / "reports/validation.json").read_text())
     assert report["success"] and report["kept"] == 200
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert {"greedy", "beam", "baseline"} <= set(metrics)
+    assert json.loads((repo / "reports/registry.json").read_text())["decision"] == "promoted"
+    shown = sh(["dvc", "metrics", "show", "--json"], repo)
+    assert "bleu4" in shown.stdout
     second = sh(["dvc", "repro"], repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout

@@ -43,7 +43,7 @@ def champion_score(client, model_name: str, metric: str):
     value = champion.tags.get(f"metric.{metric}")
     if value is None:
         value = client.get_run(champion.run_id).data.metrics.get(metric)
-    return champion.version, (float(value) if value is not None else None)
+    return str(champion.version), (float(value) if value is not None else None)
 
 
 def decide(new_score: float, old_score: float | None) -> str:

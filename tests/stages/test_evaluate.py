@@ -1,0 +1,27 @@
+import json
+
+import pandas as pd
+
+from pipeline import paths
+
+
+def test_eval_json_has_every_metric_for_every_mode(in_trained):
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    for mode in ("greedy", "beam", "baseline"):
+        assert set(metrics[mode]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+        assert all(0 <= v <= 10 for v in metrics[mode].values())
+
+
+def test_baseline_gives_every_image_the_same_caption_and_real_model_does_better(in_trained):
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    assert metrics["beam"]["cider"] > metrics["baseline"]["cider"]
+
+
+def test_test_captions_and_gallery(in_trained):
+    table = pd.read_parquet(paths.TEST_CAPTIONS)
+    captions = pd.read_parquet(paths.CAPTIONS)
+    assert set(table["image"]) == set(captions.loc[captions["split"] == "test", "image"])
+    assert all(len(r) == 5 for r in table["references"])
+    page = paths.GALLERY.read_text()
+    assert page.count("data:image/jpeg;base64,") == min(4, len(table))
+    assert table["beam"].iloc[0] in page

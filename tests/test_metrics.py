@@ -1,0 +1,40 @@
+import math
+
+import pytest
+
+from pipeline.metrics import coco_metrics, nltk_bleu, score
+
+REFS = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
+        [["two", "kids", "play", "in", "the", "snow"]]]
+
+
+def test_perfect_match_scores_one():
+    hyps = [["a", "dog", "runs", "on", "the", "grass"], ["two", "kids", "play", "in", "the", "snow"]]
+    assert all(v == pytest.approx(1.0) for v in nltk_bleu(REFS, hyps).values())
+
+
+def test_hand_checked_bleu1_and_bleu2():
+    # hyp "a dog is on grass": unigrams a, dog, is, on, grass all in refs -> p1 = 5/5;
+    # bigrams: "a dog" yes, "dog is" yes (ref 2), "is on" no, "on grass" no -> p2 = 2/4.
+    # closest ref length to 5 is 5 -> brevity penalty 1.
+    scores = nltk_bleu([REFS[0]], [["a", "dog", "is", "on", "grass"]])
+    assert scores["bleu1"] == pytest.approx(1.0)
+    assert scores["bleu2"] == pytest.approx(math.sqrt(1.0 * 0.5))
+
+
+def test_no_matching_4gram_gives_zero_bleu4_not_an_error():
+    scores = nltk_bleu([REFS[0]], [["a", "dog", "on", "grass", "runs"]])
+    assert scores["bleu4"] == 0.0 and scores["bleu1"] > 0
+
+
+def test_coco_metrics_agree_with_nltk_bleu_and_include_meteor():
+    hyps = [["a", "dog", "runs", "on", "grass"], ["kids", "play", "in", "the", "snow"]]
+    both = score(REFS, hyps)
+    assert both["coco_bleu4"] == pytest.approx(both["bleu4"], abs=1e-6)
+    assert 0 < both["meteor"] < 1 and 0 < both["rouge_l"] < 1 and both["cider"] > 0
+
+
+def test_missing_java_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="needs Java"):
+        coco_metrics(REFS, [["a"], ["b"]])
