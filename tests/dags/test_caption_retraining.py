@@ -1,0 +1,90 @@
+"""The retraining DAG: parsed by a real DagBag, run end to end by dag.test() in a temporary
+git copy of the project with a temporary MLflow store and Airflow home."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.dvc_graph import stage_graph
+from tests.helpers import PROJECT, jpeg_bytes, write_flickr_dataset, write_params
+from tests.test_dvc_pipeline import project_copy, sh
+
+
+def run_airflow(project: Path, home: Path, *extra: str) -> dict:
+    env = {**os.environ,
+           "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__PARALLELISM": "4",
+           "CAPTIONER_PROJECT_DIR": str(project), "CAPTIONER_RETRIES": "0",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, str(PROJECT / "tests" / "airflow_run.py"),
+                             str(project / "dags"), *extra],
+                            env=env, cwd=project, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result (exit {result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def dvc_graph_edges(root: Path) -> set[tuple[str, str]]:
+    """Edges of DVC's own stage graph (the ground truth the DAG must match)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        return {(up.name, down.name) for down, up in graph.edges}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = project_copy(tmp_path_factory.mktemp("airflow_project"))
+    write_params(root)
+    sh(["git", "init", "-q"], root)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
+    return root
+
+
+def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
+    result = run_airflow(project, tmp_path / "airflow", "--parse-only")
+    assert result["import_errors"] == {}
+    assert result["dags"] == ["caption_retraining"]
+    assert list(result["tasks"]) == ["download", "validate", "features", "train", "evaluate", "register"]
+    dag_edges = {(up, down) for down, ups in result["tasks"].items() for up in ups}
+    assert dag_edges == dvc_graph_edges(project)
+    assert dag_edges == {(u, d) for d, ups in stage_graph(project / "dvc.yaml").items() for u in ups}
+    assert result["max_active_runs"] == 1 and result["schedule"] == "@weekly"
+    assert result["outlets"]["register"] == ["mlflow://models/flickr8k-captioner"]
+
+
+@pytest.mark.slow
+def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(project, tmp_path):
+    home = tmp_path / "airflow"
+    first = run_airflow(project, home)
+    assert first["state"] == "success", first
+    assert set(first["task_states"].values()) == {"success"}
+    assert json.loads((project / "metrics/eval.json").read_text())["beam"]["bleu4"] >= 0
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert registry["decision"] == "promoted" and registry["version"] == "1"
+
+    # New data arrives, and it is bad: caption lines without a tab -> validate must fail.
+    names = [f"{i}_x.jpg" for i in range(10)]
+    bad = write_flickr_dataset(tmp_path / "bad_dataset", {n: jpeg_bytes() for n in names},
+                               [f"{n}#{k} no tab here" for n in names for k in range(5)],
+                               {"train": names[:8], "dev": names[8:9], "test": names[9:]})
+    write_params(project, **{"data.source": "local", "data.local_path": str(bad)})
+    second = run_airflow(project, home)
+    assert second["state"] == "failed"
+    states = second["task_states"]
+    assert states["validate"] == "failed"
+    assert {states[t] for t in ("features", "train", "evaluate", "register")} == {"upstream_failed"}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    champion = client.get_model_version_by_alias("flickr8k-captioner", "champion")
+    assert str(champion.version) == "1"
+    assert len(client.search_model_versions("name='flickr8k-captioner'")) == 1
