@@ -40,6 +40,14 @@ bench-train: $(STAMP)
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py
 
+# Airflow 3 standalone on http://127.0.0.1:8080 with this project's DAG (Ctrl-C stops it all).
+airflow: $(STAMP)
+	$(BIN)/python -m pipeline.services airflow
+
+# MLflow UI / tracking server on http://127.0.0.1:5000 over the project's store.
+ui: $(STAMP)
+	$(BIN)/python -m pipeline.services ui
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline dags tests benchmarks
 

@@ -1,7 +1,13 @@
 import keras
 import numpy as np
 
-from pipeline.model import DecoderConfig, MaskedTokenLoss, StepModels, build_decoder, compile_decoder
+from pipeline.model import (
+    DecoderConfig,
+    MaskedTokenLoss,
+    StepModels,
+    build_decoder,
+    compile_decoder,
+)
 
 
 def test_masked_loss_is_the_mean_over_real_tokens_only():

@@ -1,0 +1,81 @@
+"""`make ui` and `make airflow`: they come up on 127.0.0.1, answer their health endpoint, and
+leave no process behind when stopped."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.helpers import PROJECT, write_params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
+    port = free_port()
+    write_params(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.services", service, "--port", str(port)],
+                                cwd=tmp_path, env={**env, "PYTHONPATH": str(PROJECT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{health_path}", timeout=3) as r:
+                    body = r.read().decode()
+                    break
+            except OSError:
+                assert launcher.poll() is None, launcher.stdout.read()
+                assert time.monotonic() < deadline, f"{service} not healthy in {timeout_s} s"
+                time.sleep(1)
+        # the service runs in its own process group, below the launcher
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "no service process under the launcher"
+        service_pgid = os.getpgid(int(children[0]))
+        assert service_pgid != os.getpgid(launcher.pid)
+        launcher.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, output
+        assert f"{'mlflow' if service == 'ui' else 'airflow'}: stopped" in output
+        for _ in range(30):
+            if not group_alive(service_pgid):
+                break
+            time.sleep(0.5)
+        assert not group_alive(service_pgid), "service processes outlived the launcher"
+        return body, output
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_mlflow_ui_comes_up_and_goes_away_cleanly(tmp_path):
+    body, output = start_and_stop(tmp_path, "ui", "/health", 120)
+    assert body.strip() == "OK"
+    assert "mlflow: starting" in output
+
+
+@pytest.mark.slow
+def test_airflow_standalone_comes_up_and_goes_away_cleanly(tmp_path):
+    (tmp_path / "dags").symlink_to(PROJECT / "dags")
+    (tmp_path / "dvc.yaml").symlink_to(PROJECT / "dvc.yaml")
+    body, _ = start_and_stop(tmp_path, "airflow", "/api/v2/monitor/health", 300)
+    assert '"metadatabase"' in body
