@@ -12,8 +12,11 @@ The image input is normalised with train-split statistics (a Normalization layer
 in ``build_decoder``): random-init CNN features are ~1e-5 in scale and would otherwise
 not train (DESIGN §9).
 
-The training loss is an explicit masked mean over real tokens (``MaskedTokenLoss``); the
-embedding does not use ``mask_zero``, so no implicit Keras mask reaches the loss.
+Training (``CaptionTrainer``) computes the word classifier only at real (non-pad) target
+positions, gathered with a boolean mask, so the loss is exactly the mean over real tokens
+(the quantity ``MaskedTokenLoss`` defines) and no time is spent on padding: with Flickr8k's
+~11-word captions padded to 24, that halves the cost of the largest layer. The embedding
+does not use ``mask_zero``, so no implicit Keras mask is involved anywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ class MaskedTokenLoss(keras.losses.Loss):
         return {**super().get_config(), "pad_id": self.pad_id}
 
 
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and variance of the train features, the variance floored at 1e-4 of
+    the median variance: a dimension that is (nearly) constant on the train split, such as a
+    ReLU unit never active there, must not blow up when it is non-zero on a new image."""
+    features = np.asarray(features, dtype=np.float64)
+    variance = features.var(axis=0)
+    floor = max(float(np.median(variance)) * 1e-4, 1e-30)
+    return features.mean(axis=0).astype("float32"), np.maximum(variance, floor).astype("float32")
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     vocab_size: int
@@ -58,10 +71,11 @@ def build_decoder(cfg: DecoderConfig, train_features: np.ndarray | None = None) 
     """Training model: (image (N, D), input ids (N, T)) -> logits (N, T, V)."""
     image = keras.Input((cfg.feature_dim,), name="image")
     tokens = keras.Input((cfg.sequence_length,), dtype="int32", name="tokens")
-    norm = layers.Normalization(name="image_norm")
     if train_features is not None:
-        norm.adapt(train_features)
+        mean, variance = feature_statistics(train_features)
+        norm = layers.Normalization(mean=mean, variance=variance, name="image_norm")
     else:  # loading a saved model restores the statistics; build with neutral ones
+        norm = layers.Normalization(name="image_norm")
         norm.build((None, cfg.feature_dim))
     img = layers.Dropout(cfg.dropout, name="image_dropout")(norm(image))
     img = layers.Dense(cfg.units, activation="relu", name="image_proj")(img)
@@ -106,10 +120,59 @@ class StepModels:
         return cls(encode, step)
 
 
-def compile_decoder(model: keras.Model, learning_rate: float) -> keras.Model:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0), loss=MaskedTokenLoss())
-    return model
+class CaptionTrainer(keras.Model):
+    """Fits a decoder built by ``build_decoder``; ``fit`` reports the masked token loss.
+
+    Everything up to the last hidden layer runs on the padded batch (B, T, U); the classifier
+    and the loss run only on the real positions (N_real, U). Requires the TensorFlow backend.
+    """
+
+    def __init__(self, decoder: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.decoder = decoder
+        self.body = keras.Model(decoder.inputs, decoder.get_layer("hidden_dropout").output)
+        self.head = decoder.get_layer("logits")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, inputs, training=False):
+        return self.decoder(inputs, training=training)
+
+    def masked_loss(self, inputs, targets, training: bool):
+        import tensorflow as tf
+
+        hidden = self.body(inputs, training=training)  # (B, T, U)
+        real = tf.not_equal(targets, 0)  # <pad> = 0
+        logits = self.head(tf.boolean_mask(hidden, real))  # (N_real, V)
+        per_token = keras.losses.sparse_categorical_crossentropy(
+            tf.boolean_mask(targets, real), logits, from_logits=True)
+        return tf.reduce_mean(per_token)
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        inputs, targets = data
+        variables = self.decoder.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self.masked_loss(inputs, targets, training=True)
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        inputs, targets = data
+        self.loss_tracker.update_state(self.masked_loss(inputs, targets, training=False))
+        return {"loss": self.loss_tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+
+def make_trainer(decoder: keras.Model, learning_rate: float) -> CaptionTrainer:
+    trainer = CaptionTrainer(decoder)
+    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0))
+    return trainer
 
 
 def load_decoder(path) -> keras.Model:
-    return keras.models.load_model(path, custom_objects={"MaskedTokenLoss": MaskedTokenLoss})
+    return keras.models.load_model(path)

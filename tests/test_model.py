@@ -6,7 +6,8 @@ from pipeline.model import (
     MaskedTokenLoss,
     StepModels,
     build_decoder,
-    compile_decoder,
+    feature_statistics,
+    make_trainer,
 )
 
 
@@ -25,17 +26,30 @@ def test_masked_loss_is_the_mean_over_real_tokens_only():
     np.testing.assert_allclose(float(MaskedTokenLoss()(targets, logits2)), expected, rtol=1e-5)
 
 
-def test_fit_reports_the_masked_loss():
-    """The loss Keras reports in fit/evaluate is the explicit masked mean, not a pad-diluted one."""
+def test_trainer_reports_the_masked_loss_and_learns():
+    """The loss the trainer reports is the mean over real tokens (computed on real positions
+    only), equal to MaskedTokenLoss over the full padded logits; and fitting lowers it."""
     keras.utils.set_random_seed(0)
     cfg = DecoderConfig(vocab_size=9, feature_dim=5, sequence_length=4, embedding_dim=4, units=6, dropout=0)
-    model = compile_decoder(build_decoder(cfg, np.ones((3, 5), "float32")), 1e-3)
+    model = build_decoder(cfg, np.random.default_rng(3).normal(size=(8, 5)).astype("float32"))
+    trainer = make_trainer(model, 3e-2)
     image = np.random.default_rng(1).normal(size=(2, 5)).astype("float32")
     tokens = np.array([[1, 5, 6, 0], [1, 7, 0, 0]], "int32")
     targets = np.array([[5, 6, 2, 0], [7, 2, 0, 0]], "int32")
-    reported = model.evaluate([image, tokens], targets, batch_size=2, verbose=0)
+    reported = trainer.evaluate([image, tokens], targets, batch_size=2, verbose=0)
     manual = float(MaskedTokenLoss()(targets, model([image, tokens])))
     np.testing.assert_allclose(reported, manual, rtol=1e-5)
+    trainer.fit([image, tokens], targets, batch_size=2, epochs=20, verbose=0)
+    assert trainer.evaluate([image, tokens], targets, batch_size=2, verbose=0) < reported / 2
+
+
+def test_feature_statistics_floor_constant_dimensions():
+    feats = np.random.default_rng(0).normal(1e-5, 4e-5, size=(50, 4))
+    feats[:, 2] = 0.0  # a unit never active on the train split
+    mean, variance = feature_statistics(feats)
+    assert variance[2] > 0 and variance[2] >= np.median(feats.var(axis=0)) * 1e-4 * 0.999
+    np.testing.assert_allclose(variance[[0, 1, 3]], feats.var(axis=0)[[0, 1, 3]], rtol=1e-5)
+    np.testing.assert_allclose(mean, feats.mean(axis=0), rtol=1e-5, atol=1e-12)
 
 
 def test_step_models_reproduce_the_teacher_forced_logits():

@@ -66,7 +66,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     """Pure core: (decoder, vocabulary, history DataFrame)."""
     import keras
 
-    from ..model import DecoderConfig, build_decoder, compile_decoder
+    from ..model import DecoderConfig, build_decoder, make_trainer
 
     cfg = settings.train
     keras.utils.set_random_seed(cfg.seed)
@@ -81,16 +81,17 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     train = split_arrays(captions, "train", index, vocab)
     dev = split_arrays(captions, "dev", index, vocab)
     train_feats = features[np.unique(train[0])]
-    model = compile_decoder(build_decoder(DecoderConfig(
+    model = build_decoder(DecoderConfig(
         vocab.size, features.shape[1], vocab.sequence_length, cfg.embedding_dim, cfg.units,
-        cfg.dropout), train_features=train_feats), cfg.learning_rate)
+        cfg.dropout), train_features=train_feats)
+    trainer = make_trainer(model, cfg.learning_rate)
     log.info("vocabulary %d words; %d train / %d dev captions; %d parameters",
              vocab.size, len(train[0]), len(dev[0]), model.count_params())
     callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
                                                restore_best_weights=True)]
     if on_epoch:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=on_epoch))
-    fit = model.fit(make_dataset(features, *train, cfg.batch_size, True, cfg.seed),
+    fit = trainer.fit(make_dataset(features, *train, cfg.batch_size, True, cfg.seed),
                     validation_data=make_dataset(features, *dev, cfg.batch_size, False, cfg.seed),
                     epochs=cfg.epochs, callbacks=callbacks, verbose=2)
     history = pd.DataFrame(fit.history)
