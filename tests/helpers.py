@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,6 +68,34 @@ def write_flickr_dataset(root: Path, images: dict[str, bytes | None], token_line
     for split, names in splits.items():
         (root / paths.SPLIT_FILES[split]).write_text("".join(f"{n}\n" for n in names))
     return root
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with this venv's bin first on PATH and an MLflow store inside ``cwd``."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def git_project(dest: Path, **param_overrides) -> Path:
+    """A copy of the project's files (as git sees them) in a fresh git repo with one commit
+    and tiny params: what a user has after `git clone`, shrunk for tests."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = PROJECT / rel
+        if src.is_file() and not rel.startswith(("tests/", "benchmarks/", "reports/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    write_params(dest, **param_overrides)
+    git = ["git", "-c", "user.email=test@localhost", "-c", "user.name=test"]
+    sh(["git", "init", "-q"], dest)
+    sh([*git, "add", "-A"], dest)
+    sh([*git, "commit", "-qm", "init"], dest)
+    return dest
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

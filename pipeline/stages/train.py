@@ -93,7 +93,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=on_epoch))
     fit = trainer.fit(make_dataset(features, *train, cfg.batch_size, True, cfg.seed),
                     validation_data=make_dataset(features, *dev, cfg.batch_size, False, cfg.seed),
-                    epochs=cfg.epochs, callbacks=callbacks, verbose=2)
+                    epochs=cfg.epochs, callbacks=callbacks, shuffle=False, verbose=2)  # tf.data shuffles
     history = pd.DataFrame(fit.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
     return model, vocab, history

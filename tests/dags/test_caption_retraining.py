@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.dvc_graph import stage_graph
-from tests.helpers import PROJECT, jpeg_bytes, write_flickr_dataset, write_params
-from tests.test_dvc_pipeline import project_copy, sh
+from tests.helpers import PROJECT, git_project, jpeg_bytes, write_flickr_dataset, write_params
 
 
 def run_airflow(project: Path, home: Path, *extra: str) -> dict:
@@ -40,12 +39,7 @@ def dvc_graph_edges(root: Path) -> set[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = project_copy(tmp_path_factory.mktemp("airflow_project"))
-    write_params(root)
-    sh(["git", "init", "-q"], root)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
-    return root
+    return git_project(tmp_path_factory.mktemp("airflow_project"))
 
 
 def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import mlflow
 import pandas as pd
@@ -8,10 +9,14 @@ from pipeline.text import Vocabulary
 
 
 def test_vocabulary_comes_from_the_train_split_only(in_trained):
+    _, settings = in_trained
     vocab = Vocabulary.load(paths.VOCAB)
     captions = pd.read_parquet(paths.CAPTIONS)
-    train_words = {w for c in captions.loc[captions["split"] == "train", "caption"] for w in c.split()}
-    assert set(vocab.words[4:]) == train_words
+    counts = Counter(w for c in captions.loc[captions["split"] == "train", "caption"] for w in c.split())
+    frequent = {w for w, n in counts.items() if n >= settings.train.vocab_min_count}
+    assert set(vocab.words[4:]) == frequent
+    other = {w for c in captions.loc[captions["split"] != "train", "caption"] for w in c.split()}
+    assert not (set(vocab.words) & (other - set(counts)))  # no dev/test-only word
     assert vocab.words[:4] == ("<pad>", "<start>", "<end>", "<unk>")
 
 
