@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ class BackboneSpec:
     weights: str = "none"
     image_size: int = 299
     seed: int = 7
+    # float32 (exact, the default) | bfloat16 (about 1.5x faster on CPUs with AVX512-BF16 or
+    # AMX; embeddings differ by ~1% relative, so features and serving must agree: they share this)
+    precision: str = "float32"
 
     @property
     def feature_dim(self) -> int:
@@ -47,6 +52,7 @@ class BackboneSpec:
         return {
             "backbone": self.name, "weights": self.weights, "input_size": str(self.image_size),
             "seed": str(self.seed), "feature_dim": str(self.feature_dim),
+            "precision": self.precision,
             "preprocessing": "PIL decode (EXIF transpose, RGB), bilinear resize to "
                              f"{self.image_size}x{self.image_size}, xception.preprocess_input "
                              "(x/127.5 - 1), global average pooling",
@@ -58,8 +64,26 @@ class BackboneSpec:
         return asdict(self)
 
 
+@contextmanager
+def _precision(precision: str) -> Iterator[None]:
+    """Build layers under the dtype policy for ``precision``; restore the global one after."""
+    if precision not in ("float32", "bfloat16"):
+        raise BackboneError(f"features.precision must be float32 or bfloat16, not {precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def build(spec: BackboneSpec) -> keras.Model:
     """Xception without its classifier, average pooled: (N, S, S, 3) -> (N, 2048)."""
+    with _precision(spec.precision):
+        return _build(spec)
+
+
+def _build(spec: BackboneSpec) -> keras.Model:
     shape = (spec.image_size, spec.image_size, 3)
     kwargs = dict(include_top=False, pooling="avg", input_shape=shape)
     if spec.weights == "none":
@@ -89,9 +113,10 @@ def build(spec: BackboneSpec) -> keras.Model:
 
 def load_saved(weights_file: Path, spec: BackboneSpec) -> keras.Model:
     """Rebuild the exact CNN whose weights the features stage saved."""
-    model = keras.applications.Xception(
-        weights=None, include_top=False, pooling="avg",
-        input_shape=(spec.image_size, spec.image_size, 3))
+    with _precision(spec.precision):
+        model = keras.applications.Xception(
+            weights=None, include_top=False, pooling="avg",
+            input_shape=(spec.image_size, spec.image_size, 3))
     model.load_weights(str(weights_file))
     return model
 
@@ -108,4 +133,4 @@ def load_image(source: ImageSource, spec: BackboneSpec) -> np.ndarray:
 
 def embed(model: keras.Model, batch_uint8: np.ndarray) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, D) float32 features."""
-    return np.asarray(model(preprocess(batch_uint8), training=False), dtype=np.float32)
+    return np.asarray(model(preprocess(batch_uint8), training=False)).astype(np.float32)

@@ -80,6 +80,7 @@ class FeaturesSettings(_Section):
     # imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file
     weights: str = "none"
     image_size: int = Field(299, ge=71, le=1024)
+    precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(32, ge=1, le=1024)
     seed: int = 7
     rows_per_part: int = Field(256, ge=1)

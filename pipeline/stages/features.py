@@ -112,7 +112,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
         model = build(spec)
     except BackboneError as err:
         raise StageError(str(err)) from None
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
 
     start, buffer_names, buffer_vecs = time.perf_counter(), [], []
     names_iter = iter(todo)
@@ -160,7 +160,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
 
 def spec_from(settings: Settings) -> BackboneSpec:
     f = settings.features
-    return BackboneSpec(f.backbone, f.weights, f.image_size, f.seed)
+    return BackboneSpec(f.backbone, f.weights, f.image_size, f.seed, f.precision)
 
 
 def run(settings: Settings) -> dict:

@@ -70,3 +70,13 @@ def test_local_weights_file_is_used(tmp_path):
     loaded = build(BackboneSpec(weights=str(path), image_size=71))
     x = np.random.default_rng(0).random((1, 71, 71, 3)).astype("float32")
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5)
+
+
+def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
+    features.run(prepared)
+    _, exact, _ = features.read_features(paths.features_file("xception"))
+    features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.precision": "bfloat16"}))
+    _, fast, meta = features.read_features(paths.features_file("xception"))
+    assert meta["precision"] == "bfloat16" and fast.dtype == np.float32
+    assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.999
+    assert not np.array_equal(exact, fast)
