@@ -23,6 +23,14 @@ class DownloadError(RuntimeError):
     """A transfer failed, was truncated, or its checksum did not match."""
 
 
+class HTTPStatusError(DownloadError):
+    """The server answered with an error status; a 4xx is not worth retrying."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class UnsafeArchiveError(RuntimeError):
     """A zip holds an absolute path, a '..' member or a link."""
 
@@ -72,7 +80,8 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
                 if resp.status_code == 416 and have:  # range past the end: the part is whole
                     break
                 if resp.status_code not in (200, 206):
-                    raise DownloadError(f"GET {url}: HTTP {resp.status_code} {resp.reason}")
+                    raise HTTPStatusError(f"GET {url}: HTTP {resp.status_code} {resp.reason}",
+                                          resp.status_code)
                 if have and resp.status_code == 200:  # server ignored Range: start over
                     have = 0
                 length = resp.headers.get("Content-Length")
@@ -92,7 +101,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
                     raise DownloadError(f"transfer cut at {size} of {total} bytes")
                 break
         except (requests.RequestException, DownloadError) as err:
-            if isinstance(err, DownloadError) and "HTTP 4" in str(err):
+            if isinstance(err, HTTPStatusError) and 400 <= err.status < 500:
                 raise
             last_error = err
     else:

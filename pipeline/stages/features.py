@@ -91,7 +91,8 @@ class _Parts:
         return names
 
     def write(self, images: list[str], embeddings: np.ndarray) -> None:
-        index = len(self.files())
+        existing = self.files()  # numbered after the highest, even if a torn part was removed
+        index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         target = self.folder / f"part-{index:05d}.parquet"
         tmp = target.with_suffix(".tmp")
         pq.write_table(embedding_table(images, embeddings), tmp)

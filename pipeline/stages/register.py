@@ -7,8 +7,10 @@ Decision, scores and versions go to ``reports/registry.json`` and to model-versi
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import random
 import tempfile
 from pathlib import Path
 
@@ -64,9 +66,6 @@ def log_caption_model(settings: Settings, model_dir: Path):
     config.write_text(json.dumps({"backbone": spec.to_dict(), "decoding": {
         "beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
         "no_repeat_ngram": ev.no_repeat_ngram}}))
-    import io
-    import random
-
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
     signature, example = signature_and_example(buf.getvalue())

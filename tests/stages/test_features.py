@@ -80,3 +80,17 @@ def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
     assert meta["precision"] == "bfloat16" and fast.dtype == np.float32
     assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.999
     assert not np.array_equal(exact, fast)
+
+
+def test_torn_part_is_redone_without_overwriting_later_parts(tmp_path):
+    parts = features._Parts(tmp_path / "x.parts", {"spec": 1})
+    vec = np.ones((2, 4), np.float32)
+    parts.write(["a", "b"], vec)
+    parts.write(["c", "d"], vec)
+    parts.write(["e", "f"], vec)
+    (tmp_path / "x.parts" / "part-00001.parquet").write_bytes(b"torn write")
+    assert parts.done() == {"a", "b", "e", "f"}
+    parts.write(["c", "d"], vec)
+    assert [p.name for p in parts.files()] == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert features._Parts(tmp_path / "x.parts", {"spec": 1}).done() == set("abcdef")
+    assert features._Parts(tmp_path / "x.parts", {"spec": 2}).done() == set()  # other config: discarded
