@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.dvc_graph import stage_graph
-from tests.helpers import PROJECT, git_project, jpeg_bytes, write_flickr_dataset, write_params
+from tests.helpers import PROJECT, git_project, jpeg_bytes, sh, write_flickr_dataset, write_params
 
 
 def run_airflow(project: Path, home: Path, *extra: str) -> dict:
@@ -57,9 +57,15 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
 @pytest.mark.slow
 def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(project, tmp_path):
     home = tmp_path / "airflow"
+    remote = tmp_path / "dvc-remote"  # a shared DVC remote, as Celery workers would use
+    sh(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
     first = run_airflow(project, home)
     assert first["state"] == "success", first
     assert set(first["task_states"].values()) == {"success"}
+    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+    assert len(pushed) > 10  # every task pushed its outputs
+    status = sh(["dvc", "status", "--cloud"], project)
+    assert "are in sync" in status.stdout
     assert json.loads((project / "metrics/eval.json").read_text())["beam"]["bleu4"] >= 0
     registry = json.loads((project / "reports/registry.json").read_text())
     assert registry["decision"] == "promoted" and registry["version"] == "1"

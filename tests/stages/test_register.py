@@ -121,3 +121,18 @@ def test_rest_serving_returns_a_caption(registered):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_captioner_cli_prints_one_caption_per_image(registered, tmp_path):
+    root, _ = registered
+    good, bad = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    good.write_bytes(jpeg_bytes(size=(90, 70)))
+    bad.write_bytes(b"\xff\xd8 not really")
+    cli = Path(sys.executable).parent / "captioner"
+    result = subprocess.run([str(cli), "caption", str(good), str(bad), "--beam", "1",
+                             "--tracking-uri", f"sqlite:///{root}/mlflow.db"],
+                            capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 1  # one image failed
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{good}\t") and len(line.split("\t")[1]) > 0
+    assert f"{bad}\tERROR:" in result.stderr
