@@ -1,5 +1,5 @@
 # Every target builds .venv from requirements.lock when it is missing or the lock changed.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: Python 3.11 is needed (found: $(PYTHON)); install it or run make PYTHON=/path/to/python3.11"; exit 1; }
 	@command -v java >/dev/null || echo "warning: java not found; METEOR/ROUGE/CIDEr scoring needs Java 17 (apt-get install openjdk-17-jre-headless)"
 	@command -v git >/dev/null || { echo "error: git not found (DVC needs it)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

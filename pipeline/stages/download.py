@@ -58,6 +58,16 @@ def _publish(dataset: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def _remove_other_datasets(current: Path) -> None:
+    """data/raw holds only the current source's dataset: it is one DVC output, and a dataset
+    left from another source would be hashed and cached with it. (Archives stay cached in
+    data/downloads and DVC's cache keeps earlier versions.)"""
+    for other in paths.RAW_DIR.iterdir():
+        if other.is_dir() and other != current and not other.name.startswith("."):
+            log.info("removing %s (data.source is now %s)", other, current.name)
+            shutil.rmtree(other)
+
+
 def run(settings: Settings) -> Path:
     """Produce ``data/raw/<source>/``; returns that path."""
     source = settings.data.source
@@ -77,6 +87,7 @@ def run(settings: Settings) -> Path:
         else:
             summary = _copy_local(settings, staging)
         _publish(staging / "dataset", out)
+        _remove_other_datasets(out)
     except (DownloadError, UnsafeArchiveError, LayoutError, OSError, ValueError) as err:
         raise StageError(f"{err}\n(earlier output in {out}, if any, is unchanged)") from err
     finally:

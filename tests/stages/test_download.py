@@ -87,3 +87,11 @@ def test_synthetic_dataset_is_deterministic_and_in_flickr_format(workdir):
     assert len(images) == 40 and all(n.endswith(".jpg") for n in images)
     download.run(tiny_settings())
     assert (out / paths.TOKEN_FILE).read_text() == token
+
+
+def test_switching_source_leaves_only_the_current_dataset(workdir, http_server):
+    download.run(tiny_settings())
+    images, text = official_archives()
+    http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": text})
+    download.run(flickr_settings(http_server))
+    assert sorted(p.name for p in paths.RAW_DIR.iterdir()) == ["flickr8k"]
