@@ -56,7 +56,7 @@ def caption_retraining():
     tasks = {
         stage: BashOperator(
             task_id=stage,
-            bash_command=stage_command(stage),
+            bash_command=stage_command(stage, VENV_BIN),
             cwd="{{ var.value.get('captioner_project_dir', '" + str(PROJECT_DIR) + "') }}",
             env={"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
             append_env=True,

@@ -35,13 +35,20 @@ def stage_graph(dvc_yaml: str | Path) -> dict[str, list[str]]:
     return graph
 
 
-def stage_command(stage: str) -> str:
+def shell_prelude(venv_bin: str) -> str:
+    """Put the project's environment first on PATH inside the task's shell. Setting the
+    operator's env is not enough: when a task's stdin is a socket (Airflow's task supervisor),
+    bash reads ~/.bashrc, and a pyenv/conda init there puts its own python back in front."""
+    return f"set -euo pipefail\nexport PATH={shlex.quote(venv_bin)}:\"$PATH\"\n"
+
+
+def stage_command(stage: str, venv_bin: str) -> str:
     """Shell command for one orchestrated stage: with a DVC remote configured, pull the
     stage's inputs first and push its outputs after, so workers on other machines share them."""
     s = shlex.quote(stage)
     return (
-        "set -euo pipefail\n"
-        'if [ -n "$(dvc remote list)" ]; then dvc pull --allow-missing --with-deps ' + s + "; fi\n"
-        f"dvc repro --single-item {s}\n"
-        'if [ -n "$(dvc remote list)" ]; then dvc push ' + s + "; fi\n"
+        shell_prelude(venv_bin)
+        + 'if [ -n "$(dvc remote list)" ]; then dvc pull --allow-missing --with-deps ' + s + "; fi\n"
+        + f"dvc repro --single-item {s}\n"
+        + 'if [ -n "$(dvc remote list)" ]; then dvc push ' + s + "; fi\n"
     )

@@ -56,7 +56,14 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
     def to_interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, to_interrupt)
+    # Installed explicitly: a launcher started in the background of a script inherits SIGINT
+    # as ignored, and Ctrl-C / kill -INT must still stop the service group.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, to_interrupt)
+    if _healthy(health_url):
+        print(f"{name}: {base_url} is already served by another process; stop it or use --port",
+              file=sys.stderr)
+        return 1
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     print(f"{name}: starting (pid {proc.pid}); waiting for {health_url}", flush=True)
     try:

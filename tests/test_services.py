@@ -35,7 +35,9 @@ def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
     launcher = subprocess.Popen([sys.executable, "-m", "pipeline.services", service, "--port", str(port)],
                                 cwd=tmp_path, env={**env, "PYTHONPATH": str(PROJECT)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True,
+                                # as when started in the background of a script: SIGINT ignored
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -47,6 +49,10 @@ def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
                 assert launcher.poll() is None, launcher.stdout.read()
                 assert time.monotonic() < deadline, f"{service} not healthy in {timeout_s} s"
                 time.sleep(1)
+        clash = subprocess.run([sys.executable, "-m", "pipeline.services", service, "--port", str(port)],
+                               cwd=tmp_path, env={**env, "PYTHONPATH": str(PROJECT)},
+                               capture_output=True, text=True, timeout=60)
+        assert clash.returncode == 1 and "already served" in clash.stderr
         # the service runs in its own process group, below the launcher
         children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
         assert children, "no service process under the launcher"
