@@ -9,6 +9,7 @@ position and background; shape words still appear, as in any description.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -91,7 +92,13 @@ def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[str]]:
         jitter = size * 0.04
         centre = (fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter))
         _draw_shape(draw, shape, colour, centre, radius)
-    return image, [c[0].upper() + c[1:] for c in captions]
+    return image, [_sentence(c) for c in captions]
+
+
+def _sentence(text: str) -> str:
+    """'a orange' -> 'an orange'; capitalised like the Flickr8k captions."""
+    text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+    return text[0].upper() + text[1:]
 
 
 def write_dataset(out_dir: Path, n_images: int, image_size: int, seed: int,
