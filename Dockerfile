@@ -10,8 +10,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/captioner
-COPY requirements.lock docker/requirements-deploy.txt ./
-RUN pip install -r requirements.lock -r requirements-deploy.txt
+COPY docker/requirements-image.lock ./
+RUN pip install -r requirements-image.lock
 
 COPY . /opt/captioner
 # DVC needs a git repository; the image carries the project as one commit.

@@ -112,11 +112,24 @@ def test_airflow_image_holds_the_project_and_the_dag_folder(config):
     assert (PROJECT / "docker/entrypoint.sh").stat().st_mode & 0o111
 
 
-def test_deploy_requirements_do_not_fight_the_lock():
-    lock = dict(line.split("==") for line in (PROJECT / "requirements.lock").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    lock = {k.lower().replace("_", "-"): v for k, v in lock.items()}
-    for line in (PROJECT / "docker/requirements-deploy.txt").read_text().splitlines():
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
         if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            assert lock.get(name.lower(), version) == version, name
+            name, version = line.strip().split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_image_lock_agrees_with_the_project_lock():
+    """The image installs docker/requirements-image.lock: the same versions as the local
+    .venv for every package both have, plus the deploy extras, all pinned."""
+    local = _pins(PROJECT / "requirements.lock")
+    image = _pins(PROJECT / "docker/requirements-image.lock")
+    differ = {n: (v, image[n]) for n, v in local.items() if n in image and image[n] != v}
+    assert differ == {}
+    deploy = _pins(PROJECT / "docker/requirements-deploy.txt")
+    assert all(image.get(n) == v for n, v in deploy.items())
+    for runtime in ("apache-airflow", "tensorflow-cpu", "keras", "mlflow", "dvc", "pycocoevalcap",
+                    "great-expectations", "dvc-s3", "psycopg2-binary", "boto3", "apache-airflow-providers-celery"):
+        assert runtime in image, runtime
