@@ -28,3 +28,12 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     second = sh(["dvc", "repro"], repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout
+    # register's real output is the MLflow registry: it reruns (not restored from DVC's
+    # cache) when its report is gone, e.g. together with a reset MLflow store
+    (repo / "reports/registry.json").unlink()
+    (repo / "mlflow.db").unlink()
+    third = sh(["dvc", "repro"], repo)
+    assert "Running stage 'register'" in third.stdout
+    assert [line for line in third.stdout.splitlines() if line.startswith("Running stage")] == \
+        ["Running stage 'register':"]
+    assert json.loads((repo / "reports/registry.json").read_text())["version"] == "1"
