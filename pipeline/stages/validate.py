@@ -22,7 +22,15 @@ from tqdm import tqdm
 
 from .. import paths
 from ..config import Settings
-from ..expectations import CheckResult, SuiteRunner, caption_checks, kept_checks, split_checks
+from ..expectations import (
+    CheckResult,
+    SuiteRunner,
+    caption_checks,
+    image_checks,
+    kept_checks,
+    per_image_checks,
+    split_checks,
+)
 from ..flickr8k import read_captions, read_splits
 from ..images import check_image
 from ..text import clean_caption
@@ -90,16 +98,13 @@ def validate_dataset(dataset: Path, settings: Settings) -> tuple[pd.DataFrame, p
         ["line", "image", "caption_idx", "caption_raw", "caption", "split", "reason", "source_file"]]
 
     per_image = kept.groupby("image").size().rename("n_captions").reset_index()
-    results += runner.run("kept_captions", kept.reset_index(drop=True),
-                          [c for c in kept_checks(cfg.captions_per_image) if c.table == "kept_captions"])
-    results += runner.run("captions_per_image", per_image,
-                          [c for c in kept_checks(cfg.captions_per_image) if c.table == "captions_per_image"])
     captioned = set(rows.loc[rows["error"].isna(), "image"])
     split_table = splits.assign(has_captions=splits["image"].isin(captioned))
     image_table = pd.DataFrame({"image": names, "status": [status[n] for n in names]})
-    checks = split_checks()
-    results += runner.run("split_lists", split_table, [c for c in checks if c.table == "split_lists"])
-    results += runner.run("images", image_table, [c for c in checks if c.table == "images"])
+    results += runner.run("kept_captions", kept.reset_index(drop=True), kept_checks())
+    results += runner.run("captions_per_image", per_image, per_image_checks(cfg.captions_per_image))
+    results += runner.run("split_lists", split_table, split_checks())
+    results += runner.run("images", image_table, image_checks())
 
     counted = sum(1 for r in reasons.values() if set(r) != {UNSPLIT})
     unsplit_images = sorted(set(table.loc[table["split"].isna() & parsed, "image"]))
