@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +113,7 @@ def _build(spec: BackboneSpec) -> keras.Model:
 
 def load_saved(weights_file: Path, spec: BackboneSpec) -> keras.Model:
     """Rebuild the exact CNN whose weights the features stage saved."""
-    with _precision(spec.precision):
-        model = keras.applications.Xception(
-            weights=None, include_top=False, pooling="avg",
-            input_shape=(spec.image_size, spec.image_size, 3))
-    model.load_weights(str(weights_file))
-    return model
+    return build(replace(spec, weights=str(weights_file)))
 
 
 def preprocess(batch_uint8: np.ndarray) -> np.ndarray:

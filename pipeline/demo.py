@@ -27,10 +27,10 @@ def main() -> None:
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     registry = json.loads(paths.REGISTRY_REPORT.read_text())
     print("\n== Test-split scores (metrics/eval.json) ==")
-    print(f"{'':10s}" + "".join(f"{k:>9s}" for k in ("bleu1", "bleu4", "meteor", "rouge_l", "cider")))
+    shown = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
+    print(f"{'':10s}" + "".join(f"{k:>9s}" for k in shown))
     for mode in ("greedy", "beam", "baseline"):
-        m = metrics[mode]
-        print(f"{mode:10s}" + "".join(f"{m[k]:9.3f}" for k in ("bleu1", "bleu4", "meteor", "rouge_l", "cider")))
+        print(f"{mode:10s}" + "".join(f"{metrics[mode][k]:9.3f}" for k in shown))
     print(f"\nregistry: {registry['model_name']} v{registry['version']} -> {registry['decision']} "
           f"(champion: v{registry['champion']})")
     print(f"gallery:  {paths.GALLERY}\nmetrics:  {paths.EVAL_METRICS}\n"

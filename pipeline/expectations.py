@@ -22,9 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Check:
-    """One expectation on one table, with the reject reason its failures get (row-level)."""
+    """One expectation, with the reject reason its failures get (row-level)."""
 
-    table: str
     expectation: gx.expectations.Expectation
     reason: str | None = None  # None: structural or informative, not a per-row reject
     fatal: bool = False
@@ -51,49 +50,49 @@ class CheckResult:
 def caption_checks(captions_per_image: int, min_tokens: int, max_tokens: int) -> list[Check]:
     E = gx.expectations
     return [
-        Check("captions", E.ExpectColumnValuesToBeNull(column="parse_error"), "malformed line"),
-        Check("captions", E.ExpectColumnValuesToBeInSet(column="image_status", value_set=["ok"]),
+        Check(E.ExpectColumnValuesToBeNull(column="parse_error"), "malformed line"),
+        Check(E.ExpectColumnValuesToBeInSet(column="image_status", value_set=["ok"]),
               "image missing or undecodable"),
-        Check("captions", E.ExpectColumnValuesToBeBetween(
+        Check(E.ExpectColumnValuesToBeBetween(
             column="n_tokens", min_value=min_tokens, max_value=max_tokens),
             f"caption has fewer than {min_tokens} or more than {max_tokens} tokens after cleaning"),
-        Check("captions", E.ExpectColumnValuesToBeBetween(
+        Check(E.ExpectColumnValuesToBeBetween(
             column="caption_idx", min_value=0, max_value=captions_per_image - 1),
             f"caption index outside 0..{captions_per_image - 1}"),
-        Check("captions", E.ExpectColumnValuesToBeInSet(column="is_duplicate_key", value_set=[False]),
+        Check(E.ExpectColumnValuesToBeInSet(column="is_duplicate_key", value_set=[False]),
               "duplicate (image, caption_idx) key: an earlier line has it"),
-        Check("captions", E.ExpectColumnValuesToNotBeNull(column="split"), "image is in no split list"),
+        Check(E.ExpectColumnValuesToNotBeNull(column="split"), "image is in no split list"),
     ]
 
 
 def kept_checks() -> list[Check]:
     E = gx.expectations
     return [
-        Check("kept_captions", E.ExpectCompoundColumnsToBeUnique(column_list=["image", "caption_idx"]),
+        Check(E.ExpectCompoundColumnsToBeUnique(column_list=["image", "caption_idx"]),
               fatal=True),
-        Check("kept_captions", E.ExpectColumnValuesToNotBeNull(column="caption"), fatal=True),
-        Check("kept_captions", E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1),
+        Check(E.ExpectColumnValuesToNotBeNull(column="caption"), fatal=True),
+        Check(E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1),
               fatal=True),
     ]
 
 
 def per_image_checks(captions_per_image: int) -> list[Check]:
     # Informative: images that lost captions to quarantine still train on the rest.
-    return [Check("captions_per_image", gx.expectations.ExpectColumnValuesToBeBetween(
+    return [Check(gx.expectations.ExpectColumnValuesToBeBetween(
         column="n_captions", min_value=captions_per_image, max_value=captions_per_image))]
 
 
 def split_checks() -> list[Check]:
     E = gx.expectations
     return [
-        Check("split_lists", E.ExpectColumnValuesToBeUnique(column="image"), fatal=True),
-        Check("split_lists", E.ExpectColumnValuesToBeInSet(column="has_captions", value_set=[True]),
+        Check(E.ExpectColumnValuesToBeUnique(column="image"), fatal=True),
+        Check(E.ExpectColumnValuesToBeInSet(column="has_captions", value_set=[True]),
               fatal=True),
     ]
 
 
 def image_checks() -> list[Check]:
-    return [Check("images", gx.expectations.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"]))]
+    return [Check(gx.expectations.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"]))]
 
 
 class SuiteRunner:
@@ -122,7 +121,7 @@ class SuiteRunner:
             check = by_id[res.expectation_config.id]
             info = res.result or {}
             results.append(CheckResult(
-                table=check.table, expectation=res.expectation_config.type,
+                table=name, expectation=res.expectation_config.type,
                 column=res.expectation_config.kwargs.get("column"),
                 success=bool(res.success), unexpected_count=int(info.get("unexpected_count") or 0),
                 examples=[_jsonable(v) for v in (info.get("partial_unexpected_list") or [])[:5]],

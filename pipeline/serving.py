@@ -24,7 +24,7 @@ import pandas as pd
 CONFIG_NAME = "caption_config.json"
 
 
-def image_bytes(value) -> bytes | str:
+def image_bytes(value) -> bytes:
     """Raw bytes for one input value (bytes, base64 text, or a file path)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)

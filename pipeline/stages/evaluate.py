@@ -52,14 +52,15 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
     }
+    texts = {mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in MODES}
     references = [[r.split() for r in refs[n]] for n in test_images]
     metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size}
     for mode in MODES:
-        hyps = [vocab.decode(c.tokens).split() for c in decoded[mode]]
-        metrics[mode] = score(references, hyps)
+        metrics[mode] = score(references, [t.split() for t in texts[mode]])
     table = pd.DataFrame({
         "image": test_images,
-        **{mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in ("greedy", "beam")},
+        "greedy": texts["greedy"],
+        "beam": texts["beam"],
         "beam_log_prob": [c.log_prob for c in decoded["beam"]],
         "references": [list(refs[n]) for n in test_images],
     })

@@ -57,12 +57,12 @@ def log_caption_model(settings: Settings, model_dir: Path):
     """Log the pyfunc model into the active run and register it; returns ModelInfo."""
     import mlflow
 
-    from ..serving import CaptionModel, pip_requirements, signature_and_example
+    from ..serving import CONFIG_NAME, CaptionModel, pip_requirements, signature_and_example
     from ..synthetic import make_scene
 
     spec = spec_from(settings)
     ev = settings.evaluate
-    config = model_dir / "caption_config.json"
+    config = model_dir / CONFIG_NAME
     config.write_text(json.dumps({"backbone": spec.to_dict(), "decoding": {
         "beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
         "no_repeat_ngram": ev.no_repeat_ngram}}))
@@ -79,7 +79,6 @@ def log_caption_model(settings: Settings, model_dir: Path):
 
 
 def run(settings: Settings) -> dict:
-    import mlflow
     from mlflow import MlflowClient
 
     for needed in (paths.EVAL_METRICS, paths.DECODER, paths.VOCAB,
@@ -102,7 +101,7 @@ def run(settings: Settings) -> dict:
             "previous_champion": str(old_version), "previous_champion_score": str(old_score)}
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
-    mlflow.MlflowClient().set_tag(run_id, "registry.decision", decision)
+    client.set_tag(run_id, "registry.decision", decision)
     report = {"model_name": reg.model_name, "version": version, "run_id": run_id,
               "model_uri": f"models:/{reg.model_name}/{version}", "metric": reg.metric,
               "new_score": new_score, "old_champion": {"version": old_version, "score": old_score},

@@ -112,7 +112,7 @@ def run(settings: Settings) -> dict:
     paths.REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name="train") as active:
         mlflow.log_params({**flatten("train", settings.train.model_dump()),
-                           **flatten("features", {k: v for k, v in feature_meta.items()}),
+                           **flatten("features", feature_meta),
                            "data.source": settings.data.source,
                            "data.train_captions": int((captions["split"] == "train").sum()),
                            "data.dev_captions": int((captions["split"] == "dev").sum())})
