@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -43,32 +44,81 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, expected_sha256: str | None, url: str) -> None:
-    if not expected_sha256:
-        return
-    actual = sha256_of(path)
-    if actual != expected_sha256.lower():
-        bad = path.with_name(path.name + ".bad")
-        os.replace(path, bad)
-        raise DownloadError(
-            f"sha256 mismatch for {url}: expected {expected_sha256}, got {actual}; "
-            f"the file was moved to {bad} and nothing was extracted")
+def quarantine(path: Path) -> Path:
+    """Move a file that failed its check aside as ``<name>.bad`` (never reused, kept for a
+    look); returns the new path."""
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    return bad
 
 
-def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float = 60,
+def check_zip(path: Path) -> None:
+    """A whole, readable zip: the central directory parses and every member's CRC matches.
+    An HTML error page or a cut transfer fails here."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            broken = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        raise DownloadError(f"{path} is not a valid zip (truncated, corrupt, or an error page "
+                            f"instead of the archive?): {err}") from None
+    if broken is not None:
+        raise DownloadError(f"{path} is corrupt: member {broken!r} fails its CRC check")
+
+
+def _sidecar(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".json")
+
+
+def _verify(path: Path, url: str, sha256: str | None, size: int | None, check) -> None:
+    """Raise DownloadError unless ``path`` has the expected size, sha256 and passes ``check``."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise DownloadError(f"{path}: {actual_size} bytes, expected {size} from {url}")
+    if sha256:
+        actual = sha256_of(path)
+        if actual != sha256.lower():
+            raise DownloadError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}")
+    if check is not None:
+        check(path)
+
+
+def _cached(dest: Path, url: str, sha256: str | None, check) -> bool:
+    """True when ``dest`` is a verified earlier download of ``url``; a cached file that fails
+    its checks (or came from another URL) is moved aside so it is never used again."""
+    if not dest.is_file():
+        return False
+    try:
+        record = json.loads(_sidecar(dest).read_text())
+    except (OSError, ValueError):
+        record = {}
+    try:
+        if record.get("url") not in (None, url):
+            raise DownloadError(f"it was downloaded from {record['url']}, not {url}")
+        _verify(dest, url, sha256, record.get("size"), check)
+    except DownloadError as err:
+        bad = quarantine(dest)
+        log.warning("cached %s failed its check (%s); moved to %s and downloading again",
+                    dest, err, bad)
+        return False
+    return True
+
+
+def download(url: str, dest: Path, *, sha256: str | None = None, check=None, timeout: float = 60,
              retries: int = 5, backoff_s: float = 1.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest``, resuming ``dest.part`` with HTTP Range after a cut.
 
-    A complete ``dest`` whose checksum matches (or with no checksum given) is reused.
-    ``dest`` only appears once the whole body arrived and the checksum matched.
+    ``dest`` only appears once the whole body arrived and passed its checks: the size the
+    server announced, ``sha256`` when given, and ``check(path)`` (e.g. ``check_zip``). A file
+    that fails them is moved aside as ``<name>.bad`` and the error says so. A cached ``dest``
+    is re-verified the same way (size from its ``.json`` record) before it is reused.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file():
-        _verify(dest, sha256, url)
-        log.info("using cached %s", dest)
+    if _cached(dest, url, sha256, check):
+        log.info("using cached %s (verified)", dest)
         return dest
     part = dest.with_name(dest.name + ".part")
     last_error: Exception | None = None
+    total: int | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(backoff_s * 2 ** (attempt - 1), 30))
@@ -105,11 +155,17 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
                 raise
             last_error = err
     else:
-        raise DownloadError(
-            f"download of {url} failed after {retries + 1} attempts: {last_error}; "
-            f"the partial file {part} is kept and the next run resumes it")
-    _verify(part, sha256, url)
+        kept = (f"the partial file {part} ({part.stat().st_size} bytes) is kept and the next run "
+                "resumes it") if part.exists() and part.stat().st_size else "nothing was kept"
+        raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {last_error}; {kept}")
+    try:
+        _verify(part, url, sha256, total, check)
+    except DownloadError as err:
+        bad = quarantine(part)
+        raise DownloadError(f"{err}; the file was moved to {bad} (it will not be reused) and "
+                            "nothing was extracted") from None
     os.replace(part, dest)
+    _sidecar(dest).write_text(json.dumps({"url": url, "size": dest.stat().st_size}))
     return dest
 
 

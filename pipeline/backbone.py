@@ -8,7 +8,6 @@ init from ``seed``: the offline default) or a path to a local weights file (air-
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -16,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# isort: off
+from . import quiet_tensorflow  # noqa: F401  (must come before keras)
 import keras  # noqa: E402
+# isort: on
 
+from .config import FeaturesSettings  # noqa: E402
 from .images import ImageSource, load_rgb  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ class BackboneSpec:
     # float32 (exact, the default) | bfloat16 (about 1.5x faster on CPUs with AVX512-BF16 or
     # AMX; embeddings differ by ~1% relative, so features and serving must agree: they share this)
     precision: str = "float32"
+
+    @classmethod
+    def from_settings(cls, cfg: FeaturesSettings) -> "BackboneSpec":
+        return cls(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed, cfg.precision)
 
     @property
     def feature_dim(self) -> int:
@@ -121,9 +127,9 @@ def preprocess(batch_uint8: np.ndarray) -> np.ndarray:
     return keras.applications.xception.preprocess_input(batch_uint8.astype(np.float32))
 
 
-def load_image(source: ImageSource, spec: BackboneSpec) -> np.ndarray:
+def load_image(source: ImageSource, spec: BackboneSpec, max_pixels: int | None) -> np.ndarray:
     """One image -> (S, S, 3) uint8, exactly as the features stage reads it."""
-    return load_rgb(source, spec.image_size)
+    return load_rgb(source, spec.image_size, max_pixels)
 
 
 def embed(model: keras.Model, batch_uint8: np.ndarray) -> np.ndarray:

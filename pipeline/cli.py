@@ -1,6 +1,10 @@
 """``captioner``: caption images with a registered model.
 
     captioner caption photo1.jpg photo2.jpg [--model models:/flickr8k-captioner@champion] [--beam 3]
+
+Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
+an unreadable file is reported at once; the CLI reads each file itself and hands the model its
+bytes (the caller owns this machine, so local paths are fine here).
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_settings
+
+MAX_BEAM = 10
 
 
 def _default_model() -> str:
@@ -21,10 +28,44 @@ def _default_model() -> str:
     return f"models:/{name}@champion"
 
 
+def beam_size(text: str) -> int:
+    """argparse type: an integer 1..MAX_BEAM."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_BEAM:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_BEAM} (1 = greedy), got {value}")
+    return value
+
+
+def read_inputs(names: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(file name -> bytes) for the readable files, (file name -> error) for the others."""
+    data, errors = {}, {}
+    for name in names:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            errors[name] = "is a directory, not an image file"
+        elif not path.exists():
+            errors[name] = "no such file"
+        else:
+            try:
+                data[name] = path.read_bytes()
+            except OSError as err:
+                errors[name] = f"cannot read: {err.strerror or err}"
+    return data, errors
+
+
 def caption(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import mlflow
+    data, errors = read_inputs(args.images)
+    for name, error in errors.items():
+        print(f"{name}\tERROR: {error}", file=sys.stderr)
+    if not data:
+        return 1
+    import mlflow  # noqa: I001
     import pandas as pd
+
+    from . import quiet_tensorflow  # noqa: F401
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -40,30 +81,34 @@ def caption(args: argparse.Namespace) -> int:
     except Exception as err:
         print(f"captioner: cannot load {args.model}: {err}", file=sys.stderr)
         return 2
-    images = [os.path.abspath(p) for p in args.images]
+    names = list(data)
     params = {"beam_size": args.beam} if args.beam else None
-    result = model.predict(pd.DataFrame({"image": images}), params=params)
-    status = 0
-    for path, row in zip(args.images, result.itertuples()):
+    result = model.predict(pd.DataFrame({"image": [data[n] for n in names]}), params=params)
+    status = 1 if errors else 0
+    for name, row in zip(names, result.itertuples()):
         if row.error:
-            print(f"{path}\tERROR: {row.error}", file=sys.stderr)
+            print(f"{name}\tERROR: {row.error}", file=sys.stderr)
             status = 1
         else:
-            print(f"{path}\t{row.caption}")
+            print(f"{name}\t{row.caption}")
     return status
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning with Flickr8k models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    cap = sub.add_parser("caption", help="print one caption per image")
+    cap = sub.add_parser("caption", help="print one caption per image",
+                         description="Print '<file>\\t<caption>' per image; errors go to stderr "
+                                     "and make the exit status 1 (2: the model cannot be loaded).")
     cap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     cap.add_argument("--model", default=None,
                      help="MLflow model URI (default: models:/<register.model_name>@champion)")
-    cap.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    cap.add_argument("--beam", type=beam_size, default=None,
+                     help=f"beam size 1..{MAX_BEAM} (1 = greedy; default: the model's)")
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args.model = args.model or _default_model()
     sys.exit(caption(args))
 

@@ -1,18 +1,32 @@
 """params.yaml -> typed, validated settings. The one place configuration is read.
 
-Every section is a frozen pydantic model with ``extra="forbid"``, so an unknown key or a
-bad value fails early with an error that names the key (``data.source: ...``).
+Every section is a frozen, strict pydantic model with ``extra="forbid"`` and **no defaults**:
+``params.yaml`` is the one place a value is set (DVC tracks it there), so a key missing from
+it, an unknown key or a bad value fails early with an error that names the key
+(``data.source: ...``). Types are strict: ``epochs: true`` is not read as 1, ``"8"`` is not
+an int, and a sha256 that YAML read as a number is refused with a hint to quote it.
+
+Each stage's pure core takes its own section (``settings.train`` ...), never the whole tree.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ConfigError(ValueError):
@@ -20,13 +34,13 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SplitRatios(_Section):
-    train: float = Field(0.75, ge=0, le=1)
-    dev: float = Field(0.125, ge=0, le=1)
-    test: float = Field(0.125, ge=0, le=1)
+    train: float = Field(ge=0, le=1)
+    dev: float = Field(ge=0, le=1)
+    test: float = Field(ge=0, le=1)
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "SplitRatios":
@@ -35,30 +49,44 @@ class SplitRatios(_Section):
             raise ValueError(f"train + dev + test must be 1.0, got {total:g}")
         return self
 
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "dev": self.dev, "test": self.test}
+
 
 class Flickr8kSource(_Section):
-    images_url: str
-    text_url: str
-    images_sha256: str | None = None
-    text_sha256: str | None = None
-    timeout_s: float = Field(60, gt=0)
-    retries: int = Field(5, ge=0, le=100)
+    images_url: str = Field(min_length=1)
+    text_url: str = Field(min_length=1)
+    images_sha256: str | None
+    text_sha256: str | None
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0, le=100)
+
+    @field_validator("images_sha256", "text_sha256", mode="before")
+    @classmethod
+    def _sha256_text(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML reads an all-digit hex string as a number and drops leading zeros.
+            raise ValueError('YAML read this checksum as a number; quote it: "0123...abcd" '
+                             "(64 hex digits)")
+        if isinstance(value, str) and not _SHA256.match(value):
+            raise ValueError(f"expected 64 hex digits (a sha256) or null, got {value!r}")
+        return value
 
 
 class SyntheticSource(_Section):
-    n_images: int = Field(500, ge=10, le=100_000)
-    image_size: int = Field(128, ge=32, le=1024)
-    seed: int = 7
-    split: SplitRatios = SplitRatios(train=0.8, dev=0.1, test=0.1)
+    n_images: int = Field(ge=10, le=100_000)
+    image_size: int = Field(ge=32, le=1024)
+    seed: int
+    split: SplitRatios
 
 
 class DataSettings(_Section):
-    source: Literal["synthetic", "flickr8k", "local"] = "synthetic"
-    local_path: str | None = None
+    source: Literal["synthetic", "flickr8k", "local"]
+    local_path: str | None
     # Splits for a Kaggle-layout dataset, which ships no split lists (Flickr8k: 6000/1000/1000).
-    kaggle_split: SplitRatios = SplitRatios()
+    kaggle_split: SplitRatios
     flickr8k: Flickr8kSource
-    synthetic: SyntheticSource = SyntheticSource()
+    synthetic: SyntheticSource
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> "DataSettings":
@@ -68,65 +96,68 @@ class DataSettings(_Section):
 
 
 class ValidateSettings(_Section):
-    captions_per_image: int = Field(5, ge=1)
-    min_tokens: int = Field(1, ge=1)
-    max_tokens: int = Field(40, ge=1)
-    max_reject_fraction: float = Field(0.05, ge=0, le=1)
-    decode_workers: int = Field(2, ge=1, le=64)
+    captions_per_image: int = Field(ge=1)
+    min_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    max_reject_fraction: float = Field(ge=0, le=1)
+    # An image above this many pixels is rejected as too large (a decompression bomb or a
+    # scan); below it, large photos are decoded without PIL's DecompressionBombWarning.
+    max_image_pixels: int = Field(ge=1)
+    decode_workers: int = Field(ge=1, le=64)
 
 
 class FeaturesSettings(_Section):
-    backbone: Literal["xception"] = "xception"
+    backbone: Literal["xception"]
     # imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file
-    weights: str = "none"
-    image_size: int = Field(299, ge=71, le=1024)
-    precision: Literal["float32", "bfloat16"] = "float32"
-    batch_size: int = Field(32, ge=1, le=1024)
-    seed: int = 7
-    rows_per_part: int = Field(256, ge=1)
+    weights: str = Field(min_length=1)
+    image_size: int = Field(ge=71, le=1024)
+    precision: Literal["float32", "bfloat16"]
+    batch_size: int = Field(ge=1, le=1024)
+    seed: int
+    rows_per_part: int = Field(ge=1)
 
 
 class TrainSettings(_Section):
-    vocab_min_count: int = Field(1, ge=1)
-    max_length: int = Field(24, ge=4, le=200)
-    embedding_dim: int = Field(128, ge=4)
-    units: int = Field(256, ge=4)
-    dropout: float = Field(0.3, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
-    epochs: int = Field(30, ge=1)
-    patience: int = Field(4, ge=1)
-    seed: int = 7
+    vocab_min_count: int = Field(ge=1)
+    max_length: int = Field(ge=4, le=200)
+    embedding_dim: int = Field(ge=4)
+    units: int = Field(ge=4)
+    dropout: float = Field(ge=0, lt=1)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    seed: int
 
 
 class EvaluateSettings(_Section):
-    beam_size: int = Field(3, ge=1, le=20)
-    length_penalty: float = Field(0.7, ge=0, le=3)
-    no_repeat_ngram: int = Field(3, ge=0, le=10)
-    batch_size: int = Field(256, ge=1)
-    gallery_size: int = Field(24, ge=0)
+    beam_size: int = Field(ge=1, le=20)
+    length_penalty: float = Field(ge=0, le=3)
+    no_repeat_ngram: int = Field(ge=0, le=10)
+    batch_size: int = Field(ge=1)
+    gallery_size: int = Field(ge=0)
 
 
 class RegisterSettings(_Section):
-    model_name: str = "flickr8k-captioner"
-    metric: str = "beam_bleu4"
+    model_name: str = Field(min_length=1)
+    metric: str = Field(min_length=1)
 
 
 class MlflowSettings(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "captioner"
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
 
 
 class Settings(_Section):
     data: DataSettings
-    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
-    features: FeaturesSettings = FeaturesSettings()
-    train: TrainSettings = TrainSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
-    register_: RegisterSettings = Field(RegisterSettings(), alias="register")
-    mlflow: MlflowSettings = MlflowSettings()
+    validate_: ValidateSettings = Field(alias="validate")
+    features: FeaturesSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+    register_: RegisterSettings = Field(alias="register")
+    mlflow: MlflowSettings
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     # "validate" and "register" would shadow BaseModel attributes, hence the aliases.
     @property
@@ -143,9 +174,26 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         key = key.replace("validate_", "validate").replace("register_", "register")
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing (every key is set in params.yaml; see the project's params.yaml)"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+            if e["type"] == "float_type" and _looks_like_number(e.get("input")):
+                msg += "; YAML 1.1 reads 1e-3 as text: write 0.001 or 1.0e-3"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+def _looks_like_number(value) -> bool:
+    try:
+        float(value)
+        return isinstance(value, str)
+    except (TypeError, ValueError):
+        return False
 
 
 def parse_settings(raw: dict) -> Settings:
@@ -163,7 +211,7 @@ def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found (run from the project root)") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from .model import StepModels
 from .text import Vocabulary
@@ -56,11 +57,19 @@ def _mask_step(log_probs: np.ndarray, histories: list[list[int]], vocab: Vocabul
     return lp
 
 
+def _batches(n: int, batch_size: int, progress: str | None):
+    """Batch starts over n images, with a progress bar named ``progress`` (None: silent)."""
+    with tqdm(total=n, desc=progress, unit="img", disable=progress is None) as bar:
+        for lo in range(0, n, batch_size):
+            yield lo
+            bar.update(min(batch_size, n - lo))
+
+
 def greedy(models: StepModels, features: np.ndarray, vocab: Vocabulary, *,
-           no_repeat_ngram: int = 0, batch_size: int = 256) -> list[Caption]:
+           no_repeat_ngram: int = 0, batch_size: int = 256, progress: str | None = None) -> list[Caption]:
     """Most likely next word at every step, for all images of a batch at once."""
     out: list[Caption] = []
-    for lo in range(0, len(features), batch_size):
+    for lo in _batches(len(features), batch_size, progress):
         feats = features[lo:lo + batch_size]
         n = len(feats)
         img, h, c = _run(models.encode, feats)
@@ -87,12 +96,12 @@ def greedy(models: StepModels, features: np.ndarray, vocab: Vocabulary, *,
 
 def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int = 3,
                 length_penalty: float = 0.7, no_repeat_ngram: int = 0,
-                batch_size: int = 128) -> list[Caption]:
+                batch_size: int = 128, progress: str | None = None) -> list[Caption]:
     """Beam search with ``beam_size`` hypotheses per image, all images of a batch together
     (rows = images x beams)."""
     k = beam_size
     out: list[Caption] = []
-    for lo in range(0, len(features), batch_size):
+    for lo in _batches(len(features), batch_size, progress):
         feats = features[lo:lo + batch_size]
         n = len(feats)
         img, h, c = (np.repeat(x, k, axis=0) for x in _run(models.encode, feats))

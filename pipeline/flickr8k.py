@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import re
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def parse_token_file(path: Path) -> pd.DataFrame:
         if not tab:
             error = error or "malformed line: no tab between key and caption"
         elif not hash_ or caption_idx < 0:
-            error = error or f"malformed key {key!r}: expected <image>#<n>"
+            error = error or "malformed key: expected <image>#<n> before the tab"
         rows.append((line_no, normalise_image_name(_printable(image if hash_ else key)),
                      caption_idx, _printable(caption.strip()), error))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -67,27 +66,43 @@ def parse_token_file(path: Path) -> pd.DataFrame:
 
 def parse_kaggle_captions(path: Path) -> pd.DataFrame:
     """Kaggle ``captions.txt`` (CSV with header ``image,caption``; quoted fields may hold
-    commas and quotes) -> rows (COLUMNS); caption_idx counts captions per image in order."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    rows, seen = [], {}
-    header = next(reader, None)
+    commas and ``""``-escaped quotes) -> rows (COLUMNS); caption_idx counts captions per
+    image in order.
+
+    One physical line is one record: each line is parsed on its own, strictly, so a stray
+    quote (``img.jpg,"A dog runs``) makes that line a malformed row instead of letting the CSV
+    reader swallow the following lines into one field. Captions never span lines in Flickr8k.
+    """
+    lines = _read_text(path).split("\n")
+    header = next(csv.reader([lines[0].rstrip("\r")]), None)
     if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
         raise ValueError(f"{path}: expected a CSV header 'image,caption', got {header!r}")
-    for fields in reader:
-        line_no = reader.line_num
-        if not fields or not any(f.strip() for f in fields):
+    rows, seen = [], {}
+    for line_no, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line.strip():
             continue
-        error = _utf8_error(*fields)
+        error = _utf8_error(line)
+        try:
+            fields = next(csv.reader([line], strict=True))
+        except csv.Error as err:
+            error = error or f"malformed CSV row: {err} (unbalanced or stray quote)"
+            fields = line.split(",", 1)
         if len(fields) != 2:
             error = error or f"malformed CSV row: expected 2 fields, got {len(fields)}"
-            image, caption = fields[0], ",".join(fields[1:])
-        else:
-            image, caption = fields
+        image, caption = fields[0], ",".join(fields[1:])
         image = normalise_image_name(_printable(image))
         idx = seen.get(image, 0)
         seen[image] = idx + 1
         rows.append((line_no, image, idx, _printable(caption.strip()), error))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def count_caption_lines(path: Path) -> int:
+    """Non-blank lines of a caption file, counted without any parser (the CSV header
+    excluded): what every parser's row count must equal."""
+    lines = [ln for ln in _read_text(path).split("\n") if ln.strip()]
+    return len(lines) - (1 if path.name == paths.KAGGLE_CAPTIONS else 0)
 
 
 def read_captions(dataset_dir: Path) -> tuple[pd.DataFrame, Path]:

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
-from keras import layers, ops
+
+# isort: off
+from . import quiet_tensorflow  # noqa: F401  (must come before keras)
+import keras  # noqa: E402
+from keras import layers, ops  # noqa: E402
+# isort: on
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,19 +33,34 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _group_members(pgid: int) -> list:
+    """Live (non-zombie) processes of a process group."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    if proc.poll() is not None:
-        return
+    """SIGTERM the whole group, SIGKILL what is left after ``grace_s``; return only when no
+    process of the group is alive (the leader exiting first does not end the wait)."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_members(proc.pid):
+                return
+            time.sleep(0.2)
+    proc.poll()
 
 
 def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: str,

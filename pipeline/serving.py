@@ -56,6 +56,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.backbone = load_saved(Path(context.artifacts["backbone_weights"]), self.spec)
         self.models = StepModels.from_decoder(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
+        self.max_pixels = int(config["max_image_pixels"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from .backbone import embed, load_image
@@ -67,7 +68,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         pixels, ok_rows, errors = [], [], [""] * len(model_input)
         for row, value in enumerate(model_input["image"].tolist()):
             try:
-                pixels.append(load_image(image_bytes(value), self.spec))
+                pixels.append(load_image(image_bytes(value), self.spec, self.max_pixels))
                 ok_rows.append(row)
             except Exception as err:  # one bad image must not sink the batch
                 errors[row] = f"{type(err).__name__}: {err}"

@@ -108,8 +108,11 @@ class Vocabulary:
         return {"words": list(self.words), "max_length": self.max_length,
                 "special_tokens": list(SPECIAL_TOKENS)}
 
+    def to_text(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        Path(path).write_text(self.to_text(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":

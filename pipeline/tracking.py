@@ -37,9 +37,10 @@ def flatten(prefix: str, data: dict) -> dict[str, object]:
     return out
 
 
-def write_run_ref(path: Path, run_id: str, settings: Settings) -> None:
-    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri(settings),
-                                "experiment": settings.mlflow.experiment}, indent=1))
+def run_ref(run_id: str, settings: Settings) -> str:
+    """The text of models/train_run.json: which MLflow run trained the model."""
+    return json.dumps({"run_id": run_id, "tracking_uri": tracking_uri(settings),
+                       "experiment": settings.mlflow.experiment}, indent=1)
 
 
 def resume_run(settings: Settings, ref_path: Path, run_name: str):

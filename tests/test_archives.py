@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from pipeline.archives import DownloadError, UnsafeArchiveError, download, safe_extract
+from pipeline.archives import DownloadError, UnsafeArchiveError, check_zip, download, safe_extract
 from tests.helpers import zip_bytes
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
@@ -74,3 +74,46 @@ def test_macos_metadata_is_skipped(tmp_path):
     archive.write_bytes(zip_bytes({"d/a.txt": b"a", "__MACOSX/d/._a.txt": b"junk"}))
     written = safe_extract(archive, tmp_path / "out", progress=False)
     assert [p.name for p in written] == ["a.txt"]
+
+
+ZIP = zip_bytes({"a.txt": b"x" * 5000})
+
+
+def test_error_page_instead_of_zip_is_moved_aside_and_never_reused(http_server, tmp_path):
+    """A server that sent an HTML page used to leave it cached: every rerun failed the same way."""
+    http_server.files["/data.zip"] = b"<html><body>rate limited</body></html>"
+    dest = tmp_path / "data.zip"
+    with pytest.raises(DownloadError, match="not a valid zip.*moved to .*data.zip.part.bad"):
+        download(f"{http_server.url}/data.zip", dest, check=check_zip, retries=0, progress=False)
+    assert not dest.exists()
+    http_server.files["/data.zip"] = ZIP  # the server is fixed
+    out = download(f"{http_server.url}/data.zip", dest, check=check_zip, retries=0, progress=False)
+    assert out.read_bytes() == ZIP
+
+
+def test_cached_archive_is_verified_before_reuse(http_server, tmp_path):
+    http_server.files["/data.zip"] = ZIP
+    dest = tmp_path / "data.zip"
+    download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
+    download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
+    assert len(http_server.requests) == 1  # a good cached file is reused
+    dest.write_bytes(ZIP[:-10])  # damaged on disk afterwards
+    out = download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
+    assert out.read_bytes() == ZIP and len(http_server.requests) == 2
+    assert (tmp_path / "data.zip.bad").read_bytes() == ZIP[:-10]
+
+
+def test_cached_archive_with_a_new_pinned_sha256_that_does_not_match_is_refetched(http_server, tmp_path):
+    http_server.files["/data.zip"] = ZIP
+    dest = tmp_path / "data.zip"
+    download(f"{http_server.url}/data.zip", dest, progress=False)
+    dest.write_bytes(zip_bytes({"other.txt": b"y"}))  # same name, other content
+    out = download(f"{http_server.url}/data.zip", dest, sha256=hashlib.sha256(ZIP).hexdigest(),
+                   progress=False)
+    assert out.read_bytes() == ZIP
+
+
+def test_failed_download_does_not_claim_a_partial_file_that_does_not_exist(tmp_path):
+    with pytest.raises(DownloadError) as err:
+        download("http://127.0.0.1:9/none.zip", tmp_path / "none.zip", retries=0, progress=False)
+    assert "nothing was kept" in str(err.value) and "partial file" not in str(err.value)

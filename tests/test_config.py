@@ -38,3 +38,31 @@ def test_local_source_needs_a_path():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "params.yaml")
+
+
+def test_types_are_strict():
+    for key, value in (("train.epochs", True), ("train.units", "64"), ("evaluate.beam_size", 2.0)):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_settings(tiny_params(**{key: value}))
+
+
+def test_sha256_read_as_a_number_gets_a_hint_to_quote_it():
+    raw = tiny_params(**{"data.flickr8k.images_sha256": int("1" * 64)})
+    with pytest.raises(ConfigError, match=r"images_sha256: YAML read this checksum as a number; quote it"):
+        parse_settings(raw)
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        parse_settings(tiny_params(**{"data.flickr8k.text_sha256": "abc"}))
+    assert parse_settings(tiny_params(**{"data.flickr8k.text_sha256": "0" * 64}))
+
+
+def test_every_key_comes_from_params_yaml():
+    """Defaults live in params.yaml only: a key missing there is an error, not a silent default."""
+    raw = tiny_params()
+    del raw["train"]["vocab_min_count"]
+    with pytest.raises(ConfigError, match=r"train\.vocab_min_count: missing"):
+        parse_settings(raw)
+
+
+def test_exponent_float_that_yaml_reads_as_text_is_explained():
+    with pytest.raises(ConfigError, match="write 0.001"):
+        parse_settings(tiny_params(**{"train.learning_rate": "1e-3"}))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import git_project, sh
+from tests.helpers import git_project, jpeg_bytes, sh, write_flickr_dataset, write_params
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +13,7 @@ def repo(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 70 s on a quiet machine; 4x and more for a loaded one
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     first = sh(["dvc", "repro"], repo)
     for stage in ("download", "validate", "features", "train", "evaluate", "register"):
@@ -37,3 +38,27 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     assert [line for line in third.stdout.splitlines() if line.startswith("Running stage")] == \
         ["Running stage 'register':"]
     assert json.loads((repo / "reports/registry.json").read_text())["version"] == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 10 s on a quiet machine
+def test_failing_validate_under_dvc_repro_keeps_the_last_good_outputs(repo, tmp_path):
+    """DVC deletes a stage's outputs before running it unless they are `persist: true`: a
+    failing validate used to leave no captions.parquet behind, whatever its message said."""
+    if not (repo / "data/prepared/captions.parquet").is_file():
+        sh(["dvc", "repro", "validate"], repo)
+    good = {p: (repo / p).read_bytes() for p in ("data/prepared/captions.parquet",
+                                                  "data/prepared/rejects.parquet")}
+    names = [f"{i}_x.jpg" for i in range(10)]
+    bad = write_flickr_dataset(tmp_path / "bad", {n: jpeg_bytes() for n in names},
+                               [f"{n}#{k} no tab here" for n in names for k in range(5)],
+                               {"train": names[:8], "dev": names[8:9], "test": names[9:]})
+    write_params(repo, **{"data.source": "local", "data.local_path": str(bad)})
+    failed = sh(["dvc", "repro", "validate"], repo, check=False)
+    assert failed.returncode != 0 and "were left as they were" in failed.stderr
+    assert {p: (repo / p).read_bytes() for p in good} == good
+    report = json.loads((repo / "reports/validation.json").read_text())
+    assert report["success"] is False
+    assert report["reject_reasons"]["malformed line: no tab between key and caption"] == 50
+    assert (repo / "reports/validation_rejects.parquet").is_file()
+    write_params(repo)

@@ -1,6 +1,7 @@
 import pandas as pd
 
 from pipeline.flickr8k import (
+    count_caption_lines,
     normalise_image_name,
     parse_kaggle_captions,
     parse_token_file,
@@ -57,3 +58,31 @@ def test_split_helpers(tmp_path):
     assert sorted(sum(lists.values(), [])) == sorted(names)
     assert 140 < len(lists["train"]) < 220
     assert pd.Series(sum(lists.values(), [])).is_unique
+
+
+def test_kaggle_stray_quote_rejects_that_line_and_reads_every_other(tmp_path):
+    """One unbalanced quote used to swallow every following line into a single field."""
+    path = tmp_path / "captions.txt"
+    good = [f"{i}_x.jpg,A dog runs number {i} ." for i in range(500)]
+    path.write_text("image,caption\n" + "\n".join(good[:100] + ['100_x.jpg,"A dog runs'] + good[101:]) + "\n")
+    rows = parse_kaggle_captions(path)
+    assert len(rows) == 500 == count_caption_lines(path)
+    bad = rows[rows["error"].notna()]
+    assert bad["line"].tolist() == [102]  # header is line 1
+    assert "quote" in bad["error"].item() and bad["image"].item() == "100_x.jpg"
+    assert rows["image"].nunique() == 500
+    assert rows.loc[rows["line"] == 103, "caption_raw"].item() == "A dog runs number 101 ."
+
+
+def test_kaggle_stray_quote_with_a_later_quote_never_merges_lines(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text('image,caption\r\n'
+                    'a.jpg,"A dog runs\r\n'
+                    'b.jpg,A cat sits .\r\n'
+                    'c.jpg,A bird " flies .\r\n'
+                    'd.jpg,"A man , in a ""red"" hat ."\r\n')
+    rows = parse_kaggle_captions(path)
+    assert rows["image"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert rows["error"].notna().tolist() == [True, False, False, False]
+    assert rows["caption_raw"].tolist()[1:] == ["A cat sits .", 'A bird " flies .', 'A man , in a "red" hat .']
+    assert not rows["caption_raw"].str.contains("jpg").iloc[1:].any()

@@ -21,11 +21,16 @@ def free_port() -> int:
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    """A live (non-zombie) process is left in the group."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
 
 
 def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
@@ -51,7 +56,7 @@ def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
                 time.sleep(1)
         clash = subprocess.run([sys.executable, "-m", "pipeline.services", service, "--port", str(port)],
                                cwd=tmp_path, env={**env, "PYTHONPATH": str(PROJECT)},
-                               capture_output=True, text=True, timeout=60)
+                               capture_output=True, text=True, timeout=240)
         assert clash.returncode == 1 and "already served" in clash.stderr
         # the service runs in its own process group, below the launcher
         children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
@@ -59,14 +64,11 @@ def start_and_stop(tmp_path, service: str, health_path: str, timeout_s: float):
         service_pgid = os.getpgid(int(children[0]))
         assert service_pgid != os.getpgid(launcher.pid)
         launcher.send_signal(signal.SIGINT)
-        output, _ = launcher.communicate(timeout=90)
+        output, _ = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, output
         assert f"{'mlflow' if service == 'ui' else 'airflow'}: stopped" in output
-        for _ in range(30):
-            if not group_alive(service_pgid):
-                break
-            time.sleep(0.5)
-        assert not group_alive(service_pgid), "service processes outlived the launcher"
+        # "stopped" is printed only once the whole group is gone: no waiting here
+        assert not group_alive(service_pgid), "service processes outlived the 'stopped' message"
         return body, output
     finally:
         if launcher.poll() is None:
@@ -80,6 +82,7 @@ def test_mlflow_ui_comes_up_and_goes_away_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_airflow_standalone_comes_up_and_goes_away_cleanly(tmp_path):
     (tmp_path / "dags").symlink_to(PROJECT / "dags")
     (tmp_path / "dvc.yaml").symlink_to(PROJECT / "dvc.yaml")

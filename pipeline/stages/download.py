@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from .. import paths
-from ..archives import DownloadError, UnsafeArchiveError, download, safe_extract
+from ..archives import DownloadError, UnsafeArchiveError, check_zip, download, safe_extract
 from ..config import Settings
 from ..layout import LayoutError, normalise
 from ..synthetic import write_dataset
@@ -30,20 +30,28 @@ def _fetch_flickr8k(settings: Settings, staging: Path) -> dict:
     extract = staging / "extract"
     for url, sha in ((cfg.images_url, cfg.images_sha256), (cfg.text_url, cfg.text_sha256)):
         archive = download(url, paths.DOWNLOADS_DIR / Path(url.split("?")[0]).name, sha256=sha,
-                           timeout=cfg.timeout_s, retries=cfg.retries)
+                           check=check_zip, timeout=cfg.timeout_s, retries=cfg.retries)
         safe_extract(archive, extract)
-    return normalise(extract, staging / "dataset", settings.data.kaggle_split.model_dump(), move=True)
+    return normalise(extract, staging / "dataset", settings.data.kaggle_split.as_dict(), move=True)
+
+
+def _looks_like_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return path.suffix.lower() == ".zip" or f.read(4) == b"PK\x03\x04" or zipfile.is_zipfile(path)
 
 
 def _copy_local(settings: Settings, staging: Path) -> dict:
     source = Path(settings.data.local_path).expanduser()
-    if zipfile.is_zipfile(source):
-        safe_extract(source, staging / "extract")
-        return normalise(staging / "extract", staging / "dataset",
-                         settings.data.kaggle_split.model_dump(), move=True)
+    ratios = settings.data.kaggle_split.as_dict()
     if source.is_dir():
-        return normalise(source, staging / "dataset", settings.data.kaggle_split.model_dump())
-    raise StageError(f"data.local_path {source} is neither a folder nor a zip file")
+        return normalise(source, staging / "dataset", ratios)
+    if not source.exists():
+        raise LayoutError(f"data.local_path {source} does not exist")
+    if source.is_file() and _looks_like_zip(source):
+        check_zip(source)  # a truncated or corrupt zip gets a clear message before extraction
+        safe_extract(source, staging / "extract")
+        return normalise(staging / "extract", staging / "dataset", ratios, move=True)
+    raise LayoutError(f"data.local_path {source} is neither a folder nor a zip file")
 
 
 def _publish(dataset: Path, out: Path) -> None:
@@ -80,7 +88,7 @@ def run(settings: Settings) -> Path:
         if source == "synthetic":
             syn = settings.data.synthetic
             write_dataset(staging / "dataset", syn.n_images, syn.image_size, syn.seed,
-                          syn.split.model_dump())
+                          syn.split.as_dict())
             summary = {"images": syn.n_images, "generated": True}
         elif source == "flickr8k":
             summary = _fetch_flickr8k(settings, staging)

@@ -9,46 +9,48 @@ to the training run in MLflow.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pandas as pd
 
 from .. import paths
-from ..config import Settings
+from ..atomic import write_json, write_parquet, write_text
+from ..config import EvaluateSettings, Settings
 from ..decoding import beam_search, greedy
+from ..features_file import read_features, row_index, rows_of
 from ..gallery import render
 from ..metrics import JavaMissingError, score
 from ..model import StepModels, load_decoder
 from ..text import Vocabulary
 from ..tracking import flatten, resume_run
-from ._cli import StageError, stage_main
-from .features import read_features
+from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.evaluate")
 MODES = ("greedy", "beam", "baseline")
 
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
-                   features: np.ndarray, settings: Settings) -> tuple[dict, pd.DataFrame]:
-    """Pure core: (metrics per mode, one row per test image with its captions)."""
-    cfg = settings.evaluate
-    index = {name: i for i, name in enumerate(images)}
+                   features: np.ndarray, cfg: EvaluateSettings) -> tuple[dict, pd.DataFrame]:
+    """Pure core: (metrics per mode, one row per test image with its captions). Raises
+    ValueError when the test split is empty or an image has no features."""
+    index = row_index(images)
     test = captions[captions["split"] == "test"]
     if test.empty:
-        raise StageError("the test split has no captions")
+        raise ValueError("the test split has no captions")
     refs = test.groupby("image")["caption"].apply(list)
     test_images = list(refs.index)
-    feats = features[[index[n] for n in test_images]]
+    feats = features[rows_of(index, test_images)]
     train_images = captions.loc[captions["split"] == "train", "image"].unique()
-    mean_feature = features[[index[n] for n in train_images]].mean(axis=0, keepdims=True)
+    mean_feature = features[rows_of(index, train_images)].mean(axis=0, keepdims=True)
     beam_kwargs = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
                        no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
+    log.info("decoding %d test images (greedy, beam-%d, image-blind baseline)", len(test_images),
+             cfg.beam_size)
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=cfg.no_repeat_ngram,
-                         batch_size=cfg.batch_size),
-        "beam": beam_search(models, feats, vocab, **beam_kwargs),
+                         batch_size=cfg.batch_size, progress="greedy"),
+        "beam": beam_search(models, feats, vocab, progress=f"beam-{cfg.beam_size}", **beam_kwargs),
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
     }
@@ -56,6 +58,7 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     references = [[r.split() for r in refs[n]] for n in test_images]
     metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size}
     for mode in MODES:
+        log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])
     table = pd.DataFrame({
         "image": test_images,
@@ -68,20 +71,16 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
 
 
 def run(settings: Settings) -> dict:
-    for needed in (paths.DECODER, paths.VOCAB, paths.CAPTIONS):
-        if not needed.is_file():
-            raise StageError(f"{needed} not found: run the earlier stages first (dvc repro)")
+    feature_file = paths.features_file(settings.features.backbone)
+    require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file)
     vocab = Vocabulary.load(paths.VOCAB)
     models = StepModels.from_decoder(load_decoder(paths.DECODER))
     captions = pd.read_parquet(paths.CAPTIONS)
-    images, features, _ = read_features(paths.features_file(settings.features.backbone))
-    try:
-        metrics, table = evaluate_model(models, vocab, captions, images, features, settings)
-    except JavaMissingError as err:
-        raise StageError(str(err)) from None
-    paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
-    paths.EVAL_METRICS.write_text(json.dumps(metrics, indent=2))
-    table.to_parquet(paths.TEST_CAPTIONS, index=False)
+    images, features, _ = read_features(feature_file)
+    with reported(JavaMissingError, ValueError):
+        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.evaluate)
+    write_json(paths.EVAL_METRICS, metrics)
+    write_parquet(table, paths.TEST_CAPTIONS)
     image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
     items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
@@ -89,7 +88,7 @@ def run(settings: Settings) -> dict:
     summary = (f"{metrics['n_images']} test images. Beam-{metrics['beam_size']}: BLEU-4 {b['bleu4']:.3f}, "
                f"METEOR {b['meteor']:.3f}, CIDEr {b['cider']:.3f}; image-blind baseline: "
                f"BLEU-4 {base['bleu4']:.3f}, CIDEr {base['cider']:.3f}.")
-    paths.GALLERY.write_text(render(items, "captioner: test images", summary), encoding="utf-8")
+    write_text(paths.GALLERY, render(items, "captioner: test images", summary))
     with resume_run(settings, paths.TRAIN_RUN, "evaluate") as active:
         import mlflow
 

@@ -1,19 +1,19 @@
 """Stage ``features``: every prepared image -> one CNN feature vector in Parquet.
 
-Output ``data/features/<backbone>.parquet``: ``image`` (string) and ``embedding``
-(fixed_size_list<float32>[D]), with the backbone's provenance in the schema metadata; and
-``data/features/<backbone>.weights.h5``, the exact CNN weights, which the served model bundles.
+Output ``data/features/<backbone>.parquet`` in the format of ``pipeline/features_file.py``,
+and ``data/features/<backbone>.weights.h5``, the exact CNN weights, which the served model
+bundles.
 
 A tf.data pipeline decodes and resizes images in parallel and prefetches batches while the
-CNN runs. Finished batches are written to ``<backbone>.parts/`` as they complete, so an
-interrupted run resumes where it stopped; the final file appears by atomic rename.
+CNN runs. Finished batches are written to ``<backbone>.parts/`` every ``rows_per_part``
+images, and whatever is buffered is written too when the stage fails or is stopped (SIGTERM,
+Ctrl-C), so a rerun resumes where it stopped; the final files appear by atomic rename.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,29 +25,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import paths
+from ..atomic import atomic_path, write_text
 from ..backbone import BackboneError, BackboneSpec, build, preprocess
 from ..config import Settings
-from ..images import load_rgb
-from ._cli import StageError, stage_main
+from ..features_file import embedding_table, sorted_by_image, write_table
+from ..images import ImageError, load_rgb
+from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.features")
-
-
-def embedding_table(images: list[str], embeddings: np.ndarray, metadata: dict | None = None) -> pa.Table:
-    dim = embeddings.shape[1]
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-    table = pa.table({"image": pa.array(images, pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
-    return table.replace_schema_metadata(metadata) if metadata else table
-
-
-def read_features(path: Path) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """(image names, (N, D) float32 matrix, schema metadata) of a features file."""
-    table = pq.read_table(path)
-    dim = table.schema.field("embedding").type.list_size
-    matrix = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return table.column("image").to_pylist(), matrix, meta
 
 
 def _image_batches(files: list[Path], size: int, batch_size: int):
@@ -56,7 +41,8 @@ def _image_batches(files: list[Path], size: int, batch_size: int):
 
     def load(path: bytes) -> np.ndarray:
         try:
-            return load_rgb(path.decode(), size)
+            # No pixel limit here: validate already refused images above validate.max_image_pixels.
+            return load_rgb(path.decode(), size, max_pixels=None)
         except Exception as err:
             raise ValueError(f"undecodable image {path.decode()}: {err}") from None
 
@@ -76,7 +62,7 @@ class _Parts:
             log.info("discarding parts from a different configuration in %s", folder)
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps(fingerprint))
+        write_text(manifest, json.dumps(fingerprint))
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -93,15 +79,13 @@ class _Parts:
     def write(self, images: list[str], embeddings: np.ndarray) -> None:
         existing = self.files()  # numbered after the highest, even if a torn part was removed
         index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        target = self.folder / f"part-{index:05d}.parquet"
-        tmp = target.with_suffix(".tmp")
-        pq.write_table(embedding_table(images, embeddings), tmp)
-        os.replace(tmp, target)
+        write_table(embedding_table(images, embeddings), self.folder / f"part-{index:05d}.parquet")
 
 
 def extract_features(image_dir: Path, images: list[str], out: Path, weights_out: Path,
                      spec: BackboneSpec, batch_size: int, rows_per_part: int) -> dict:
-    """Write features of ``images`` (names in ``image_dir``) to ``out``; returns stats."""
+    """Write features of ``images`` (names in ``image_dir``) to ``out``; returns stats.
+    Raises BackboneError (CNN unavailable) or ImageError (an image cannot be decoded)."""
     import tensorflow as tf
 
     parts = _Parts(out.with_suffix(".parts"), {**spec.to_dict(), "images": len(images)})
@@ -109,10 +93,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
     todo = [n for n in images if n not in done]
     if done:
         log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
-    try:
-        model = build(spec)
-    except BackboneError as err:
-        raise StageError(str(err)) from None
+    model = build(spec)
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
 
     start, buffer_names, buffer_vecs = time.perf_counter(), [], []
@@ -129,9 +110,10 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
             bar.update(len(vectors))
     except tf.errors.OpError as err:
         detail = err.message.split("ValueError: ")[-1].split("\n")[0]
-        raise StageError(f"{detail}\n({bar.n} images before it are saved in {parts.folder}; "
-                         "fix or remove the image, rerun validate, then rerun features to resume)") from None
-    finally:
+        raise ImageError("corrupt image", f"{detail}\n({bar.n} images before it are saved in "
+                         f"{parts.folder}; fix or remove the image, rerun validate, then rerun "
+                         "features to resume)") from None
+    finally:  # also on SIGTERM / Ctrl-C: keep what was computed
         if buffer_names:
             parts.write(buffer_names, np.concatenate(buffer_vecs))
         bar.close()
@@ -140,18 +122,13 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
     tables = [pq.read_table(p) for p in parts.files()]
     table = pa.concat_tables(tables).combine_chunks() if tables else embedding_table(
         [], np.zeros((0, spec.feature_dim), np.float32))
-    table = table.take(pa.compute.sort_indices(table, [("image", "ascending")]))
+    table = sorted_by_image(table)
     missing = set(images) - set(table.column("image").to_pylist())
     if missing:
-        raise StageError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
-    table = table.replace_schema_metadata(spec.metadata())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_weights = weights_out.with_name("tmp-" + weights_out.name)
-    model.save_weights(str(tmp_weights))
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=rows_per_part)
-    os.replace(tmp_weights, weights_out)
-    os.replace(tmp, out)
+        raise ValueError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
+    with atomic_path(weights_out) as tmp_weights:
+        model.save_weights(str(tmp_weights))
+    write_table(table.replace_schema_metadata(spec.metadata()), out, row_group_size=rows_per_part)
     shutil.rmtree(parts.folder)
     rate = len(todo) / elapsed if todo and elapsed > 0 else float("nan")
     log.info("wrote %s: %d images (%d new at %.1f img/s)", out, len(images), len(todo), rate)
@@ -159,20 +136,16 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
             "seconds": elapsed, "images_per_s": rate}
 
 
-def spec_from(settings: Settings) -> BackboneSpec:
-    f = settings.features
-    return BackboneSpec(f.backbone, f.weights, f.image_size, f.seed, f.precision)
-
-
 def run(settings: Settings) -> dict:
     """Extract features for every image of ``data/prepared/captions.parquet``."""
-    if not paths.CAPTIONS.is_file():
-        raise StageError(f"{paths.CAPTIONS} not found: run the validate stage first")
+    require(paths.CAPTIONS)
     images = sorted(pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique())
-    spec = spec_from(settings)
-    return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR, images,
-                            paths.features_file(spec.name), paths.backbone_weights_file(spec.name),
-                            spec, settings.features.batch_size, settings.features.rows_per_part)
+    spec = BackboneSpec.from_settings(settings.features)
+    with reported(BackboneError, ImageError, ValueError, OSError):
+        return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR,
+                                images, paths.features_file(spec.name),
+                                paths.backbone_weights_file(spec.name), spec,
+                                settings.features.batch_size, settings.features.rows_per_part)
 
 
 def main() -> None:

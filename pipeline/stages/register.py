@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 
 from .. import paths
+from ..atomic import write_json
+from ..backbone import BackboneSpec
 from ..config import Settings
 from ..tracking import resume_run, tracking_uri
-from ._cli import StageError, stage_main
-from .features import spec_from
+from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.register")
 ARTIFACT_NAME = "caption_model"
@@ -30,7 +31,7 @@ def metric_value(metrics: dict, name: str) -> float:
     try:
         return float(metrics[mode][key])
     except KeyError:
-        raise StageError(f"register.metric {name!r} is not in {paths.EVAL_METRICS} "
+        raise ValueError(f"register.metric {name!r} is not in {paths.EVAL_METRICS} "
                          f"(modes {[k for k in metrics if isinstance(metrics[k], dict)]})") from None
 
 
@@ -60,12 +61,13 @@ def log_caption_model(settings: Settings, model_dir: Path):
     from ..serving import CONFIG_NAME, CaptionModel, pip_requirements, signature_and_example
     from ..synthetic import make_scene
 
-    spec = spec_from(settings)
+    spec = BackboneSpec.from_settings(settings.features)
     ev = settings.evaluate
     config = model_dir / CONFIG_NAME
     config.write_text(json.dumps({"backbone": spec.to_dict(), "decoding": {
         "beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
-        "no_repeat_ngram": ev.no_repeat_ngram}}))
+        "no_repeat_ngram": ev.no_repeat_ngram},
+        "max_image_pixels": settings.validation.max_image_pixels}))
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
     signature, example = signature_and_example(buf.getvalue())
@@ -81,12 +83,11 @@ def log_caption_model(settings: Settings, model_dir: Path):
 def run(settings: Settings) -> dict:
     from mlflow import MlflowClient
 
-    for needed in (paths.EVAL_METRICS, paths.DECODER, paths.VOCAB,
-                   paths.backbone_weights_file(settings.features.backbone)):
-        if not needed.is_file():
-            raise StageError(f"{needed} not found: run the earlier stages first (dvc repro)")
+    require(paths.EVAL_METRICS, paths.DECODER, paths.VOCAB,
+            paths.backbone_weights_file(settings.features.backbone))
     reg = settings.registry
-    new_score = metric_value(json.loads(paths.EVAL_METRICS.read_text()), reg.metric)
+    with reported(ValueError):
+        new_score = metric_value(json.loads(paths.EVAL_METRICS.read_text()), reg.metric)
     with resume_run(settings, paths.TRAIN_RUN, "register") as active, \
             tempfile.TemporaryDirectory() as tmp:
         info = log_caption_model(settings, Path(tmp))
@@ -107,8 +108,7 @@ def run(settings: Settings) -> dict:
               "new_score": new_score, "old_champion": {"version": old_version, "score": old_score},
               "champion": version if decision == "promoted" else old_version, "alias": alias,
               "decision": decision, "tracking_uri": tracking_uri(settings)}
-    paths.REGISTRY_REPORT.parent.mkdir(parents=True, exist_ok=True)
-    paths.REGISTRY_REPORT.write_text(json.dumps(report, indent=2))
+    write_json(paths.REGISTRY_REPORT, report)
     log.info("%s v%s %s=%.4f (champion before: v%s %s) -> %s", reg.model_name, version, reg.metric,
              new_score, old_version, old_score, decision)
     return report

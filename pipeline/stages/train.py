@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import pandas as pd
 
 from .. import paths
-from ..config import Settings
+from ..atomic import atomic_path, write_text
+from ..config import Settings, TrainSettings
+from ..features_file import read_features, row_index, rows_of
 from ..text import Vocabulary
-from ..tracking import flatten, setup, write_run_ref
-from ._cli import StageError, stage_main
-from .features import read_features
+from ..tracking import flatten, run_ref, setup
+from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.train")
 
 
 def split_arrays(captions: pd.DataFrame, split: str, index: dict[str, int], vocab: Vocabulary):
     rows = captions[captions["split"] == split]
-    image_idx = rows["image"].map(index).to_numpy(np.int32)
+    image_idx = np.asarray(rows_of(index, rows["image"]), dtype=np.int32)
     inputs, targets = vocab.teacher_forcing_arrays(rows["caption"])
     return image_idx, inputs, targets
 
@@ -62,22 +62,19 @@ def plot_history(history: pd.DataFrame, path) -> None:
 
 
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,
-                  settings: Settings, on_epoch=None):
-    """Pure core: (decoder, vocabulary, history DataFrame)."""
+                  cfg: TrainSettings, on_epoch=None):
+    """Pure core: (decoder, vocabulary, history DataFrame). Raises ValueError when a split
+    is empty or a captioned image has no features."""
     import keras
 
     from ..model import DecoderConfig, build_decoder, make_trainer
 
-    cfg = settings.train
     keras.utils.set_random_seed(cfg.seed)
     train_captions = captions.loc[captions["split"] == "train", "caption"]
     if train_captions.empty or not (captions["split"] == "dev").any():
-        raise StageError("need captions in both the train and the dev split")
+        raise ValueError("need captions in both the train and the dev split")
     vocab = Vocabulary.build(train_captions, cfg.vocab_min_count, cfg.max_length)
-    index = {name: i for i, name in enumerate(images)}
-    missing = set(captions["image"]) - set(index)
-    if missing:
-        raise StageError(f"{len(missing)} captioned images have no features, e.g. {sorted(missing)[:3]}")
+    index = row_index(images)
     train = split_arrays(captions, "train", index, vocab)
     dev = split_arrays(captions, "dev", index, vocab)
     train_feats = features[np.unique(train[0])]
@@ -102,14 +99,10 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
 def run(settings: Settings) -> dict:
     """Train on data/prepared + data/features; write models/ and the history."""
     feature_file = paths.features_file(settings.features.backbone)
-    for needed in (paths.CAPTIONS, feature_file):
-        if not needed.is_file():
-            raise StageError(f"{needed} not found: run the earlier stages first (dvc repro)")
+    require(paths.CAPTIONS, feature_file)
     captions = pd.read_parquet(paths.CAPTIONS)
     images, features, feature_meta = read_features(feature_file)
     mlflow = setup(settings)
-    paths.MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    paths.REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name="train") as active:
         mlflow.log_params({**flatten("train", settings.train.model_dump()),
                            **flatten("features", feature_meta),
@@ -120,19 +113,24 @@ def run(settings: Settings) -> dict:
         def log_epoch(epoch, logs):
             mlflow.log_metrics({"train_loss": logs["loss"], "dev_loss": logs["val_loss"]}, step=epoch + 1)
 
-        model, vocab, history = train_decoder(captions, images, features, settings, log_epoch)
-        model.save(paths.DECODER)
-        vocab.save(paths.VOCAB)
-        history.to_csv(paths.TRAIN_HISTORY, index=False)
-        plot_history(history, paths.TRAIN_CURVE)
+        with reported(ValueError):
+            model, vocab, history = train_decoder(captions, images, features, settings.train, log_epoch)
         best = int(history["val_loss"].idxmin())
         summary = {"best_epoch": best + 1, "best_dev_loss": float(history["val_loss"].iloc[best]),
                    "epochs_run": len(history), "vocab_size": vocab.size,
                    "parameters": model.count_params()}
         mlflow.log_metrics(summary)
+        # Every output is written under a temporary name and renamed into place.
+        with atomic_path(paths.DECODER) as tmp:
+            model.save(tmp)
+        write_text(paths.VOCAB, vocab.to_text())
+        with atomic_path(paths.TRAIN_HISTORY) as tmp:
+            history.to_csv(tmp, index=False)
+        with atomic_path(paths.TRAIN_CURVE) as tmp:
+            plot_history(history, tmp)
         for artifact in (paths.TRAIN_HISTORY, paths.TRAIN_CURVE, paths.VOCAB):
             mlflow.log_artifact(str(artifact))
-        write_run_ref(paths.TRAIN_RUN, active.info.run_id, settings)
+        write_text(paths.TRAIN_RUN, run_ref(active.info.run_id, settings))
     log.info("trained: %s", json.dumps(summary))
     return summary
 
@@ -142,5 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     main()

@@ -55,6 +55,7 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two DAG runs, about 90 s together on a quiet machine
 def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(project, tmp_path):
     home = tmp_path / "airflow"
     remote = tmp_path / "dvc-remote"  # a shared DVC remote, as Celery workers would use

@@ -95,3 +95,22 @@ def test_switching_source_leaves_only_the_current_dataset(workdir, http_server):
     http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": text})
     download.run(flickr_settings(http_server))
     assert sorted(p.name for p in paths.RAW_DIR.iterdir()) == ["flickr8k"]
+
+
+def test_truncated_local_zip_says_so(workdir):
+    archive = workdir / "flickr.zip"
+    archive.write_bytes(zip_bytes({"captions.txt": b"image,caption\n", "Images/a.jpg": jpeg_bytes()})[:150])
+    with pytest.raises(StageError, match=r"not a valid zip \(truncated"):
+        download.run(tiny_settings(**{"data.source": "local", "data.local_path": str(archive)}))
+    with pytest.raises(StageError, match="does not exist"):
+        download.run(tiny_settings(**{"data.source": "local", "data.local_path": str(workdir / "nope")}))
+
+
+def test_error_page_served_as_archive_does_not_stick(workdir, http_server):
+    images, text = official_archives()
+    http_server.files.update({"/Flickr8k_Dataset.zip": images, "/Flickr8k_text.zip": b"<html>503</html>"})
+    with pytest.raises(StageError, match="not a valid zip"):
+        download.run(flickr_settings(http_server))
+    http_server.files["/Flickr8k_text.zip"] = text
+    out = download.run(flickr_settings(http_server))
+    assert (out / paths.TOKEN_FILE).read_bytes() == TOKEN

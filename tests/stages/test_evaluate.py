@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pandas as pd
 
@@ -25,3 +26,21 @@ def test_test_captions_and_gallery(in_trained):
     page = paths.GALLERY.read_text()
     assert page.count("data:image/jpeg;base64,") == min(4, len(table))
     assert table["beam"].iloc[0] in page
+
+
+def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
+    """Decoding and scoring a real test split takes minutes: the stage says what it is doing."""
+    from pipeline.features_file import read_features
+    from pipeline.model import StepModels, load_decoder
+    from pipeline.stages import evaluate
+    from pipeline.text import Vocabulary
+
+    _, settings = in_trained
+    caplog.set_level(logging.INFO, logger="pipeline.evaluate")
+    images, features, _ = read_features(paths.features_file("xception"))
+    evaluate.evaluate_model(StepModels.from_decoder(load_decoder(paths.DECODER)),
+                            Vocabulary.load(paths.VOCAB), pd.read_parquet(paths.CAPTIONS), images,
+                            features, settings.evaluate)
+    bars = capsys.readouterr().err
+    assert "greedy" in bars and f"beam-{settings.evaluate.beam_size}" in bars and "img/s" in bars
+    assert "decoding" in caplog.text and "scoring beam captions" in caplog.text

@@ -1,12 +1,20 @@
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import paths
 from pipeline.backbone import BackboneError, BackboneSpec, build
+from pipeline.features_file import read_features
 from pipeline.stages import download, features, validate
 from pipeline.stages._cli import StageError
-from tests.helpers import tiny_settings
+from tests.helpers import PROJECT, tiny_settings, write_params
 
 
 @pytest.fixture
@@ -46,10 +54,10 @@ def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
 
 def test_embedding_does_not_depend_on_batch_size(prepared):
     features.run(prepared)
-    names, one, _ = features.read_features(paths.features_file("xception"))
+    names, one, _ = read_features(paths.features_file("xception"))
     paths.features_file("xception").unlink()
     features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": 3}))
-    names2, other, _ = features.read_features(paths.features_file("xception"))
+    names2, other, _ = read_features(paths.features_file("xception"))
     assert names == names2
     scale = np.abs(one).max()
     assert np.abs(one - other).max() / scale < 1e-5
@@ -74,9 +82,9 @@ def test_local_weights_file_is_used(tmp_path):
 
 def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
     features.run(prepared)
-    _, exact, _ = features.read_features(paths.features_file("xception"))
+    _, exact, _ = read_features(paths.features_file("xception"))
     features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.precision": "bfloat16"}))
-    _, fast, meta = features.read_features(paths.features_file("xception"))
+    _, fast, meta = read_features(paths.features_file("xception"))
     assert meta["precision"] == "bfloat16" and fast.dtype == np.float32
     assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.999
     assert not np.array_equal(exact, fast)
@@ -94,3 +102,39 @@ def test_torn_part_is_redone_without_overwriting_later_parts(tmp_path):
     assert [p.name for p in parts.files()] == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert features._Parts(tmp_path / "x.parts", {"spec": 1}).done() == set("abcdef")
     assert features._Parts(tmp_path / "x.parts", {"spec": 2}).done() == set()  # other config: discarded
+
+
+def test_sigterm_before_the_first_part_keeps_the_finished_images(workdir):
+    """A stage stopped by SIGTERM (Airflow, kill) before its first part of rows_per_part images
+    used to keep nothing; it now saves what it computed and the rerun resumes from there."""
+    overrides = {"data.synthetic.n_images": 300, "features.batch_size": 4,
+                 "features.rows_per_part": 100_000}
+    settings = tiny_settings(**overrides)
+    download.run(settings)
+    validate.run(settings)
+    write_params(workdir, **overrides)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.features"], cwd=workdir,
+                            env={**__import__("os").environ, "PYTHONPATH": str(PROJECT)},
+                            stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")),
+                              daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(n) for n in re.findall(r"(\d+)/300", "".join(seen))]
+        if done and max(done) >= 8:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "features finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == 143
+    reader.join(timeout=30)
+    log = "".join(seen)
+    assert "interrupted" in log and "Traceback" not in log
+    assert "absl::InitializeLog" not in log and "oneDNN" not in log  # quiet TensorFlow start-up
+    parts = list(paths.features_file("xception").with_suffix(".parts").glob("part-*.parquet"))
+    kept = sum(pq.read_table(p).num_rows for p in parts)
+    assert 8 <= kept < 300
+    stats = features.run(settings)
+    assert stats["reused"] == kept and stats["extracted"] == 300 - kept

@@ -1,3 +1,4 @@
+import io
 import json
 
 import pandas as pd
@@ -83,8 +84,9 @@ def test_split_image_without_captions_is_structural(workdir):
     images = {n: jpeg_bytes() for n in GOOD}
     write_flickr_dataset(paths.dataset_dir("synthetic"), images, good_lines(GOOD[1:]),
                          {"train": GOOD[:30], "dev": GOOD[30:35], "test": GOOD[35:]})
-    with pytest.raises(StageError, match=r"has_captions.*1 unexpected.*False"):
+    with pytest.raises(StageError, match=r"has_captions.*1 unexpected.*False") as err:
         validate.run(tiny_settings())
+    assert GOOD[0] in str(err.value)  # the message names the image
 
 
 def test_overlapping_split_lists_are_structural(workdir):
@@ -107,3 +109,52 @@ def test_kaggle_captions_with_quoted_fields(workdir):
     assert report["caption_file"] == "captions.txt" and len(kept) == 200
     assert kept["caption_raw"].iloc[0] == 'A man , in a "red" hat , waves 0 .'
     assert kept["caption"].iloc[0] == "a man in a red hat waves"
+
+
+def test_reject_reasons_are_a_fixed_set_with_details_apart(workdir):
+    """Reasons used to embed the decoder message with the file path: one key per image."""
+    images = {n: jpeg_bytes() for n in GOOD}
+    broken = [f"broken{i}.jpg" for i in range(3)]
+    images.update({n: jpeg_bytes()[:150] for n in broken})
+    lines = good_lines(GOOD) + [f"{n}#{k}\tA dog ." for n in broken for k in range(5)]
+    write_flickr_dataset(paths.dataset_dir("synthetic"), images, lines,
+                         {"train": GOOD[:30] + broken, "dev": GOOD[30:35], "test": GOOD[35:]})
+    report = validate.run(tiny_settings(**{"validate.max_reject_fraction": 0.5}))
+    assert report["reject_reasons"] == {"corrupt image": 15}
+    rejects = pd.read_parquet(paths.REJECTS)
+    assert set(rejects["reason"]) == {"corrupt image"}
+    assert rejects["detail"].str.len().min() > 0  # the decoder's words are kept, apart
+
+
+def test_images_above_the_pixel_limit_are_rejected_below_it_decoded_silently(workdir, recwarn):
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("L", (10_000, 9_000)).save(big, format="PNG")  # 90 Mpx: above PIL's bomb warning
+    images = {n: jpeg_bytes() for n in GOOD}
+    images[GOOD[0]] = big.getvalue()
+    write_flickr_dataset(paths.dataset_dir("synthetic"), images, good_lines(GOOD),
+                         {"train": GOOD[:30], "dev": GOOD[30:35], "test": GOOD[35:]})
+    report = validate.run(tiny_settings(**{"validate.max_image_pixels": 100_000_000}))
+    assert report["rejected"] == 0
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+    report = validate.run(tiny_settings(**{"validate.max_image_pixels": 50_000_000,
+                                            "validate.max_reject_fraction": 0.5}))
+    assert report["reject_reasons"] == {"image too large": 5}
+    detail = pd.read_parquet(paths.REJECTS)["detail"].iloc[0]
+    assert "10000x9000 = 90,000,000 pixels" in detail
+
+
+def test_kaggle_stray_quote_is_quarantined_and_nothing_else_is_lost(workdir):
+    root = paths.dataset_dir("synthetic")
+    write_flickr_dataset(root, {n: jpeg_bytes() for n in GOOD}, [],
+                         {"train": GOOD[:30], "dev": GOOD[30:35], "test": GOOD[35:]})
+    (root / paths.TOKEN_FILE).unlink()
+    lines = [f"{n},A dog runs {k} ." for n in GOOD for k in range(5)]
+    lines[7] = f'{GOOD[1]},"A dog runs'
+    (root / "captions.txt").write_text("image,caption\n" + "\n".join(lines) + "\n")
+    report = validate.run(tiny_settings())
+    kept, rejects = pd.read_parquet(paths.CAPTIONS), pd.read_parquet(paths.REJECTS)
+    assert report["lines_read"] == report["rows_read"] == 200
+    assert len(kept) == 199 and kept["image"].nunique() == 40
+    assert rejects["line"].tolist() == [9] and rejects["reason"].item().startswith("malformed CSV row")
