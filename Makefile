@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup bench bench-features bench-train bench-decode airflow ui lint clean
+.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving airflow ui lint clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: bench-features bench-train bench-decode
+bench: bench-features bench-train bench-decode bench-serving
 
 bench-features: $(STAMP)
 	$(BIN)/python benchmarks/bench_features.py
@@ -39,6 +39,9 @@ bench-train: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py
+
+bench-serving: $(STAMP)
+	$(BIN)/python benchmarks/bench_serving.py
 
 # Airflow 3 standalone on http://127.0.0.1:8080 with this project's DAG (Ctrl-C stops it all).
 airflow: $(STAMP)

@@ -20,8 +20,21 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def cpu() -> str:
+    """CPU model and the flags that change the figures (AVX-512, native bf16), read from
+    /proc/cpuinfo: never assumed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({' '.join(shown) or 'no AVX2'})"
+
+
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{platform.machine()}, {cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def append_report(title: str, rows: list[tuple[str, str]], notes: list[str]) -> None:

@@ -140,7 +140,24 @@ class EvaluateSettings(_Section):
 
 class RegisterSettings(_Section):
     model_name: str = Field(min_length=1)
-    metric: str = Field(min_length=1)
+    # <mode>_<metric>: the champion and the new model are compared on it, image by image
+    metric: str = Field(pattern=r"^(greedy|beam)_(bleu[1-4]|cider|rouge_l)$")
+    min_improvement: float = Field(ge=0)
+
+    @property
+    def mode(self) -> str:
+        return self.metric.split("_", 1)[0]
+
+    @property
+    def metric_key(self) -> str:
+        return self.metric.split("_", 1)[1]
+
+
+class ServingSettings(_Section):
+    max_image_bytes: int = Field(ge=1)
+    max_image_pixels: int = Field(ge=1)
+    max_rows: int = Field(ge=1)
+    batch_size: int = Field(ge=1, le=256)
 
 
 class MlflowSettings(_Section):
@@ -155,6 +172,7 @@ class Settings(_Section):
     train: TrainSettings
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
+    serving: ServingSettings
     mlflow: MlflowSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)

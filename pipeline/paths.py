@@ -20,6 +20,7 @@ FAILED_REJECTS = REPORTS_DIR / "validation_rejects.parquet"
 TRAIN_HISTORY = REPORTS_DIR / "train_history.csv"
 TRAIN_CURVE = REPORTS_DIR / "train_history.png"
 TEST_CAPTIONS = REPORTS_DIR / "test_captions.parquet"
+TEST_SCORES = REPORTS_DIR / "test_scores.parquet"  # per-image scores: new model and champion
 GALLERY = REPORTS_DIR / "gallery.html"
 REGISTRY_REPORT = REPORTS_DIR / "registry.json"
 

@@ -1,12 +1,24 @@
 """The model downstream apps use: an ``mlflow.pyfunc`` model, image in -> caption out.
 
 It bundles the exact CNN weights the features were computed with, the decoder and the
-vocabulary, so ``models:/<name>@champion`` captions a raw image with no other files.
+vocabulary, so ``models:/<name>@champion`` captions a raw image with no other files. It is
+logged as *models-from-code* (``pipeline/caption_model_code.py`` names this class), so loading
+it runs this package's code and unpickles nothing.
 
-Input: a DataFrame with a column ``image`` holding raw bytes, a base64 string (what a REST
-call carries) or a path to an image file. Output: columns ``caption`` and ``error``; a row
-whose image cannot be read gets an empty caption and the reason, the rest are captioned.
-Optional param ``beam_size`` (1 = greedy).
+Input: a DataFrame with a column ``image``. Each value is
+  * ``str``: base64 image data or a ``data:image/...;base64,`` URL: what a REST call carries.
+    Never a path: a server must not open files a caller names, and a string that is not valid
+    base64 image data gets the same error whether or not such a file exists;
+  * ``bytes``: the raw file content (Python callers);
+  * ``pathlib.Path``: a local file, read here. Only Python callers on their own machine can
+    send one (JSON has no such type), so this is the explicit opt-in for paths.
+Output: columns ``caption`` and ``error``; a row whose image is unusable (not base64, too many
+bytes or pixels, not an image) gets an empty caption and a one-line reason, the other rows are
+captioned. Images are decoded and embedded ``batch_size`` at a time, so memory stays bounded.
+
+Request-level errors (too many rows, a bad ``beam_size``) raise an MlflowException with
+INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``, with no stack trace.
+Param ``beam_size``: 1 (greedy) .. 10; absent means the model's default.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -22,28 +34,64 @@ import numpy as np
 import pandas as pd
 
 CONFIG_NAME = "caption_config.json"
+MAX_BEAM = 10
+NOT_BASE64 = "not base64 image data: send the file's bytes base64-encoded, or a data: URL"
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\r\n]*={0,2}\s*$")
 
 
-def image_bytes(value) -> bytes:
-    """Raw bytes for one input value (bytes, base64 text, or a file path)."""
+def image_bytes(value, max_bytes: int) -> bytes:
+    """Raw bytes of one input value (see the module docstring); ValueError with the reason."""
+    if isinstance(value, Path):
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        if value.stat().st_size > max_bytes:
+            raise ValueError(f"image is {value.stat().st_size:,} bytes, above the limit of {max_bytes:,}")
+        return value.read_bytes()
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
+        data = bytes(value)
+    elif isinstance(value, str):
         text = value.strip()
-        if len(text) < 4096 and os.path.isfile(os.path.expanduser(text)):
-            return Path(os.path.expanduser(text)).read_bytes()
         if text.startswith("data:") and "," in text:
-            text = text.split(",", 1)[1]
+            header, text = text.split(",", 1)
+            if not header.endswith(";base64"):
+                raise ValueError(NOT_BASE64)
+        # Refuse before decoding when the text alone is too long (3 bytes per 4 characters).
+        if len(text) * 3 // 4 > max_bytes + 3:
+            raise ValueError(f"image is about {len(text) * 3 // 4:,} bytes, above the limit of {max_bytes:,}")
+        if not text or not _BASE64.match(text):
+            raise ValueError(NOT_BASE64)
         try:
-            return base64.b64decode(text, validate=True)
+            data = base64.b64decode(text, validate=False)
         except (binascii.Error, ValueError):
-            shown = text if len(text) < 80 else text[:77] + "..."
-            raise ValueError(f"not an existing file path nor base64 image data: {shown!r}") from None
-    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+            raise ValueError(NOT_BASE64) from None
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}: send base64 text")
+    if len(data) > max_bytes:
+        raise ValueError(f"image is {len(data):,} bytes, above the limit of {max_bytes:,}")
+    if not data:
+        raise ValueError("empty image data (0 bytes)")
+    return data
+
+
+def request_error(message: str) -> Exception:
+    """An error about the whole request: HTTP 400 with this one-line message, no stack trace."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def beam_param(params: dict | None, default: int) -> int:
+    value = (params or {}).get("beam_size")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BEAM:
+        raise request_error(f"beam_size must be an integer from 1 to {MAX_BEAM} (1 = greedy), got {value!r}")
+    return int(value)
 
 
 class CaptionModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: backbone + decoder + vocabulary + decoding settings."""
+    """pyfunc model: backbone + decoder + vocabulary + decoding settings + input limits."""
 
     def load_context(self, context) -> None:
         from .backbone import BackboneSpec, load_saved
@@ -53,40 +101,63 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         config = json.loads(Path(context.artifacts["config"]).read_text())
         self.spec = BackboneSpec(**config["backbone"])
         self.decoding = config["decoding"]
+        self.limits = config["limits"]
         self.backbone = load_saved(Path(context.artifacts["backbone_weights"]), self.spec)
         self.models = StepModels.from_decoder(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
-        self.max_pixels = int(config["max_image_pixels"])
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run the CNN and both decoders once on a blank image: the first call builds
+        TensorFlow's kernels (about a second), which belongs to the load, not to the first
+        request a user sends."""
+        from .backbone import embed
+        from .decoding import beam_search, greedy
+
+        size = self.spec.image_size
+        feats = embed(self.backbone, np.zeros((1, size, size, 3), np.uint8))
+        greedy(self.models, feats, self.vocab)
+        beam_search(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise request_error("input needs a column 'image' (base64 image data)")
+        beam = beam_param(params, self.decoding["beam_size"])
+        rows, limit = len(model_input), self.limits["max_rows"]
+        if rows > limit:
+            raise request_error(f"too many rows: {rows} in one request, the limit is {limit}")
+        values = model_input["image"].tolist()
+        captions, errors = [""] * rows, [""] * rows
+        step = self.limits["batch_size"]
+        for lo in range(0, rows, step):
+            self._caption_batch(values[lo:lo + step], lo, beam, captions, errors)
+        return pd.DataFrame({"caption": captions, "error": errors})
+
+    def _caption_batch(self, values: list, offset: int, beam: int, captions: list, errors: list) -> None:
         from .backbone import embed, load_image
         from .decoding import beam_search, greedy
 
-        if "image" not in model_input.columns:
-            raise ValueError("input needs a column 'image' (bytes, base64 text or file path)")
-        beam = int((params or {}).get("beam_size") or self.decoding["beam_size"])
-        pixels, ok_rows, errors = [], [], [""] * len(model_input)
-        for row, value in enumerate(model_input["image"].tolist()):
+        pixels, ok_rows = [], []
+        for i, value in enumerate(values):
             try:
-                pixels.append(load_image(image_bytes(value), self.spec, self.max_pixels))
-                ok_rows.append(row)
-            except Exception as err:  # one bad image must not sink the batch
-                errors[row] = f"{type(err).__name__}: {err}"
-        captions = [""] * len(model_input)
-        if pixels:
-            feats = np.concatenate([embed(self.backbone, np.stack(pixels[i:i + 32]))
-                                    for i in range(0, len(pixels), 32)])
-            ngram = self.decoding["no_repeat_ngram"]
-            decoded = greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram) if beam == 1 else \
-                beam_search(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
-                            length_penalty=self.decoding["length_penalty"])
-            for row, caption in zip(ok_rows, decoded):
-                captions[row] = self.vocab.decode(caption.tokens)
-        return pd.DataFrame({"caption": captions, "error": errors})
+                data = image_bytes(value, self.limits["max_image_bytes"])
+                pixels.append(load_image(data, self.spec, self.limits["max_image_pixels"]))
+                ok_rows.append(offset + i)
+            except ValueError as err:  # ImageError is a ValueError; one bad image must not sink the batch
+                errors[offset + i] = str(err).splitlines()[0]
+        if not pixels:
+            return
+        feats = embed(self.backbone, np.stack(pixels))
+        ngram = self.decoding["no_repeat_ngram"]
+        decoded = greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram) if beam == 1 else \
+            beam_search(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
+                        length_penalty=self.decoding["length_penalty"])
+        for row, caption in zip(ok_rows, decoded):
+            captions[row] = self.vocab.decode(caption.tokens)
 
 
 def signature_and_example(example_image: bytes):
-    """Signature (image: any of bytes/base64/path -> caption, error; param beam_size) and an
+    """Signature (image: base64 text, bytes or Path -> caption, error; param beam_size) and an
     input example carrying one small base64 JPEG."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
@@ -94,7 +165,7 @@ def signature_and_example(example_image: bytes):
     signature = ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "image")]),
         outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]),
-        params=ParamSchema([ParamSpec("beam_size", "long", 3)]),
+        params=ParamSchema([ParamSpec("beam_size", "long", None)]),
     )
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
     return signature, example

@@ -5,6 +5,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
+import warnings  # noqa: E402
+
 from tests.helpers import FixtureServer  # noqa: E402
 
 
@@ -52,3 +54,30 @@ def in_trained(trained_project, monkeypatch):
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     return root, settings
+
+
+SERVING_LIMITS = {"serving.max_image_bytes": 200_000, "serving.max_image_pixels": 1_000_000,
+                  "serving.max_rows": 4}
+
+
+@pytest.fixture(scope="session")
+def registered(trained_project):
+    """The session's trained model registered once (the first version is champion), with small
+    serving limits for the serving tests."""
+    root, settings = trained_project
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={
+        k.split(".")[1]: v for k, v in SERVING_LIMITS.items()})})
+    old = os.getcwd()
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from pipeline.stages import evaluate, register
+
+            evaluate.run(settings)  # compare with the (absent) champion
+            report = register.run(settings)
+    finally:
+        os.chdir(old)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return root, report, caught

@@ -66,3 +66,10 @@ def test_every_key_comes_from_params_yaml():
 def test_exponent_float_that_yaml_reads_as_text_is_explained():
     with pytest.raises(ConfigError, match="write 0.001"):
         parse_settings(tiny_params(**{"train.learning_rate": "1e-3"}))
+
+
+def test_register_metric_must_be_comparable_image_by_image():
+    assert parse_settings(tiny_params(**{"register.metric": "greedy_cider"})).registry.mode == "greedy"
+    for bad in ("beam_meteor", "baseline_bleu4", "bleu4"):
+        with pytest.raises(ConfigError, match=r"register\.metric"):
+            parse_settings(tiny_params(**{"register.metric": bad}))

@@ -3,6 +3,10 @@
 Three decoders are scored on the same images and references: ``greedy``, ``beam``
 (``evaluate.beam_size``) and ``baseline``, the same decoder and beam search fed the mean
 train feature vector for every image (image-blind), which shows what the image adds.
+The registry's current champion (if any, and if it loads) captions the same test images in
+the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
+(``pipeline/comparison.py``), so ``register`` judges them on the same images. A champion that
+cannot be loaded is recorded (``eval.json`` ``champion.status``), never fatal.
 Also writes ``reports/test_captions.parquet`` and ``reports/gallery.html``, and logs all of it
 to the training run in MLflow.
 """
@@ -16,6 +20,8 @@ import pandas as pd
 
 from .. import paths
 from ..atomic import write_json, write_parquet, write_text
+from ..champion import caption_with_champion
+from ..comparison import per_image_scores
 from ..config import EvaluateSettings, Settings
 from ..decoding import beam_search, greedy
 from ..features_file import read_features, row_index, rows_of
@@ -23,7 +29,7 @@ from ..gallery import render
 from ..metrics import JavaMissingError, score
 from ..model import StepModels, load_decoder
 from ..text import Vocabulary
-from ..tracking import flatten, resume_run
+from ..tracking import flatten, resume_run, setup
 from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.evaluate")
@@ -70,6 +76,36 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     return metrics, table
 
 
+def scores_table(table: pd.DataFrame, model: str, mode: str, captions: list[str]) -> pd.DataFrame:
+    """Per-image scores of ``captions`` (one per row of ``table``) against its references."""
+    stats = per_image_scores([[r.split() for r in refs] for refs in table["references"]],
+                             [c.split() for c in captions])
+    return pd.concat([pd.DataFrame({"image": table["image"], "model": model, "mode": mode}), stats],
+                     axis=1)
+
+
+def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) -> tuple[dict, pd.DataFrame]:
+    """(champion summary with its metrics, per-image scores of the new model and the champion)
+    on the test images of ``table``, in the mode of register.metric."""
+    from mlflow import MlflowClient
+
+    from ..metrics import score
+
+    mode = settings.registry.mode
+    beam = settings.evaluate.beam_size if mode == "beam" else 1
+    scores = scores_table(table, "candidate", mode, table[mode].tolist())
+    log.info("captioning the test images with the registry's champion (beam size %d)", beam)
+    run = caption_with_champion(MlflowClient(), settings.registry.model_name,
+                                [image_dir / name for name in table["image"]], beam)
+    summary = {**run.summary(), "mode": mode}
+    if run.status == "scored":
+        references = [[r.split() for r in refs] for refs in table["references"]]
+        summary[mode] = score(references, [c.split() for c in run.captions])
+        scores = pd.concat([scores, scores_table(table, "champion", mode, run.captions)],
+                           ignore_index=True)
+    return summary, scores
+
+
 def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file)
@@ -77,11 +113,14 @@ def run(settings: Settings) -> dict:
     models = StepModels.from_decoder(load_decoder(paths.DECODER))
     captions = pd.read_parquet(paths.CAPTIONS)
     images, features, _ = read_features(feature_file)
+    image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    setup(settings)
     with reported(JavaMissingError, ValueError):
         metrics, table = evaluate_model(models, vocab, captions, images, features, settings.evaluate)
+        metrics["champion"], scores = compare_with_champion(settings, table, image_dir)
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)
-    image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    write_parquet(scores, paths.TEST_SCORES)
     items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
     b, base = metrics["beam"], metrics["baseline"]
@@ -93,7 +132,7 @@ def run(settings: Settings) -> dict:
         import mlflow
 
         mlflow.log_metrics({k.replace(".", "_"): v for k, v in flatten("", {m: metrics[m] for m in MODES}).items()})
-        for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS):
+        for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
         log.info("logged to MLflow run %s", active.info.run_id)
     log.info(summary)

@@ -1,8 +1,16 @@
 """Stage ``register``: log the caption model to MLflow, register it, and move the
-``champion`` alias to it only if it beats the current champion on ``register.metric``.
+``champion`` alias to it only if it beats the current champion on the same test images.
 
-A tie or a worse score keeps the old champion; the new version then gets ``challenger``.
-Decision, scores and versions go to ``reports/registry.json`` and to model-version tags.
+``evaluate`` scored the new model and the champion image by image
+(``reports/test_scores.parquet``). A seeded paired bootstrap over those images (1,000
+resamples, ``pipeline/comparison.py``) gives the difference in ``register.metric`` with a 95%
+interval; the new model is promoted when the interval's lower bound is above
+``register.min_improvement``, or when there is no champion, or when the champion could not be
+loaded (it is then reported and replaced). Otherwise the new version gets ``challenger``.
+Decision, both scores, the interval and versions go to ``reports/registry.json``, to
+model-version tags and to the MLflow run.
+
+The model is logged as models-from-code (``pipeline/caption_model_code.py``): nothing pickled.
 """
 
 from __future__ import annotations
@@ -14,15 +22,20 @@ import random
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 from .. import paths
 from ..atomic import write_json
 from ..backbone import BackboneSpec
+from ..champion import ALIAS, current_version
+from ..comparison import paired_bootstrap
 from ..config import Settings
 from ..tracking import resume_run, tracking_uri
 from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.register")
 ARTIFACT_NAME = "caption_model"
+MODEL_CODE = Path(__file__).resolve().parents[1] / "caption_model_code.py"
 
 
 def metric_value(metrics: dict, name: str) -> float:
@@ -35,82 +48,102 @@ def metric_value(metrics: dict, name: str) -> float:
                          f"(modes {[k for k in metrics if isinstance(metrics[k], dict)]})") from None
 
 
-def champion_score(client, model_name: str, metric: str):
-    """(version, score) of the current champion, or (None, None)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None, None
-    value = champion.tags.get(f"metric.{metric}")
-    if value is None:
-        value = client.get_run(champion.run_id).data.metrics.get(metric)
-    return str(champion.version), (float(value) if value is not None else None)
-
-
-def decide(new_score: float, old_score: float | None) -> str:
-    """'promoted' when there is no champion or the new score is strictly better."""
-    return "promoted" if old_score is None or new_score > old_score else "kept_champion"
+def judge(scores: pd.DataFrame, evaluated: dict, current: str | None, metric: str, mode: str,
+          min_improvement: float) -> tuple[str, str, dict | None]:
+    """Pure core: (decision, why, comparison). ``evaluated`` is eval.json's champion entry,
+    ``current`` the version holding the alias now."""
+    if current is None:
+        return "promoted", "there was no champion", None
+    if evaluated.get("version") != current:
+        raise ValueError(
+            f"the champion is v{current} but evaluate compared against "
+            f"{'v' + str(evaluated.get('version')) if evaluated.get('version') else 'no champion'}; "
+            "run `dvc repro -f evaluate register` to compare with the current one")
+    if evaluated["status"] == "unloadable":
+        return "promoted", f"champion v{current} could not be loaded ({evaluated['error']}); replaced", None
+    key = metric.split("_", 1)[1]
+    both = scores[scores["mode"] == mode]
+    candidate = both[both["model"] == "candidate"].set_index("image")
+    champion = both[both["model"] == "champion"].set_index("image").loc[candidate.index]
+    comparison = paired_bootstrap(candidate.reset_index(), champion.reset_index(), key)
+    comparison["min_improvement"] = min_improvement
+    if comparison["ci95_low"] > min_improvement:
+        return "promoted", (f"{metric} +{comparison['difference']:.4f} on the same "
+                            f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
+                            f"{comparison['ci95_high']:.4f}] above {min_improvement}"), comparison
+    return "kept_champion", (f"{metric} {comparison['difference']:+.4f} on the same "
+                             f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
+                             f"{comparison['ci95_high']:.4f}] does not clear {min_improvement}"), comparison
 
 
 def log_caption_model(settings: Settings, model_dir: Path):
-    """Log the pyfunc model into the active run and register it; returns ModelInfo."""
+    """Log the pyfunc model (models-from-code) into the active run and register it."""
     import mlflow
 
-    from ..serving import CONFIG_NAME, CaptionModel, pip_requirements, signature_and_example
+    from ..serving import CONFIG_NAME, pip_requirements, signature_and_example
     from ..synthetic import make_scene
 
     spec = BackboneSpec.from_settings(settings.features)
     ev = settings.evaluate
     config = model_dir / CONFIG_NAME
-    config.write_text(json.dumps({"backbone": spec.to_dict(), "decoding": {
-        "beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
-        "no_repeat_ngram": ev.no_repeat_ngram},
-        "max_image_pixels": settings.validation.max_image_pixels}))
+    config.write_text(json.dumps({
+        "backbone": spec.to_dict(),
+        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
+                     "no_repeat_ngram": ev.no_repeat_ngram},
+        "limits": settings.serving.model_dump()}))
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
     signature, example = signature_and_example(buf.getvalue())
     return mlflow.pyfunc.log_model(
-        name=ARTIFACT_NAME, python_model=CaptionModel(),
+        name=ARTIFACT_NAME, python_model=str(MODEL_CODE),
         artifacts={"config": str(config), "decoder": str(paths.DECODER), "vocab": str(paths.VOCAB),
                    "backbone_weights": str(paths.backbone_weights_file(spec.name))},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
-        code_paths=[str(Path(__file__).resolve().parents[1])],
+        code_paths=[str(MODEL_CODE.parent)],
         registered_model_name=settings.registry.model_name)
 
 
 def run(settings: Settings) -> dict:
+    import mlflow
     from mlflow import MlflowClient
 
-    require(paths.EVAL_METRICS, paths.DECODER, paths.VOCAB,
+    require(paths.EVAL_METRICS, paths.TEST_SCORES, paths.DECODER, paths.VOCAB,
             paths.backbone_weights_file(settings.features.backbone))
     reg = settings.registry
-    with reported(ValueError):
-        new_score = metric_value(json.loads(paths.EVAL_METRICS.read_text()), reg.metric)
-    with resume_run(settings, paths.TRAIN_RUN, "register") as active, \
-            tempfile.TemporaryDirectory() as tmp:
-        info = log_caption_model(settings, Path(tmp))
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    scores = pd.read_parquet(paths.TEST_SCORES)
+    with resume_run(settings, paths.TRAIN_RUN, "register") as active:
+        client = MlflowClient()
+        old_version = current_version(client, reg.model_name)
+        with reported(ValueError):
+            new_score = metric_value(metrics, reg.metric)
+            decision, why, comparison = judge(scores, metrics.get("champion", {}), old_version,
+                                              reg.metric, reg.mode, reg.min_improvement)
+        with tempfile.TemporaryDirectory() as tmp:
+            info = log_caption_model(settings, Path(tmp))
+        if comparison:
+            mlflow.log_metrics({f"vs_champion.{k}": v for k, v in comparison.items()
+                                if k in ("candidate", "champion", "difference", "ci95_low", "ci95_high")})
         run_id = active.info.run_id
-    client = MlflowClient()
     version = str(info.registered_model_version)
-    old_version, old_score = champion_score(client, reg.model_name, reg.metric)
-    decision = decide(new_score, old_score)
-    alias = "champion" if decision == "promoted" else "challenger"
+    alias = ALIAS if decision == "promoted" else "challenger"
     client.set_registered_model_alias(reg.model_name, alias, version)
-    tags = {f"metric.{reg.metric}": str(new_score), "decision": decision,
-            "previous_champion": str(old_version), "previous_champion_score": str(old_score)}
+    tags = {f"metric.{reg.metric}": str(new_score), "decision": decision, "decision_reason": why,
+            "previous_champion": str(old_version)}
+    if comparison:
+        tags.update({f"vs_champion.{k}": str(v) for k, v in comparison.items()})
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
     client.set_tag(run_id, "registry.decision", decision)
     report = {"model_name": reg.model_name, "version": version, "run_id": run_id,
               "model_uri": f"models:/{reg.model_name}/{version}", "metric": reg.metric,
-              "new_score": new_score, "old_champion": {"version": old_version, "score": old_score},
+              "new_score": new_score,
+              "old_champion": {"version": old_version, **metrics.get("champion", {})},
+              "comparison": comparison, "reason": why,
               "champion": version if decision == "promoted" else old_version, "alias": alias,
               "decision": decision, "tracking_uri": tracking_uri(settings)}
     write_json(paths.REGISTRY_REPORT, report)
-    log.info("%s v%s %s=%.4f (champion before: v%s %s) -> %s", reg.model_name, version, reg.metric,
-             new_score, old_version, old_score, decision)
+    log.info("%s v%s -> %s: %s", reg.model_name, version, decision, why)
     return report
 
 

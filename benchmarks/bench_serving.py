@@ -1,0 +1,160 @@
+"""Serving latency: the registered caption model behind `mlflow models serve` over HTTP
+against the same model called in-process.
+
+Builds a small model first (synthetic data, Xception 299x299 random init, the default serving
+limits) in a temporary project, registers it in a temporary MLflow store, then measures
+  * model load: `mlflow.pyfunc.load_model` in-process, and the server's start until /ping;
+  * one-image latency, p50/p95 over --requests requests, HTTP and in-process;
+  * throughput for batches of 16 images, HTTP and in-process.
+Ratios are within this run. Target (issue): report them; cut what is cheap to cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, append_report  # noqa: E402
+
+NAME = "bench-captioner"
+
+
+def build_model(root: Path) -> None:
+    """A tiny pipeline run in ``root`` registering NAME there."""
+    import yaml
+
+    from pipeline.config import parse_settings
+    from pipeline.stages import download, evaluate, features, register, train, validate
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["data"]["synthetic"].update(n_images=60, image_size=128)
+    raw["train"].update(epochs=2, units=64, embedding_dim=32)
+    raw["register"]["model_name"] = NAME
+    settings = parse_settings(raw)
+    for stage in (download, validate, features, train, evaluate, register):
+        stage.run(settings)
+
+
+def photo(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8).clip(60, 200).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def percentiles(seconds: list[float]) -> str:
+    p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
+    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        uri = f"sqlite:///{root}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        old = os.getcwd()
+        os.chdir(root)
+        try:
+            build_model(root)
+        finally:
+            os.chdir(old)
+        images = [base64.b64encode(photo(i)).decode() for i in range(16)]
+
+        with Timer() as load:
+            model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        one = pd.DataFrame({"image": images[:1]})
+        model.predict(one)  # first call
+        local_one = []
+        for _ in range(args.requests):
+            with Timer() as t:
+                model.predict(one)
+            local_one.append(t.seconds)
+        batch = pd.DataFrame({"image": images})
+        with Timer() as local_batch:
+            for _ in range(args.batches):
+                model.predict(batch)
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        bin_dir = Path(sys.executable).parent
+        server = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, cwd=root,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with Timer() as ready:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    try:
+                        urllib.request.urlopen(f"{url}/ping", timeout=5)
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+
+            def post(rows: list[str]) -> None:
+                body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}})
+                request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=600) as response:
+                    response.read()
+
+            with Timer() as first_request:
+                post(images[:1])
+            http_one = []
+            for _ in range(args.requests):
+                with Timer() as t:
+                    post(images[:1])
+                http_one.append(t.seconds)
+            with Timer() as http_batch:
+                for _ in range(args.batches):
+                    post(images)
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+    n = 16 * args.batches
+    local_rate, http_rate = n / local_batch.seconds, n / http_batch.seconds
+    append_report("Serving (bench_serving.py)", [
+        ("model load, in-process (load_model)", f"{load.seconds:.1f} s"),
+        ("server start until /ping answers", f"{ready.seconds:.1f} s"),
+        ("first HTTP request after start", f"{first_request.seconds * 1000:.0f} ms"),
+        ("one image, in-process", percentiles(local_one)),
+        ("one image, HTTP", percentiles(http_one)),
+        ("HTTP / in-process, one image (p50)", f"{np.median(http_one) / np.median(local_one):.2f}"),
+        ("batch of 16, in-process", f"{local_rate:.1f} img/s"),
+        ("batch of 16, HTTP", f"{http_rate:.1f} img/s"),
+        ("HTTP / in-process throughput", f"{http_rate / local_rate:.2f}"),
+    ], [f"{args.requests} one-image requests, {args.batches} batches of 16 JPEGs 500x375 (base64); "
+        "Xception 299x299 random init, beam 3, default serving limits"])
+
+
+if __name__ == "__main__":
+    main()
