@@ -53,6 +53,10 @@ def in_trained(trained_project, monkeypatch):
     root, settings = trained_project
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    import mlflow
+
+    # another fixture's stage run may have set MLflow's process-wide URI, which wins over the env
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     return root, settings
 
 
