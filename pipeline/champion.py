@@ -42,7 +42,8 @@ def current_version(client, model_name: str) -> str | None:
 
 def caption_with_champion(client, model_name: str, images: list[Path], beam_size: int,
                           chunk: int = 16) -> ChampionRun:
-    """Caption ``images`` with the champion (``beam_size`` 1 = greedy)."""
+    """Caption ``images`` with the champion (``beam_size`` 1 = greedy), ``chunk`` images per
+    call or fewer when the champion's own row limit is lower."""
     import mlflow
     import pandas as pd
 
@@ -57,6 +58,8 @@ def caption_with_champion(client, model_name: str, images: list[Path], beam_size
                     model_name, message)
         return ChampionRun(version, "unloadable", message)
     run = ChampionRun(version, "scored")
+    limits = getattr(model.unwrap_python_model(), "limits", None) or {}
+    chunk = max(1, min(chunk, int(limits.get("max_rows", chunk))))
     try:
         for lo in range(0, len(images), chunk):
             batch = pd.DataFrame({"image": [p.read_bytes() for p in images[lo:lo + chunk]]})
