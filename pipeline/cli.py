@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_settings
-
-MAX_BEAM = 10
+from .serving import MAX_BEAM  # the served model's own bound: one rule in one place
 
 
 def _default_model() -> str:

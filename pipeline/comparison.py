@@ -45,11 +45,13 @@ def per_image_scores(references: list[list[list[str]]], hypotheses: list[list[st
     return stats
 
 
-def corpus_value(stats: pd.DataFrame, metric: str, rows: np.ndarray | None = None) -> float:
-    """The corpus ``metric`` of the images at ``rows`` (all by default; repeats allowed)."""
+def corpus_value(stats: pd.DataFrame | dict[str, np.ndarray], metric: str,
+                 rows: np.ndarray | None = None) -> float:
+    """The corpus ``metric`` of the images at ``rows`` (all by default; repeats allowed).
+    ``stats`` is a per_image_scores table or its columns as arrays (``_columns``)."""
     if metric not in COMPARABLE:
         raise ValueError(f"cannot compare models on {metric!r}; choose one of {COMPARABLE}")
-    take = (lambda col: stats[col].to_numpy()) if rows is None else (lambda col: stats[col].to_numpy()[rows])
+    take = (lambda col: np.asarray(stats[col])) if rows is None else (lambda col: np.asarray(stats[col])[rows])
     if metric in ("cider", "rouge_l"):
         return float(take(metric).mean())
     order = _BLEU_ORDER[metric]
@@ -64,6 +66,10 @@ def corpus_value(stats: pd.DataFrame, metric: str, rows: np.ndarray | None = Non
     return brevity * math.exp(log_p)
 
 
+def _columns(stats: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {col: stats[col].to_numpy() for col in stats.columns}
+
+
 def paired_bootstrap(candidate: pd.DataFrame, champion: pd.DataFrame, metric: str, *,
                      resamples: int = 1000, seed: int = 0) -> dict:
     """Difference candidate - champion in ``metric`` on the same images (rows aligned), with
@@ -72,10 +78,11 @@ def paired_bootstrap(candidate: pd.DataFrame, champion: pd.DataFrame, metric: st
         raise ValueError("both models must be scored on the same, non-empty set of images")
     rng = np.random.default_rng(seed)
     n = len(candidate)
+    cand_cols, champ_cols = _columns(candidate), _columns(champion)  # once, not per resample
     diffs = np.empty(resamples)
     for b in range(resamples):
         rows = rng.integers(0, n, n)
-        diffs[b] = corpus_value(candidate, metric, rows) - corpus_value(champion, metric, rows)
+        diffs[b] = corpus_value(cand_cols, metric, rows) - corpus_value(champ_cols, metric, rows)
     cand, champ = corpus_value(candidate, metric), corpus_value(champion, metric)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"metric": metric, "images": n, "resamples": resamples, "seed": seed,

@@ -49,9 +49,6 @@ class SplitRatios(_Section):
             raise ValueError(f"train + dev + test must be 1.0, got {total:g}")
         return self
 
-    def as_dict(self) -> dict[str, float]:
-        return {"train": self.train, "dev": self.dev, "test": self.test}
-
 
 class Flickr8kSource(_Section):
     images_url: str = Field(min_length=1)

@@ -32,7 +32,7 @@ def _fetch_flickr8k(settings: Settings, staging: Path) -> dict:
         archive = download(url, paths.DOWNLOADS_DIR / Path(url.split("?")[0]).name, sha256=sha,
                            check=check_zip, timeout=cfg.timeout_s, retries=cfg.retries)
         safe_extract(archive, extract)
-    return normalise(extract, staging / "dataset", settings.data.kaggle_split.as_dict(), move=True)
+    return normalise(extract, staging / "dataset", settings.data.kaggle_split.model_dump(), move=True)
 
 
 def _looks_like_zip(path: Path) -> bool:
@@ -42,7 +42,7 @@ def _looks_like_zip(path: Path) -> bool:
 
 def _copy_local(settings: Settings, staging: Path) -> dict:
     source = Path(settings.data.local_path).expanduser()
-    ratios = settings.data.kaggle_split.as_dict()
+    ratios = settings.data.kaggle_split.model_dump()
     if source.is_dir():
         return normalise(source, staging / "dataset", ratios)
     if not source.exists():
@@ -88,7 +88,7 @@ def run(settings: Settings) -> Path:
         if source == "synthetic":
             syn = settings.data.synthetic
             write_dataset(staging / "dataset", syn.n_images, syn.image_size, syn.seed,
-                          syn.split.as_dict())
+                          syn.split.model_dump())
             summary = {"images": syn.n_images, "generated": True}
         elif source == "flickr8k":
             summary = _fetch_flickr8k(settings, staging)

@@ -76,10 +76,11 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     return metrics, table
 
 
-def scores_table(table: pd.DataFrame, model: str, mode: str, captions: list[str]) -> pd.DataFrame:
-    """Per-image scores of ``captions`` (one per row of ``table``) against its references."""
-    stats = per_image_scores([[r.split() for r in refs] for refs in table["references"]],
-                             [c.split() for c in captions])
+def scores_table(table: pd.DataFrame, references: list, model: str, mode: str,
+                 captions: list[str]) -> pd.DataFrame:
+    """Per-image scores of ``captions`` (one per row of ``table``) against the tokenised
+    ``references`` of those rows."""
+    stats = per_image_scores(references, [c.split() for c in captions])
     return pd.concat([pd.DataFrame({"image": table["image"], "model": model, "mode": mode}), stats],
                      axis=1)
 
@@ -93,15 +94,15 @@ def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) ->
 
     mode = settings.registry.mode
     beam = settings.evaluate.beam_size if mode == "beam" else 1
-    scores = scores_table(table, "candidate", mode, table[mode].tolist())
+    references = [[r.split() for r in refs] for refs in table["references"]]
+    scores = scores_table(table, references, "candidate", mode, table[mode].tolist())
     log.info("captioning the test images with the registry's champion (beam size %d)", beam)
     run = caption_with_champion(MlflowClient(), settings.registry.model_name,
                                 [image_dir / name for name in table["image"]], beam)
     summary = {**run.summary(), "mode": mode}
     if run.status == "scored":
-        references = [[r.split() for r in refs] for refs in table["references"]]
         summary[mode] = score(references, [c.split() for c in run.captions])
-        scores = pd.concat([scores, scores_table(table, "champion", mode, run.captions)],
+        scores = pd.concat([scores, scores_table(table, references, "champion", mode, run.captions)],
                            ignore_index=True)
     return summary, scores
 

@@ -29,7 +29,7 @@ from ..atomic import atomic_path, write_text
 from ..backbone import BackboneError, BackboneSpec, build, preprocess
 from ..config import Settings
 from ..features_file import embedding_table, sorted_by_image, write_table
-from ..images import ImageError, load_rgb
+from ..images import CORRUPT, ImageError, load_rgb
 from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.features")
@@ -110,7 +110,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
             bar.update(len(vectors))
     except tf.errors.OpError as err:
         detail = err.message.split("ValueError: ")[-1].split("\n")[0]
-        raise ImageError("corrupt image", f"{detail}\n({bar.n} images before it are saved in "
+        raise ImageError(CORRUPT, f"{detail}\n({bar.n} images before it are saved in "
                          f"{parts.folder}; fix or remove the image, rerun validate, then rerun "
                          "features to resume)") from None
     finally:  # also on SIGTERM / Ctrl-C: keep what was computed

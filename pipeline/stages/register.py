@@ -38,18 +38,17 @@ ARTIFACT_NAME = "caption_model"
 MODEL_CODE = Path(__file__).resolve().parents[1] / "caption_model_code.py"
 
 
-def metric_value(metrics: dict, name: str) -> float:
-    """``beam_bleu4`` -> metrics['beam']['bleu4']."""
-    mode, _, key = name.partition("_")
+def metric_value(metrics: dict, mode: str, key: str) -> float:
+    """metrics[mode][key], e.g. ('beam', 'bleu4') for register.metric beam_bleu4."""
     try:
         return float(metrics[mode][key])
     except KeyError:
-        raise ValueError(f"register.metric {name!r} is not in {paths.EVAL_METRICS} "
+        raise ValueError(f"register.metric {mode}_{key} is not in {paths.EVAL_METRICS} "
                          f"(modes {[k for k in metrics if isinstance(metrics[k], dict)]})") from None
 
 
 def judge(scores: pd.DataFrame, evaluated: dict, current: str | None, metric: str, mode: str,
-          min_improvement: float) -> tuple[str, str, dict | None]:
+          key: str, min_improvement: float) -> tuple[str, str, dict | None]:
     """Pure core: (decision, why, comparison). ``evaluated`` is eval.json's champion entry,
     ``current`` the version holding the alias now."""
     if current is None:
@@ -61,7 +60,6 @@ def judge(scores: pd.DataFrame, evaluated: dict, current: str | None, metric: st
             "run `dvc repro -f evaluate register` to compare with the current one")
     if evaluated["status"] == "unloadable":
         return "promoted", f"champion v{current} could not be loaded ({evaluated['error']}); replaced", None
-    key = metric.split("_", 1)[1]
     both = scores[scores["mode"] == mode]
     candidate = both[both["model"] == "candidate"].set_index("image")
     champion = both[both["model"] == "champion"].set_index("image").loc[candidate.index]
@@ -116,9 +114,10 @@ def run(settings: Settings) -> dict:
         client = MlflowClient()
         old_version = current_version(client, reg.model_name)
         with reported(ValueError):
-            new_score = metric_value(metrics, reg.metric)
+            new_score = metric_value(metrics, reg.mode, reg.metric_key)
             decision, why, comparison = judge(scores, metrics.get("champion", {}), old_version,
-                                              reg.metric, reg.mode, reg.min_improvement)
+                                              reg.metric, reg.mode, reg.metric_key,
+                                              reg.min_improvement)
         with tempfile.TemporaryDirectory() as tmp:
             info = log_caption_model(settings, Path(tmp))
         if comparison:
