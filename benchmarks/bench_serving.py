@@ -38,14 +38,27 @@ def build_model(root: Path) -> None:
     import yaml
 
     from pipeline.config import parse_settings
-    from pipeline.stages import download, evaluate, features, register, train, validate
+    from pipeline.stages import (
+        backbone,
+        download,
+        evaluate,
+        features,
+        merge_features,
+        register,
+        train,
+        validate,
+    )
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["data"]["synthetic"].update(n_images=60, image_size=128)
     raw["train"].update(epochs=2, units=64, embedding_dim=32)
     raw["register"]["model_name"] = NAME
     settings = parse_settings(raw)
-    for stage in (download, validate, features, train, evaluate, register):
+    download.run(settings)
+    validate.run(settings)
+    backbone.run(settings)
+    features.run(settings, 0)
+    for stage in (merge_features, train, evaluate, register):
         stage.run(settings)
 
 

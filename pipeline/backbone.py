@@ -8,7 +8,7 @@ init from ``seed``: the offline default) or a path to a local weights file (air-
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -132,6 +132,17 @@ def load_image(source: ImageSource, spec: BackboneSpec, max_pixels: int | None) 
     return load_rgb(source, spec.image_size, max_pixels)
 
 
-def embed(model: keras.Model, batch_uint8: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) uint8 -> (N, D) float32 features."""
-    return np.asarray(model(preprocess(batch_uint8), training=False)).astype(np.float32)
+def embedder(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, S, S, 3) uint8 -> (N, D) float32 features, bit for bit the same vector for an image
+    whatever batch it comes in (so shards, resumed runs and the served model all agree)."""
+    import tensorflow as tf
+
+    infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+
+    def embed(batch_uint8: np.ndarray) -> np.ndarray:
+        n = len(batch_uint8)
+        if n == 1:  # oneDNN runs a batch of one through other kernels, whose last bits differ
+            batch_uint8 = np.concatenate([batch_uint8, batch_uint8])
+        return infer(preprocess(batch_uint8)).numpy()[:n]
+
+    return embed

@@ -112,6 +112,25 @@ class FeaturesSettings(_Section):
     batch_size: int = Field(ge=1, le=1024)
     seed: int
     rows_per_part: int = Field(ge=1)
+    # One entry per shard, [0, 1, ..., N-1]: DVC makes one `features@i` stage per entry (its
+    # foreach needs a list) and an image goes to shard stable_hash(name) % N.
+    shards: list[int] = Field(min_length=1, max_length=64)
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards_list(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"write the shard numbers, not their count: shards: {list(range(value))} "
+                             f"for {value} shard(s) (DVC makes one stage per entry)")
+        return value
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_numbered(cls, value: list[int]) -> list[int]:
+        if value != list(range(len(value))):
+            raise ValueError(f"shards must be 0, 1, ..., N-1 in order, e.g. {list(range(len(value)))}; "
+                             f"got {value}")
+        return value
 
 
 class TrainSettings(_Section):

@@ -5,11 +5,13 @@
     embedding  fixed_size_list<float32>[D]
 
 one row per image, sorted by name, and the backbone's provenance (weights, input size,
-preprocessing, library versions) as schema metadata.
+preprocessing, library versions) as schema metadata. Shard files (``features@i``) have the
+same format and hold the images ``shard_of(name, N) == i``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
+
+
+def shard_of(image: str, shards: int) -> int:
+    """The shard an image belongs to: stable across machines, Python versions and runs
+    (unlike ``hash()``), and independent of which other images exist."""
+    return int.from_bytes(hashlib.sha256(image.encode()).digest()[:8], "big") % shards
 
 
 def embedding_table(images: list[str], embeddings: np.ndarray, metadata: dict | None = None) -> pa.Table:

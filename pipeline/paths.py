@@ -43,6 +43,16 @@ def features_file(backbone: str) -> Path:
     return FEATURES_DIR / f"{backbone}.parquet"
 
 
+def feature_shard_file(backbone: str, shard: int) -> Path:
+    """One shard's features (stage ``features@<shard>``), merged by ``merge_features``."""
+    return FEATURES_DIR / "shards" / f"{backbone}-{shard}.parquet"
+
+
+def feature_parts_dir(backbone: str, shard: int) -> Path:
+    """Finished batches of an unfinished shard, so a rerun resumes (not a DVC out)."""
+    return FEATURES_DIR / "parts" / f"{backbone}-{shard}"
+
+
 def backbone_weights_file(backbone: str) -> Path:
     """The exact CNN weights used for the features, bundled later into the served model."""
     return FEATURES_DIR / f"{backbone}.weights.h5"

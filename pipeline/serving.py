@@ -94,7 +94,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     """pyfunc model: backbone + decoder + vocabulary + decoding settings + input limits."""
 
     def load_context(self, context) -> None:
-        from .backbone import BackboneSpec, load_saved
+        from .backbone import BackboneSpec, embedder, load_saved
         from .model import StepModels, load_decoder
         from .text import Vocabulary
 
@@ -102,7 +102,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.spec = BackboneSpec(**config["backbone"])
         self.decoding = config["decoding"]
         self.limits = config["limits"]
-        self.backbone = load_saved(Path(context.artifacts["backbone_weights"]), self.spec)
+        self.embed = embedder(load_saved(Path(context.artifacts["backbone_weights"]), self.spec))
         self.models = StepModels.from_decoder(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
         self._warm_up()
@@ -111,11 +111,10 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         """Run the CNN and both decoders once on a blank image: the first call builds
         TensorFlow's kernels (about a second), which belongs to the load, not to the first
         request a user sends."""
-        from .backbone import embed
         from .decoding import beam_search, greedy
 
         size = self.spec.image_size
-        feats = embed(self.backbone, np.zeros((1, size, size, 3), np.uint8))
+        feats = self.embed(np.zeros((1, size, size, 3), np.uint8))
         greedy(self.models, feats, self.vocab)
         beam_search(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"])
 
@@ -134,7 +133,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"caption": captions, "error": errors})
 
     def _caption_batch(self, values: list, offset: int, beam: int, captions: list, errors: list) -> None:
-        from .backbone import embed, load_image
+        from .backbone import load_image
         from .decoding import beam_search, greedy
 
         pixels, ok_rows = [], []
@@ -147,7 +146,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
                 errors[offset + i] = str(err).splitlines()[0]
         if not pixels:
             return
-        feats = embed(self.backbone, np.stack(pixels))
+        feats = self.embed(np.stack(pixels))
         ngram = self.decoding["no_repeat_ngram"]
         decoded = greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram) if beam == 1 else \
             beam_search(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,

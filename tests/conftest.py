@@ -27,8 +27,8 @@ def http_server():
 def trained_project(tmp_path_factory):
     """A tiny project taken through download -> evaluate once per session (about 30 s).
     Tests chdir into a copy-free shared folder, so they must not delete its outputs."""
-    from pipeline.stages import download, evaluate, features, train, validate
-    from tests.helpers import tiny_settings
+    from pipeline.stages import download, evaluate, train, validate
+    from tests.helpers import run_features, tiny_settings
 
     root = tmp_path_factory.mktemp("trained")
     old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
@@ -37,8 +37,11 @@ def trained_project(tmp_path_factory):
     try:
         settings = tiny_settings(**{"data.synthetic.n_images": 60, "train.epochs": 25,
                                      "train.units": 64, "train.learning_rate": 0.003})
-        for stage in (download, validate, features, train, evaluate):
-            stage.run(settings)
+        download.run(settings)
+        validate.run(settings)
+        run_features(settings)
+        train.run(settings)
+        evaluate.run(settings)
     finally:
         os.chdir(old_cwd)
         if old_uri is None:

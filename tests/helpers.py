@@ -49,6 +49,16 @@ def tiny_settings(**overrides) -> Settings:
     return parse_settings(tiny_params(**overrides))
 
 
+def run_features(settings: Settings) -> None:
+    """The feature stages in dvc.yaml order: backbone, every shard, merge."""
+    from pipeline.stages import backbone, features, merge_features
+
+    backbone.run(settings)
+    for shard in settings.features.shards:
+        features.run(settings, shard)
+    merge_features.run(settings)
+
+
 def write_params(directory: Path, **overrides) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))

@@ -73,3 +73,13 @@ def test_register_metric_must_be_comparable_image_by_image():
     for bad in ("beam_meteor", "baseline_bleu4", "bleu4"):
         with pytest.raises(ConfigError, match=r"register\.metric"):
             parse_settings(tiny_params(**{"register.metric": bad}))
+
+
+def test_feature_shards_are_listed_and_numbered_from_zero():
+    assert parse_settings(tiny_params(**{"features.shards": [0, 1, 2]})).features.shards == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"write the shard numbers, not their count: shards: \[0, 1\]"):
+        parse_settings(tiny_params(**{"features.shards": 2}))
+    with pytest.raises(ConfigError, match=r"0, 1, \.\.\., N-1 in order"):
+        parse_settings(tiny_params(**{"features.shards": [1, 2]}))
+    with pytest.raises(ConfigError, match="features.shards"):
+        parse_settings(tiny_params(**{"features.shards": []}))

@@ -3,18 +3,49 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.dvc_graph import shell_prelude, stage_command, stage_graph
+import pytest
+
+from pipeline.dvc_graph import (
+    handover_env,
+    shell_prelude,
+    stage_command,
+    stage_graph,
+    task_id,
+    task_queues,
+)
 
 
-def test_graph_links_stages_through_outs_and_deps(tmp_path):
+def test_graph_links_stages_through_outs_and_deps_with_foreach_expanded(tmp_path):
+    (tmp_path / "params.yaml").write_text("shards: [0, 1]\n")
     (tmp_path / "dvc.yaml").write_text("""
 stages:
   a: {cmd: x, outs: [data/raw: {persist: true}]}
-  b: {cmd: x, deps: [data/raw/sub/file.txt], outs: [out/b.parquet]}
-  c: {cmd: x, deps: [out/b.parquet, src/c.py], metrics: [m.json: {cache: false}]}
+  b:
+    foreach: ${shards}
+    do: {cmd: "x ${item}", deps: [data/raw/sub/file.txt], outs: ["out/b-${item}.parquet"]}
+  c: {cmd: x, deps: [out, src/c.py], metrics: [m.json: {cache: false}]}
   d: {cmd: x, deps: [m.json, data/raw]}
 """)
-    assert stage_graph(tmp_path / "dvc.yaml") == {"a": [], "b": ["a"], "c": ["b"], "d": ["a", "c"]}
+    assert stage_graph(tmp_path) == {"a": [], "b@0": ["a"], "b@1": ["a"], "c": ["b@0", "b@1"],
+                                     "d": ["a", "c"]}
+    assert task_id("b@1") == "b-1"
+
+
+def test_task_queues_pin_named_stages_and_refuse_unknown_ones():
+    stages = ["download", "features@0", "train"]
+    assert task_queues("", stages) == {}
+    assert task_queues(" download=a , features@0=gpu", stages) == {"download": "a", "features@0": "gpu"}
+    with pytest.raises(ValueError, match="no stage 'trian'"):
+        task_queues("trian=a", stages)
+    with pytest.raises(ValueError, match="not stage=queue"):
+        task_queues("train", stages)
+
+
+def test_handover_env_pulls_upstream_xcoms_and_the_previous_run():
+    env = handover_env("merge_features", ["features@0", "features@1"])
+    assert env["CAPTIONER_UPSTREAM"] == "{{ ti.xcom_pull(task_ids=['features-0', 'features-1']) | tojson }}"
+    assert "include_prior_dates=True" in env["CAPTIONER_PREVIOUS"] and "'merge_features'" in env["CAPTIONER_PREVIOUS"]
+    assert handover_env("download", [])["CAPTIONER_UPSTREAM"] == "[]"
 
 
 def test_task_shell_finds_the_project_python_even_when_bashrc_changes_path(tmp_path):
@@ -35,8 +66,7 @@ def test_task_shell_finds_the_project_python_even_when_bashrc_changes_path(tmp_p
     assert without == "WRONG-PYTHON"  # the situation the prelude guards against
 
 
-def test_stage_command_pulls_and_pushes_only_with_a_remote():
-    script = stage_command("train", "/opt/venv/bin")
+def test_stage_command_runs_the_task_runner_in_the_project_env():
+    script = stage_command("features@1", "/opt/venv/bin")
     assert script.startswith("set -euo pipefail\nexport PATH=/opt/venv/bin:")
-    assert "dvc repro --single-item train" in script
-    assert 'if [ -n "$(dvc remote list)" ]; then dvc pull --allow-missing --with-deps train; fi' in script
+    assert script.rstrip().endswith("exec python -m pipeline.task_runner features@1")

@@ -63,7 +63,9 @@ def import_closure(start: str, root: Path = PROJECT) -> set[str]:
 
 
 def stages() -> dict:
-    return yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    """Stage definitions of dvc.yaml; a foreach stage is checked through its ``do`` template."""
+    raw = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in raw.items()}
 
 
 def _entries(items) -> list[str]:

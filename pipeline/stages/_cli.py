@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import ConfigError, Settings, load_settings
+from ..config import ConfigError, load_settings
 
 # MLflow prints a progress bar per logged artifact: noise in a stage log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -58,18 +58,23 @@ def _interrupt(signum, frame):
     raise StageInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def stage_main(name: str, doc: str, run: Callable[[Settings], object]) -> None:
+def stage_main(name: str, doc: str, run: Callable[..., object],
+               extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Parse the common flags, load params.yaml, run the stage, turn known errors into a
-    one-paragraph message and exit status 1 (no traceback for user errors)."""
+    one-paragraph message and exit status 1 (no traceback for user errors). With
+    ``extra_args`` (adds a stage's own flags), ``run`` gets the parsed arguments too."""
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if extra_args:
+        extra_args(parser)
     args = parser.parse_args()
     setup_logging(args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run(load_settings(args.params))
+        settings = load_settings(args.params)
+        run(settings, args) if extra_args else run(settings)
     except (ConfigError, StageError) as err:
         print(f"\n{name}: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,13 +1,16 @@
-"""Stage ``features``: every prepared image -> one CNN feature vector in Parquet.
+"""Stage ``features@<shard>``: the prepared images of one shard -> CNN feature vectors.
 
-Output ``data/features/<backbone>.parquet`` in the format of ``pipeline/features_file.py``,
-and ``data/features/<backbone>.weights.h5``, the exact CNN weights, which the served model
-bundles.
+``python -m pipeline.stages.features --shard I`` embeds the images with
+``shard_of(name, N) == I`` (N = len(features.shards)) with the CNN saved by the ``backbone``
+stage, into ``data/features/shards/<backbone>-<I>.parquet`` (format of
+``pipeline/features_file.py``); ``merge_features`` joins the shards. Shards are independent
+DVC stages, so Airflow runs them in parallel, on different workers.
 
 A tf.data pipeline decodes and resizes images in parallel and prefetches batches while the
-CNN runs. Finished batches are written to ``<backbone>.parts/`` every ``rows_per_part``
-images, and whatever is buffered is written too when the stage fails or is stopped (SIGTERM,
-Ctrl-C), so a rerun resumes where it stopped; the final files appear by atomic rename.
+CNN runs. Finished batches are written to ``data/features/parts/<backbone>-<I>/`` every
+``rows_per_part`` images, and whatever is buffered is written too when the stage fails or is
+stopped (SIGTERM, Ctrl-C), so a rerun resumes where it stopped; the final file appears by
+atomic rename.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import paths
-from ..atomic import atomic_path, write_text
-from ..backbone import BackboneError, BackboneSpec, build, preprocess
+from ..atomic import write_text
+from ..backbone import BackboneError, BackboneSpec, embedder, load_saved
 from ..config import Settings
-from ..features_file import embedding_table, sorted_by_image, write_table
+from ..features_file import embedding_table, shard_of, sorted_by_image, write_table
 from ..images import CORRUPT, ImageError, load_rgb
-from ._cli import reported, require, stage_main
+from ._cli import StageError, reported, require, stage_main
 
 log = logging.getLogger("pipeline.features")
 
@@ -82,26 +85,26 @@ class _Parts:
         write_table(embedding_table(images, embeddings), self.folder / f"part-{index:05d}.parquet")
 
 
-def extract_features(image_dir: Path, images: list[str], out: Path, weights_out: Path,
+def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: Path, weights: Path,
                      spec: BackboneSpec, batch_size: int, rows_per_part: int) -> dict:
-    """Write features of ``images`` (names in ``image_dir``) to ``out``; returns stats.
-    Raises BackboneError (CNN unavailable) or ImageError (an image cannot be decoded)."""
+    """Write features of ``images`` (names in ``image_dir``) to ``out`` with the CNN saved in
+    ``weights``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
+    cannot be decoded)."""
     import tensorflow as tf
 
-    parts = _Parts(out.with_suffix(".parts"), {**spec.to_dict(), "images": len(images)})
+    parts = _Parts(parts_dir, {**spec.to_dict(), "images": len(images)})
     done = parts.done()
     todo = [n for n in images if n not in done]
     if done:
         log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
-    model = build(spec)
-    infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+    embed = embedder(load_saved(weights, spec))
 
     start, buffer_names, buffer_vecs = time.perf_counter(), [], []
     names_iter = iter(todo)
     bar = tqdm(total=len(todo), desc="features", unit="img")
     try:
         for batch in _image_batches([image_dir / n for n in todo], spec.image_size, batch_size):
-            vectors = infer(preprocess(batch.numpy())).numpy()
+            vectors = embed(batch.numpy())
             buffer_names += [next(names_iter) for _ in range(len(vectors))]
             buffer_vecs.append(vectors)
             if len(buffer_names) >= rows_per_part:
@@ -126,8 +129,6 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
     missing = set(images) - set(table.column("image").to_pylist())
     if missing:
         raise ValueError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
-    with atomic_path(weights_out) as tmp_weights:
-        model.save_weights(str(tmp_weights))
     write_table(table.replace_schema_metadata(spec.metadata()), out, row_group_size=rows_per_part)
     shutil.rmtree(parts.folder)
     rate = len(todo) / elapsed if todo and elapsed > 0 else float("nan")
@@ -136,20 +137,30 @@ def extract_features(image_dir: Path, images: list[str], out: Path, weights_out:
             "seconds": elapsed, "images_per_s": rate}
 
 
-def run(settings: Settings) -> dict:
-    """Extract features for every image of ``data/prepared/captions.parquet``."""
-    require(paths.CAPTIONS)
-    images = sorted(pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique())
-    spec = BackboneSpec.from_settings(settings.features)
+def run(settings: Settings, shard: int = 0) -> dict:
+    """Extract features for the images of ``data/prepared/captions.parquet`` in ``shard``."""
+    cfg = settings.features
+    if shard not in cfg.shards:
+        raise StageError(f"--shard {shard} is not one of features.shards {cfg.shards}")
+    spec = BackboneSpec.from_settings(cfg)
+    weights = paths.backbone_weights_file(spec.name)
+    require(paths.CAPTIONS, weights)
+    everything = pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique()
+    images = sorted(n for n in everything if shard_of(n, len(cfg.shards)) == shard)
+    log.info("shard %d of %d: %d of %d images", shard, len(cfg.shards), len(images), len(everything))
     with reported(BackboneError, ImageError, ValueError, OSError):
         return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR,
-                                images, paths.features_file(spec.name),
-                                paths.backbone_weights_file(spec.name), spec,
-                                settings.features.batch_size, settings.features.rows_per_part)
+                                images, paths.feature_shard_file(spec.name, shard),
+                                paths.feature_parts_dir(spec.name, shard), weights, spec,
+                                cfg.batch_size, cfg.rows_per_part)
+
+
+def _add_shard(parser) -> None:
+    parser.add_argument("--shard", type=int, default=0, help="which shard to embed (default: 0)")
 
 
 def main() -> None:
-    stage_main("features", __doc__, run)
+    stage_main("features", __doc__, lambda settings, args: run(settings, args.shard), extra_args=_add_shard)
 
 
 if __name__ == "__main__":

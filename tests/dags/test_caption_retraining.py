@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dvc_graph import stage_graph
+from pipeline.dvc_graph import stage_graph, task_id
 from tests.helpers import PROJECT, git_project, jpeg_bytes, sh, write_flickr_dataset, write_params
 
 
@@ -37,6 +37,16 @@ def dvc_graph_edges(root: Path) -> set[tuple[str, str]]:
         return {(up.name, down.name) for down, up in graph.edges}
 
 
+def test_each_feature_shard_is_a_task(tmp_path):
+    sharded = git_project(tmp_path / "sharded", **{"features.shards": [0, 1, 2]})
+    result = run_airflow(sharded, tmp_path / "airflow", "--parse-only")
+    assert result["import_errors"] == {}
+    tasks = result["tasks"]
+    assert [t for t in tasks if t.startswith("features-")] == ["features-0", "features-1", "features-2"]
+    assert set(tasks["merge_features"]) == {"validate", "features-0", "features-1", "features-2"}
+    assert all(tasks[f"features-{i}"] == ["backbone", "download", "validate"] for i in range(3))
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return git_project(tmp_path_factory.mktemp("airflow_project"))
@@ -46,10 +56,11 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
     result = run_airflow(project, tmp_path / "airflow", "--parse-only")
     assert result["import_errors"] == {}
     assert result["dags"] == ["caption_retraining"]
-    assert list(result["tasks"]) == ["download", "validate", "features", "train", "evaluate", "register"]
+    assert list(result["tasks"]) == ["download", "validate", "backbone", "features-0", "merge_features",
+                                     "train", "evaluate", "register"]
     dag_edges = {(up, down) for down, ups in result["tasks"].items() for up in ups}
-    assert dag_edges == dvc_graph_edges(project)
-    assert dag_edges == {(u, d) for d, ups in stage_graph(project / "dvc.yaml").items() for u in ups}
+    assert dag_edges == {(task_id(u), task_id(d)) for u, d in dvc_graph_edges(project)}
+    assert dag_edges == {(task_id(u), task_id(d)) for d, ups in stage_graph(project).items() for u in ups}
     assert result["max_active_runs"] == 1 and result["schedule"] == "@weekly"
     assert result["outlets"]["register"] == ["mlflow://models/flickr8k-captioner"]
 
@@ -81,7 +92,8 @@ def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(projec
     assert second["state"] == "failed"
     states = second["task_states"]
     assert states["validate"] == "failed"
-    assert {states[t] for t in ("features", "train", "evaluate", "register")} == {"upstream_failed"}
+    assert {states[t] for t in ("features-0", "merge_features", "train", "evaluate", "register")} == \
+        {"upstream_failed"}
 
     import mlflow
 

@@ -12,9 +12,12 @@ import pytest
 from pipeline import paths
 from pipeline.backbone import BackboneError, BackboneSpec, build
 from pipeline.features_file import read_features
-from pipeline.stages import download, features, validate
+from pipeline.stages import backbone, download, features, merge_features, validate
 from pipeline.stages._cli import StageError
-from tests.helpers import PROJECT, tiny_settings, write_params
+from tests.helpers import PROJECT, run_features, tiny_settings, write_params
+
+SHARD0 = paths.feature_shard_file("xception", 0)
+PARTS0 = paths.feature_parts_dir("xception", 0)
 
 
 @pytest.fixture
@@ -22,11 +25,13 @@ def prepared(workdir):
     settings = tiny_settings(**{"data.synthetic.n_images": 20})
     download.run(settings)
     validate.run(settings)
+    backbone.run(settings)
     return settings
 
 
 def test_features_schema_rows_and_metadata(prepared):
     stats = features.run(prepared)
+    merge_features.run(prepared)
     table = pq.read_table(paths.features_file("xception"))
     assert table.num_rows == stats["images"] == 20
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[2048]"
@@ -35,7 +40,7 @@ def test_features_schema_rows_and_metadata(prepared):
     assert meta[b"backbone"] == b"xception" and meta[b"weights"] == b"none"
     assert meta[b"input_size"] == b"71" and b"keras_version" in meta and b"preprocess_input" in meta[b"preprocessing"]
     assert paths.backbone_weights_file("xception").is_file()
-    assert not paths.features_file("xception").with_suffix(".parts").exists()
+    assert not PARTS0.exists()
 
 
 def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
@@ -45,22 +50,53 @@ def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
     last.write_bytes(good[:100])  # broken after validation ran
     with pytest.raises(StageError, match=rf"undecodable image .*{last.name}"):
         features.run(prepared)
-    assert not paths.features_file("xception").exists()
+    assert not SHARD0.exists()
     last.write_bytes(good)
     stats = features.run(prepared)
     assert stats["reused"] == 16 and stats["extracted"] == 4  # parts of 8 rows were kept
-    assert pq.read_table(paths.features_file("xception")).num_rows == 20
+    assert pq.read_table(SHARD0).num_rows == 20
 
 
-def test_embedding_does_not_depend_on_batch_size(prepared):
+def test_embedding_is_bit_identical_whatever_the_batch_size(prepared):
+    """Shards, resumed runs and the served model embed an image in different batches (a
+    batch of one included); its vector must not change in the last bit."""
     features.run(prepared)
-    names, one, _ = read_features(paths.features_file("xception"))
-    paths.features_file("xception").unlink()
-    features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": 3}))
-    names2, other, _ = read_features(paths.features_file("xception"))
-    assert names == names2
-    scale = np.abs(one).max()
-    assert np.abs(one - other).max() / scale < 1e-5
+    names, one, _ = read_features(SHARD0)
+    for batch_size in (3, 1):
+        SHARD0.unlink()
+        features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": batch_size}))
+        names2, other, _ = read_features(SHARD0)
+        assert names == names2
+        assert np.array_equal(one, other), f"batch size {batch_size} changed the embeddings"
+
+
+def test_sharded_features_merge_to_the_same_bytes_as_one_shard(prepared, tmp_path):
+    run_features(prepared)
+    single = paths.features_file("xception").read_bytes()
+    sharded = tiny_settings(**{"data.synthetic.n_images": 20, "features.shards": [0, 1, 2]})
+    stats = [features.run(sharded, shard) for shard in sharded.features.shards]
+    assert sorted(s["images"] for s in stats) != [0, 0, 20] and sum(s["images"] for s in stats) == 20
+    merge_features.run(sharded)
+    assert paths.features_file("xception").read_bytes() == single
+
+
+def test_merge_refuses_shards_of_another_layout(prepared):
+    two = tiny_settings(**{"data.synthetic.n_images": 20, "features.shards": [0, 1]})
+    for shard in (0, 1):
+        features.run(two, shard)
+    paths.feature_shard_file("xception", 1).unlink()
+    with pytest.raises(StageError, match=r"xception-1.parquet not found"):
+        merge_features.run(two)
+    three = tiny_settings(**{"data.synthetic.n_images": 20, "features.shards": [0, 1, 2]})
+    features.run(three, 1)
+    features.run(three, 2)  # shard 0 is still the 2-shard one
+    with pytest.raises(StageError, match=r"xception-0.parquet holds \d+ images of other shards"):
+        merge_features.run(three)
+
+
+def test_a_shard_outside_features_shards_is_an_error(prepared):
+    with pytest.raises(StageError, match=r"--shard 3 is not one of features.shards \[0\]"):
+        features.run(prepared, 3)
 
 
 def test_imagenet_offline_names_both_ways_out(monkeypatch, tmp_path):
@@ -82,9 +118,11 @@ def test_local_weights_file_is_used(tmp_path):
 
 def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
     features.run(prepared)
-    _, exact, _ = read_features(paths.features_file("xception"))
-    features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.precision": "bfloat16"}))
-    _, fast, meta = read_features(paths.features_file("xception"))
+    _, exact, _ = read_features(SHARD0)
+    fast_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.precision": "bfloat16"})
+    backbone.run(fast_settings)
+    features.run(fast_settings)
+    _, fast, meta = read_features(SHARD0)
     assert meta["precision"] == "bfloat16" and fast.dtype == np.float32
     assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.999
     assert not np.array_equal(exact, fast)
@@ -112,6 +150,7 @@ def test_sigterm_before_the_first_part_keeps_the_finished_images(workdir):
     settings = tiny_settings(**overrides)
     download.run(settings)
     validate.run(settings)
+    backbone.run(settings)
     write_params(workdir, **overrides)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.features"], cwd=workdir,
                             env={**__import__("os").environ, "PYTHONPATH": str(PROJECT)},
@@ -133,7 +172,7 @@ def test_sigterm_before_the_first_part_keeps_the_finished_images(workdir):
     log = "".join(seen)
     assert "interrupted" in log and "Traceback" not in log
     assert "absl::InitializeLog" not in log and "oneDNN" not in log  # quiet TensorFlow start-up
-    parts = list(paths.features_file("xception").with_suffix(".parts").glob("part-*.parquet"))
+    parts = list(PARTS0.glob("part-*.parquet"))
     kept = sum(pq.read_table(p).num_rows for p in parts)
     assert 8 <= kept < 300
     stats = features.run(settings)

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from pipeline import paths
-from pipeline.stages import download, evaluate, features, register, train, validate
+from pipeline.stages import download, evaluate, register, train, validate
 from pipeline.stages._cli import StageError
-from tests.helpers import jpeg_bytes, tiny_settings
+from tests.helpers import jpeg_bytes, run_features, tiny_settings
 
 NAME = "flickr8k-captioner"
 def test_first_model_is_promoted_and_logged_from_code(registered):
@@ -49,8 +49,9 @@ def contest(tmp_path_factory):
     weak = tiny_settings(**{**common, "train.epochs": 1, "train.units": 4, "train.embedding_dim": 4})
     reports = {}
     try:
-        for stage in (download, validate, features):
-            stage.run(strong)
+        download.run(strong)
+        validate.run(strong)
+        run_features(strong)
         for name, settings in (("weak_first", weak), ("strong", strong), ("weak_again", weak)):
             train.run(settings)
             evaluate.run(settings)
