@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving airflow ui lint clean
+.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ bench-serving: $(STAMP)
 # Airflow 3 standalone on http://127.0.0.1:8080 with this project's DAG (Ctrl-C stops it all).
 airflow: $(STAMP)
 	$(BIN)/python -m pipeline.services airflow
+
+# The team stack without Docker: Airflow with Celery workers (each in its own clone) on the
+# local Postgres + Redis, MLflow server with a Postgres store (Ctrl-C stops it all).
+WORKERS ?= 2
+team: $(STAMP)
+	$(BIN)/python -m pipeline.services team --workers $(WORKERS)
 
 # MLflow UI / tracking server on http://127.0.0.1:5000 over the project's store.
 ui: $(STAMP)

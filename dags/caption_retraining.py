@@ -17,7 +17,7 @@ retries and scheduling, DVC owns caching (an unchanged stage is skipped in secon
 
 Settings (environment, read when the DAG is parsed): `CAPTIONER_PROJECT_DIR` (default: the
 folder above `dags/`; the Airflow Variable `captioner_project_dir` overrides it at run time),
-`CAPTIONER_SCHEDULE` (default `@weekly`), `CAPTIONER_RETRIES` (default 2),
+`CAPTIONER_SCHEDULE` (default `@weekly`; empty: triggered runs only), `CAPTIONER_RETRIES` (default 2),
 `CAPTIONER_RETRY_DELAY_S` (default 120), `CAPTIONER_TASK_QUEUES` (`stage=queue,...`: pin
 stages to Celery queues; others use the default queue).
 """
@@ -45,7 +45,7 @@ QUEUES = task_queues(os.environ.get("CAPTIONER_TASK_QUEUES", ""), STAGES)
 
 @dag(
     dag_id="caption_retraining",
-    schedule=os.environ.get("CAPTIONER_SCHEDULE", "@weekly"),
+    schedule=os.environ.get("CAPTIONER_SCHEDULE", "@weekly") or None,  # empty: API/UI triggers only
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

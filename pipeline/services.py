@@ -5,6 +5,12 @@ no scheduler, worker or gunicorn process outlives the command.
 
     python -m pipeline.services airflow [--port 8080]   # airflow standalone, this project's DAGs
     python -m pipeline.services ui [--port 5000]        # MLflow server over the project's store
+    python -m pipeline.services team [--workers 2]      # Celery workers, Postgres, Redis, MLflow server
+
+team: database and broker URLs come from CAPTIONER_AIRFLOW_DB, CAPTIONER_MLFLOW_DB,
+CAPTIONER_BROKER_URL (defaults: the local Postgres and Redis), the shared DVC remote from
+CAPTIONER_DVC_REMOTE (default: <home>/dvc-remote; s3://... works too), MLflow's artifact store
+from CAPTIONER_ARTIFACTS (default: <home>/mlflow-artifacts). See pipeline/team.py.
 """
 
 from __future__ import annotations
@@ -132,9 +138,22 @@ def ui(port: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("service", choices=["airflow", "ui"])
-    parser.add_argument("--port", type=int, default=None, help="default: 8080 (airflow), 5000 (ui)")
+    parser.add_argument("service", choices=["airflow", "ui", "team"])
+    parser.add_argument("--port", type=int, default=None,
+                        help="default: 8080 (airflow and team's Airflow), 5000 (ui)")
+    parser.add_argument("--workers", type=int, default=2, help="team: Celery workers (default: 2)")
+    parser.add_argument("--mlflow-port", type=int, default=5000, help="team: MLflow server port (default: 5000)")
+    parser.add_argument("--home", type=Path, default=Path("team_home"),
+                        help="team: folder for worker clones, logs, Airflow home (default: team_home)")
     args = parser.parse_args()
+    if args.service == "team":
+        from .team import TeamConfig, run_team
+
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        cfg = TeamConfig.from_env(PROJECT, args.home, workers=args.workers,
+                                  airflow_port=args.port or 8080, mlflow_port=args.mlflow_port)
+        sys.exit(run_team(cfg, _stop_group, VENV_BIN))
     if args.service == "airflow":
         sys.exit(airflow(args.port or 8080))
     sys.exit(ui(args.port or 5000))

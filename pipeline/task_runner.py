@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def received_entries(upstream: list, previous, stage: str) -> dict[str, dict]:
             if name in entries and entries[name] != entry:
                 raise ValueError(f"upstream tasks disagree on the dvc.lock entry of {name!r}")
             entries[name] = entry
+    if isinstance(previous, list):  # xcom_pull(include_prior_dates=True): newest first
+        previous = next((value for value in previous if value is not None), None)
+    # Only saves work: a stale entry (another run's) makes DVC rerun the stage, never skip it.
     own = _xcom(previous)["lock"].get(stage)
     if own is not None and stage not in entries:
         entries[stage] = own
@@ -126,7 +130,8 @@ def run_task(stage: str, upstream: list, previous, force, project: Path = Path("
         _dvc(project, "push", stage)
     log.info("stage %s %s", stage, "ran" if ran else "was up to date: skipped")
     own = lock_entries([stage], project / LOCK_FILE)
-    return {"stage": stage, "ran": ran, "lock": {**{n: received[n] for n in upstream_stages}, **own}}
+    return {"stage": stage, "ran": ran, "host": socket.gethostname(), "project": str(Path(project).resolve()),
+            "lock": {**{n: received[n] for n in upstream_stages}, **own}}
 
 
 def main() -> None:

@@ -172,3 +172,40 @@ class FixtureServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+REDIS = ("127.0.0.1", 6379)
+
+
+def missing_services() -> list[str]:
+    """Which of the local Postgres and Redis the team tests need cannot be reached."""
+    import socket
+
+    import psycopg2
+
+    missing = []
+    try:
+        psycopg2.connect(dbname="postgres", connect_timeout=5, **POSTGRES).close()
+    except psycopg2.OperationalError as err:
+        missing.append(f"PostgreSQL at {POSTGRES['host']}:{POSTGRES['port']} ({str(err).strip()})")
+    try:
+        with socket.create_connection(REDIS, timeout=5) as conn:
+            conn.sendall(b"PING\r\n")
+            if not conn.recv(16).startswith(b"+PONG"):
+                missing.append(f"Redis at {REDIS[0]}:{REDIS[1]} (no PONG)")
+    except OSError as err:
+        missing.append(f"Redis at {REDIS[0]}:{REDIS[1]} ({err})")
+    return missing
+
+
+def require_services() -> None:
+    """Skip (a laptop without them) or, with CAPTIONER_REQUIRE_SERVICES=1 (CI), fail."""
+    import pytest
+
+    missing = missing_services()
+    if missing:
+        reason = "team-stack test needs " + "; ".join(missing)
+        if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
+        pytest.skip(reason)

@@ -112,3 +112,10 @@ def test_cli_prints_the_xcom_as_its_last_line(workers):
     xcom = json.loads(result.stdout.strip().splitlines()[-1])
     assert xcom["stage"] == "make" and xcom["ran"] and "make" in xcom["lock"]
     assert "Running stage 'make'" in result.stderr
+
+
+def test_previous_run_xcoms_as_a_list_use_the_newest():
+    newest = {"stage": "use", "ran": False, "lock": {"use": {"cmd": "new"}}}
+    older = {"stage": "use", "ran": True, "lock": {"use": {"cmd": "old"}}}
+    entries = received_entries([], [None, json.dumps(newest), json.dumps(older)], "use")
+    assert entries == {"use": {"cmd": "new"}}
