@@ -133,3 +133,20 @@ def test_image_lock_agrees_with_the_project_lock():
     for runtime in ("apache-airflow", "tensorflow-cpu", "keras", "mlflow", "dvc", "pycocoevalcap",
                     "great-expectations", "dvc-s3", "psycopg2-binary", "boto3", "apache-airflow-providers-celery"):
         assert runtime in image, runtime
+
+
+def test_compose_runs_the_commands_and_settings_of_the_native_launcher(config):
+    """`make team` (pipeline/team.py) and the containers must run the same stack: one table of
+    commands and settings, checked against the compose file."""
+    from pipeline.team import AIRFLOW_COMMANDS, AIRFLOW_SETTINGS, MLFLOW_COMMAND, MLFLOW_SETTINGS
+
+    for service, command in AIRFLOW_COMMANDS.items():
+        assert config["services"][service]["command"] == command, service
+        env = env_of(config, service)
+        assert {k: env.get(k) for k in AIRFLOW_SETTINGS} == AIRFLOW_SETTINGS, service
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
+    mlflow = config["services"]["mlflow"]
+    assert len(mlflow["command"]) == len(MLFLOW_COMMAND)
+    for ours, theirs in zip(MLFLOW_COMMAND, mlflow["command"]):
+        assert ours.startswith("{") or ours == theirs, (ours, theirs)
+    assert {k: env_of(config, "mlflow").get(k) for k in MLFLOW_SETTINGS} == MLFLOW_SETTINGS
