@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving airflow team ui lint clean
+.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-decode: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/bench_serving.py
+
+# Needs the local Postgres and Redis: one DAG run on `make team` with 1 and with 2 workers.
+bench-team: $(STAMP)
+	$(BIN)/python benchmarks/bench_team.py
 
 # Airflow 3 standalone on http://127.0.0.1:8080 with this project's DAG (Ctrl-C stops it all).
 airflow: $(STAMP)

@@ -107,10 +107,11 @@ class Api:
 class Launcher:
     """The launcher process, its output collected by a thread."""
 
-    def __init__(self, project: Path, home: Path, env: dict, airflow_port: int, mlflow_port: int):
+    def __init__(self, project: Path, home: Path, env: dict, airflow_port: int, mlflow_port: int,
+                 workers: int = 2):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.services", "team", "--workers", "2", "--home", str(home),
+            [sys.executable, "-m", "pipeline.services", "team", "--workers", str(workers), "--home", str(home),
              "--port", str(airflow_port), "--mlflow-port", str(mlflow_port)],
             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
@@ -330,3 +331,38 @@ def test_team_run_shares_outputs_across_workers_skips_when_unchanged_and_survive
         if dep["path"] in _outs(final, "train"):
             assert dep["md5"] == _outs(final, "train")[dep["path"]]
     assert f"team: {victim} exited" in team["launcher"].output()
+
+
+def test_team_urls_come_from_the_environment_with_local_defaults(monkeypatch, tmp_path):
+    from pipeline.team import TeamConfig, airflow_env, result_backend, worker_env
+
+    for key in ("CAPTIONER_AIRFLOW_DB", "CAPTIONER_MLFLOW_DB", "CAPTIONER_BROKER_URL", "CAPTIONER_DVC_REMOTE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = TeamConfig.from_env(tmp_path, tmp_path / "home")
+    assert cfg.airflow_db.startswith("postgresql+psycopg2://postgres@127.0.0.1:5432/")
+    assert cfg.broker == "redis://127.0.0.1:6379/0" and cfg.dvc_remote == str(tmp_path / "home/dvc-remote")
+    monkeypatch.setenv("CAPTIONER_BROKER_URL", "redis://cache:6379/3")
+    monkeypatch.setenv("CAPTIONER_DVC_REMOTE", "s3://bucket/dvc")
+    cfg = TeamConfig.from_env(tmp_path, tmp_path / "home", workers=2)
+    assert cfg.broker == "redis://cache:6379/3" and cfg.dvc_remote == "s3://bucket/dvc"
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which is not installed
+    assert result_backend(cfg.airflow_db) == "db+" + cfg.airflow_db
+    base = airflow_env(cfg, Path(sys.executable).parent)
+    assert base["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+    one, two = (worker_env(cfg, base, i) for i in (0, 1))
+    assert one["CAPTIONER_PROJECT_DIR"] != two["CAPTIONER_PROJECT_DIR"]
+    assert one["AIRFLOW__CORE__DAGS_FOLDER"] == one["CAPTIONER_PROJECT_DIR"] + "/dags"
+    assert one["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] != two["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"]
+    assert one["AIRFLOW__API_AUTH__JWT_SECRET"] == two["AIRFLOW__API_AUTH__JWT_SECRET"]
+
+
+def test_services_missing_skip_or_fail_as_ci_asks(monkeypatch):
+    import tests.helpers as helpers
+
+    monkeypatch.setattr(helpers, "missing_services", lambda: ["PostgreSQL at 127.0.0.1:5432 (refused)"])
+    monkeypatch.delenv("CAPTIONER_REQUIRE_SERVICES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs PostgreSQL"):
+        helpers.require_services()
+    monkeypatch.setenv("CAPTIONER_REQUIRE_SERVICES", "1")
+    with pytest.raises(pytest.fail.Exception, match="CAPTIONER_REQUIRE_SERVICES=1"):
+        helpers.require_services()
