@@ -16,7 +16,8 @@ def repo(tmp_path_factory):
 @pytest.mark.timeout(1200)  # about 70 s on a quiet machine; 4x and more for a loaded one
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     first = sh(["dvc", "repro"], repo)
-    for stage in ("download", "validate", "features", "train", "evaluate", "register"):
+    for stage in ("download", "validate", "backbone", "features@0", "merge_features", "train", "evaluate",
+                  "register"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/features/xception.parquet").is_file()
     report = json.loads((repo / "reports/validation.json").read_text())
