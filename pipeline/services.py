@@ -21,22 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from .config import ConfigError, load_settings
+from .team import healthy
 from .tracking import tracking_uri
 
 PROJECT = Path.cwd()
 VENV_BIN = Path(sys.executable).parent
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _group_members(pgid: int) -> list:
@@ -81,7 +73,7 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
     # as ignored, and Ctrl-C / kill -INT must still stop the service group.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, to_interrupt)
-    if _healthy(health_url):
+    if healthy(health_url):
         print(f"{name}: {base_url} is already served by another process; stop it or use --port",
               file=sys.stderr)
         return 1
@@ -89,7 +81,7 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
     print(f"{name}: starting (pid {proc.pid}); waiting for {health_url}", flush=True)
     try:
         deadline = time.monotonic() + start_timeout_s
-        while not _healthy(health_url):
+        while not healthy(health_url):
             if proc.poll() is not None:
                 print(f"{name}: exited with status {proc.returncode} before it was ready", file=sys.stderr)
                 return proc.returncode or 1

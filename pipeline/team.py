@@ -171,7 +171,8 @@ def mlflow_command(cfg: TeamConfig, venv_bin: Path) -> list[str]:
     return [str(venv_bin / cmd[0]), *cmd[1:], "--workers", "1"]
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """``url`` answers 200 within a few seconds."""
     try:
         with urllib.request.urlopen(url, timeout=3) as response:
             return response.status == 200
@@ -200,7 +201,7 @@ class Processes:
 
 def wait_healthy(procs: Processes, name: str, url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
+    while not healthy(url):
         if procs.procs[name].poll() is not None:
             raise RuntimeError(f"{name} exited with status {procs.procs[name].returncode} before it was "
                                "ready; see its log")
@@ -217,7 +218,7 @@ def run_team(cfg: TeamConfig, stop_group, venv_bin: Path, start_timeout_s: float
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, to_interrupt)
     for url in (cfg.airflow_url, cfg.mlflow_url):
-        if _healthy(url + "/api/v2/monitor/health") or _healthy(url + "/health"):
+        if healthy(url + "/api/v2/monitor/health") or healthy(url + "/health"):
             print(f"team: {url} is already served by another process; stop it or pick other ports",
                   file=sys.stderr)
             return 1
