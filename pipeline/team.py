@@ -229,7 +229,8 @@ def run_team(cfg: TeamConfig, stop_group, venv_bin: Path, start_timeout_s: float
     try:
         for url in (cfg.airflow_db, cfg.mlflow_db):
             ensure_database(url)
-        Path(cfg.artifacts).mkdir(parents=True, exist_ok=True) if "://" not in cfg.artifacts else None
+        if "://" not in cfg.artifacts:  # a local folder (s3://... is the server's to reach)
+            Path(cfg.artifacts).mkdir(parents=True, exist_ok=True)
         print("team: migrating the Airflow database", flush=True)
         subprocess.run([airflow, *AIRFLOW_COMMANDS["airflow-init"][1:]], env=base, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
