@@ -38,16 +38,8 @@ def build_model(root: Path) -> None:
     import yaml
 
     from pipeline.config import parse_settings
-    from pipeline.stages import (
-        backbone,
-        download,
-        evaluate,
-        features,
-        merge_features,
-        register,
-        train,
-        validate,
-    )
+    from pipeline.stages import download, evaluate, register, train, validate
+    from tests.helpers import run_features
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["data"]["synthetic"].update(n_images=60, image_size=128)
@@ -56,9 +48,8 @@ def build_model(root: Path) -> None:
     settings = parse_settings(raw)
     download.run(settings)
     validate.run(settings)
-    backbone.run(settings)
-    features.run(settings, 0)
-    for stage in (merge_features, train, evaluate, register):
+    run_features(settings)
+    for stage in (train, evaluate, register):
         stage.run(settings)
 
 

@@ -24,41 +24,11 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_settings
-from .team import healthy
+from .processes import healthy, stop_group
 from .tracking import tracking_uri
 
 PROJECT = Path.cwd()
 VENV_BIN = Path(sys.executable).parent
-
-
-def _group_members(pgid: int) -> list:
-    """Live (non-zombie) processes of a process group."""
-    import psutil
-
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            continue
-    return members
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM the whole group, SIGKILL what is left after ``grace_s``; return only when no
-    process of the group is alive (the leader exiting first does not end the wait)."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_members(proc.pid):
-                return
-            time.sleep(0.2)
-    proc.poll()
 
 
 def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: str,
@@ -95,7 +65,7 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
         print(f"\n{name}: stopping", flush=True)
         return 0
     finally:
-        _stop_group(proc)
+        stop_group(proc)
         print(f"{name}: stopped", flush=True)
 
 
@@ -145,7 +115,7 @@ def main() -> None:
             parser.error("--workers must be at least 1")
         cfg = TeamConfig.from_env(PROJECT, args.home, workers=args.workers,
                                   airflow_port=args.port or 8080, mlflow_port=args.mlflow_port)
-        sys.exit(run_team(cfg, _stop_group, VENV_BIN))
+        sys.exit(run_team(cfg, VENV_BIN))
     if args.service == "airflow":
         sys.exit(airflow(args.port or 8080))
     sys.exit(ui(args.port or 5000))

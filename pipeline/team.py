@@ -20,10 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
+
+from .processes import healthy, stop_group
 
 # Shared with docker-compose.yml (x-airflow-common environment and service commands).
 AIRFLOW_SETTINGS = {
@@ -171,21 +172,11 @@ def mlflow_command(cfg: TeamConfig, venv_bin: Path) -> list[str]:
     return [str(venv_bin / cmd[0]), *cmd[1:], "--workers", "1"]
 
 
-def healthy(url: str) -> bool:
-    """``url`` answers 200 within a few seconds."""
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 class Processes:
     """Named process groups; stopping waits until no member of any group is alive."""
 
-    def __init__(self, stop_group):
+    def __init__(self):
         self.procs: dict[str, subprocess.Popen] = {}
-        self._stop_group = stop_group
 
     def start(self, name: str, cmd: list[str], env: dict, cwd: Path, log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +187,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):  # workers first, the database users last
-            self._stop_group(self.procs[name])
+            stop_group(self.procs[name])
 
 
 def wait_healthy(procs: Processes, name: str, url: str, timeout_s: float) -> None:
@@ -210,7 +201,7 @@ def wait_healthy(procs: Processes, name: str, url: str, timeout_s: float) -> Non
         time.sleep(1)
 
 
-def run_team(cfg: TeamConfig, stop_group, venv_bin: Path, start_timeout_s: float = 600) -> int:
+def run_team(cfg: TeamConfig, venv_bin: Path, start_timeout_s: float = 600) -> int:
     """Start the stack, supervise it until Ctrl-C / SIGTERM or a core process dies, stop it."""
     def to_interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -223,7 +214,7 @@ def run_team(cfg: TeamConfig, stop_group, venv_bin: Path, start_timeout_s: float
                   file=sys.stderr)
             return 1
     logs = cfg.home / "logs"
-    procs = Processes(stop_group)
+    procs = Processes()
     base = airflow_env(cfg, venv_bin)
     airflow = str(venv_bin / "airflow")
     try:
