@@ -5,8 +5,10 @@ Builds a small model first (synthetic data, Xception 299x299 random init, the de
 limits) in a temporary project, registers it in a temporary MLflow store, then measures
   * model load: `mlflow.pyfunc.load_model` in-process, and the server's start until /ping;
   * one-image latency, p50/p95 over --requests requests, HTTP and in-process;
-  * throughput for batches of 16 images, HTTP and in-process.
-Ratios are within this run. Target (issue): report them; cut what is cheap to cut.
+  * throughput for batches of 16 images, HTTP and in-process;
+  * one-image latency in-process with the backbone on the default runtime (tflite) against the
+    same model registered again with ``features.runtime: keras``, calls interleaved.
+Ratios are within this run. Targets: report them; keras p50 / tflite p50 >= 1.5.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ NAME = "bench-captioner"
 
 
 def build_model(root: Path) -> None:
-    """A tiny pipeline run in ``root`` registering NAME there."""
+    """A tiny pipeline run in ``root`` registering NAME there: version 1 on the default backbone
+    runtime (champion), version 2 the same decoder with the backbone on runtime keras."""
     import yaml
 
     from pipeline.config import parse_settings
-    from pipeline.stages import download, evaluate, register, train, validate
+    from pipeline.stages import backbone, download, evaluate, register, train, validate
     from tests.helpers import run_features
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -51,6 +54,10 @@ def build_model(root: Path) -> None:
     run_features(settings)
     for stage in (train, evaluate, register):
         stage.run(settings)
+    raw["features"].update(runtime="keras", precision="float32")
+    keras_settings = parse_settings(raw)
+    backbone.run(keras_settings)
+    register.run(keras_settings)
 
 
 def photo(seed: int) -> bytes:
@@ -98,6 +105,15 @@ def main() -> None:
             with Timer() as t:
                 model.predict(one)
             local_one.append(t.seconds)
+        keras_model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
+        keras_model.predict(one)
+        by_runtime = {"tflite": [], "keras": []}
+        for _ in range(args.requests):
+            for runtime, m in (("tflite", model), ("keras", keras_model)):
+                with Timer() as t:
+                    m.predict(one)
+                by_runtime[runtime].append(t.seconds)
+        del keras_model
         batch = pd.DataFrame({"image": images})
         with Timer() as local_batch:
             for _ in range(args.batches):
@@ -156,6 +172,10 @@ def main() -> None:
         ("batch of 16, in-process", f"{local_rate:.1f} img/s"),
         ("batch of 16, HTTP", f"{http_rate:.1f} img/s"),
         ("HTTP / in-process throughput", f"{http_rate / local_rate:.2f}"),
+        ("one image, in-process, backbone runtime tflite (default)", percentiles(by_runtime["tflite"])),
+        ("one image, in-process, backbone runtime keras", percentiles(by_runtime["keras"])),
+        ("keras p50 / tflite p50 (target >= 1.5)",
+         f"{np.median(by_runtime['keras']) / np.median(by_runtime['tflite']):.2f}"),
     ], [f"{args.requests} one-image requests, {args.batches} batches of 16 JPEGs 500x375 (base64); "
         "Xception 299x299 random init, beam 3, default serving limits"])
 

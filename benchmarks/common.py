@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from pipeline import cpu as cpu_info
+
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks.md"
 
 
@@ -23,14 +25,7 @@ class Timer:
 def cpu() -> str:
     """CPU model and the flags that change the figures (AVX-512, native bf16), read from
     /proc/cpuinfo: never assumed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({' '.join(shown) or 'no AVX2'})"
+    return cpu_info.describe()
 
 
 def machine() -> str:

@@ -108,13 +108,25 @@ class FeaturesSettings(_Section):
     # imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file
     weights: str = Field(min_length=1)
     image_size: int = Field(ge=71, le=1024)
-    precision: Literal["float32", "bfloat16"]
+    # keras | tflite (same weights on LiteRT/XNNPack: same embeddings, faster) | tflite_int8
+    runtime: Literal["keras", "tflite", "tflite_int8"]
+    # auto: bfloat16 only for the keras runtime on a CPU with native bf16, else float32
+    precision: Literal["auto", "float32", "bfloat16"]
+    # train images that calibrate the int8 ranges (runtime tflite_int8 only)
+    calibration_images: int = Field(ge=1, le=4096)
     batch_size: int = Field(ge=1, le=1024)
     seed: int
     rows_per_part: int = Field(ge=1)
     # One entry per shard, [0, 1, ..., N-1]: DVC makes one `features@i` stage per entry (its
     # foreach needs a list) and an image goes to shard stable_hash(name) % N.
     shards: list[int] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _bf16_needs_keras(self):
+        if self.precision == "bfloat16" and self.runtime != "keras":
+            raise ValueError(f"precision bfloat16 runs only on runtime keras, not {self.runtime} "
+                             "(TFLite has no bf16 path on x86 CPUs): use precision auto or float32")
+        return self
 
     @field_validator("shards", mode="before")
     @classmethod

@@ -53,6 +53,7 @@ def feature_parts_dir(backbone: str, shard: int) -> Path:
     return FEATURES_DIR / "parts" / f"{backbone}-{shard}"
 
 
-def backbone_weights_file(backbone: str) -> Path:
-    """The exact CNN weights used for the features, bundled later into the served model."""
-    return FEATURES_DIR / f"{backbone}.weights.h5"
+def backbone_dir(backbone: str) -> Path:
+    """The exact CNN used for the features (weights, TFLite model, resolved spec), bundled
+    later into the served model."""
+    return FEATURES_DIR / f"{backbone}.backbone"

@@ -94,15 +94,16 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     """pyfunc model: backbone + decoder + vocabulary + decoding settings + input limits."""
 
     def load_context(self, context) -> None:
-        from .backbone import BackboneSpec, embedder, load_saved
+        from .backbone import BackboneFolder
         from .model import StepModels, load_decoder
         from .text import Vocabulary
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
-        self.spec = BackboneSpec(**config["backbone"])
+        backbone = BackboneFolder(Path(context.artifacts["backbone"]))
+        self.spec = backbone.spec()
         self.decoding = config["decoding"]
         self.limits = config["limits"]
-        self.embed = embedder(load_saved(Path(context.artifacts["backbone_weights"]), self.spec))
+        self.embed = backbone.embedder(fallback_to_keras=True)
         self.models = StepModels.from_decoder(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
         self._warm_up()
@@ -174,5 +175,6 @@ def pip_requirements() -> list[str]:
     """Explicit pins: inferred ones add unrelated packages and miss pillow (DESIGN §7)."""
     from importlib.metadata import version
 
-    names = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "h5py", "pyarrow"]
+    names = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "h5py", "pyarrow",
+             "ai-edge-litert"]
     return [f"{n}=={version(n)}" for n in names]

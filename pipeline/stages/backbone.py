@@ -1,37 +1,73 @@
-"""Stage ``backbone``: build the CNN once and save its exact weights.
+"""Stage ``backbone``: build the CNN once and save everything its runtime needs.
 
-Output ``data/features/<backbone>.weights.h5``. Every feature shard loads this file, so all
-shards (on any machine) and the served model use the same CNN, and ImageNet weights are
-fetched once, here, not once per shard.
+Output folder ``data/features/<backbone>.backbone/``: the exact weights, the TFLite model
+(``features.runtime: tflite`` or ``tflite_int8``) and ``spec.json`` (runtime and precision as
+chosen on this machine's CPU). Every feature shard and the served model load this folder, so all
+shards (on any machine) use the same CNN, and ImageNet weights are fetched once, here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
+from pathlib import Path
 
-from .. import paths
-from ..atomic import atomic_path
-from ..backbone import BackboneError, BackboneSpec, build
+import numpy as np
+import pandas as pd
+
+from .. import cpu, paths
+from ..atomic import atomic_dir
+from ..backbone import BackboneError, BackboneFolder, BackboneSpec, build, load_image, to_tflite
 from ..config import Settings
-from ._cli import reported, stage_main
+from ..images import ImageError
+from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.backbone")
 
 
-def save_backbone(spec: BackboneSpec, weights_out) -> dict:
-    """Build the CNN of ``spec`` and write its weights to ``weights_out``; raises BackboneError."""
+def calibration_set(captions: pd.DataFrame, image_dir: Path, spec: BackboneSpec, count: int,
+                    max_pixels: int) -> np.ndarray:
+    """``count`` train images, spread by a hash of their names (not the first ones of a sorted
+    list, which may all come from one photographer), decoded as the features stage decodes."""
+    train = sorted(set(captions.loc[captions["split"] == "train", "image"]))
+    if not train:
+        raise ValueError("no train images in data/prepared/captions.parquet to calibrate tflite_int8")
+    chosen = sorted(train, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:count]
+    return np.stack([load_image(image_dir / name, spec, max_pixels) for name in chosen])
+
+
+def save_backbone(spec: BackboneSpec, out: Path, calibration: np.ndarray | None = None) -> dict:
+    """Build the CNN of ``spec`` and write its folder to ``out`` (replaced only when complete);
+    raises BackboneError."""
     model = build(spec)
-    with atomic_path(weights_out) as tmp:
-        model.save_weights(str(tmp))
-    log.info("wrote %s (%s, weights %s, %d parameters)", weights_out, spec.name, spec.weights,
-             model.count_params())
-    return {"parameters": model.count_params()}
+    stats = {"parameters": model.count_params(), "runtime": spec.runtime, "precision": spec.precision}
+    with atomic_dir(out) as tmp:
+        folder = BackboneFolder(tmp)
+        model.save_weights(str(folder.weights))
+        if spec.runtime != "keras":
+            start = time.perf_counter()
+            folder.tflite.write_bytes(to_tflite(model, calibration if spec.runtime == "tflite_int8" else None))
+            stats["conversion_seconds"] = round(time.perf_counter() - start, 1)
+        folder.spec_file.write_text(json.dumps({"spec": spec.to_dict(), "chosen_on": cpu.describe()}, indent=2))
+    log.info("wrote %s (%s, weights %s, runtime %s, %s, %d parameters; CPU %s)", out, spec.name,
+             spec.weights, spec.runtime, spec.precision, model.count_params(), cpu.describe())
+    return stats
 
 
 def run(settings: Settings) -> dict:
-    spec = BackboneSpec.from_settings(settings.features)
-    with reported(BackboneError, OSError):
-        return save_backbone(spec, paths.backbone_weights_file(spec.name))
+    cfg = settings.features
+    spec = BackboneSpec.from_settings(cfg)
+    calibration = None
+    with reported(BackboneError, ImageError, ValueError, OSError):
+        if spec.runtime == "tflite_int8":
+            require(paths.CAPTIONS)
+            calibration = calibration_set(
+                pd.read_parquet(paths.CAPTIONS, columns=["image", "split"]),
+                paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR, spec,
+                cfg.calibration_images, settings.validation.max_image_pixels)
+        return save_backbone(spec, paths.backbone_dir(spec.name), calibration)
 
 
 def main() -> None:

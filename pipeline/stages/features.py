@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import paths
 from ..atomic import write_text
-from ..backbone import BackboneError, BackboneSpec, embedder, load_saved
+from ..backbone import BackboneError, BackboneFolder, BackboneSpec
 from ..config import Settings
 from ..features_file import embedding_table, shard_of, sorted_by_image, write_table
 from ..images import CORRUPT, ImageError, load_rgb
@@ -85,19 +85,20 @@ class _Parts:
         write_table(embedding_table(images, embeddings), self.folder / f"part-{index:05d}.parquet")
 
 
-def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: Path, weights: Path,
-                     spec: BackboneSpec, batch_size: int, rows_per_part: int) -> dict:
+def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: Path,
+                     backbone: BackboneFolder, batch_size: int, rows_per_part: int) -> dict:
     """Write features of ``images`` (names in ``image_dir``) to ``out`` with the CNN saved in
-    ``weights``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
+    ``backbone``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
     cannot be decoded)."""
     import tensorflow as tf
 
+    spec = backbone.spec()
     parts = _Parts(parts_dir, {**spec.to_dict(), "images": len(images)})
     done = parts.done()
     todo = [n for n in images if n not in done]
     if done:
         log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
-    embed = embedder(load_saved(weights, spec))
+    embed = backbone.embedder()
 
     start, buffer_names, buffer_vecs = time.perf_counter(), [], []
     names_iter = iter(todo)
@@ -142,16 +143,20 @@ def run(settings: Settings, shard: int = 0) -> dict:
     cfg = settings.features
     if shard not in cfg.shards:
         raise StageError(f"--shard {shard} is not one of features.shards {cfg.shards}")
-    spec = BackboneSpec.from_settings(cfg)
-    weights = paths.backbone_weights_file(spec.name)
-    require(paths.CAPTIONS, weights)
+    backbone = BackboneFolder(paths.backbone_dir(cfg.backbone))
+    require(paths.CAPTIONS, backbone.spec_file)
+    with reported(BackboneError):
+        saved = backbone.spec()
+    if not saved.agrees_with(cfg):
+        raise StageError(f"{backbone.path} holds {saved}, but params.yaml asks for "
+                         f"{BackboneSpec.from_settings(cfg)}: rerun the backbone stage first")
     everything = pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique()
     images = sorted(n for n in everything if shard_of(n, len(cfg.shards)) == shard)
     log.info("shard %d of %d: %d of %d images", shard, len(cfg.shards), len(images), len(everything))
     with reported(BackboneError, ImageError, ValueError, OSError):
         return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR,
-                                images, paths.feature_shard_file(spec.name, shard),
-                                paths.feature_parts_dir(spec.name, shard), weights, spec,
+                                images, paths.feature_shard_file(cfg.backbone, shard),
+                                paths.feature_parts_dir(cfg.backbone, shard), backbone,
                                 cfg.batch_size, cfg.rows_per_part)
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .. import paths
 from ..atomic import write_json
-from ..backbone import BackboneSpec
+from ..backbone import BackboneFolder
 from ..champion import ALIAS, current_version
 from ..comparison import paired_bootstrap
 from ..config import Settings
@@ -81,7 +81,8 @@ def log_caption_model(settings: Settings, model_dir: Path):
     from ..serving import CONFIG_NAME, pip_requirements, signature_and_example
     from ..synthetic import make_scene
 
-    spec = BackboneSpec.from_settings(settings.features)
+    backbone = BackboneFolder(paths.backbone_dir(settings.features.backbone))
+    spec = backbone.spec()
     ev = settings.evaluate
     config = model_dir / CONFIG_NAME
     config.write_text(json.dumps({
@@ -95,7 +96,7 @@ def log_caption_model(settings: Settings, model_dir: Path):
     return mlflow.pyfunc.log_model(
         name=ARTIFACT_NAME, python_model=str(MODEL_CODE),
         artifacts={"config": str(config), "decoder": str(paths.DECODER), "vocab": str(paths.VOCAB),
-                   "backbone_weights": str(paths.backbone_weights_file(spec.name))},
+                   "backbone": str(backbone.path)},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
         code_paths=[str(MODEL_CODE.parent)],
         registered_model_name=settings.registry.model_name)
@@ -106,7 +107,7 @@ def run(settings: Settings) -> dict:
     from mlflow import MlflowClient
 
     require(paths.EVAL_METRICS, paths.TEST_SCORES, paths.DECODER, paths.VOCAB,
-            paths.backbone_weights_file(settings.features.backbone))
+            BackboneFolder(paths.backbone_dir(settings.features.backbone)).spec_file)
     reg = settings.registry
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     scores = pd.read_parquet(paths.TEST_SCORES)

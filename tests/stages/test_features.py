@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import paths
-from pipeline.backbone import BackboneError, BackboneSpec, build
+from pipeline.backbone import BackboneError, BackboneFolder, BackboneSpec, build
 from pipeline.features_file import read_features
 from pipeline.stages import backbone, download, features, merge_features, validate
 from pipeline.stages._cli import StageError
@@ -39,7 +39,8 @@ def test_features_schema_rows_and_metadata(prepared):
     meta = table.schema.metadata
     assert meta[b"backbone"] == b"xception" and meta[b"weights"] == b"none"
     assert meta[b"input_size"] == b"71" and b"keras_version" in meta and b"preprocess_input" in meta[b"preprocessing"]
-    assert paths.backbone_weights_file("xception").is_file()
+    assert meta[b"runtime"] == b"tflite" and meta[b"precision"] == b"float32"  # the defaults
+    assert BackboneFolder(paths.backbone_dir("xception")).tflite.is_file()
     assert not PARTS0.exists()
 
 
@@ -57,14 +58,18 @@ def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
     assert pq.read_table(SHARD0).num_rows == 20
 
 
-def test_embedding_is_bit_identical_whatever_the_batch_size(prepared):
+@pytest.mark.parametrize("runtime", ["keras", "tflite"])
+def test_embedding_is_bit_identical_whatever_the_batch_size(prepared, runtime):
     """Shards, resumed runs and the served model embed an image in different batches (a
     batch of one included); its vector must not change in the last bit."""
-    features.run(prepared)
+    settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": runtime})
+    backbone.run(settings)
+    features.run(settings)
     names, one, _ = read_features(SHARD0)
     for batch_size in (3, 1):
         SHARD0.unlink()
-        features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": batch_size}))
+        features.run(tiny_settings(**{"data.synthetic.n_images": 20, "features.batch_size": batch_size,
+                                      "features.runtime": runtime}))
         names2, other, _ = read_features(SHARD0)
         assert names == names2
         assert np.array_equal(one, other), f"batch size {batch_size} changed the embeddings"
@@ -116,10 +121,45 @@ def test_local_weights_file_is_used(tmp_path):
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5)
 
 
+def test_tflite_features_are_the_keras_features(prepared):
+    """The default runtime (float32 TFLite) must not change what the decoder sees."""
+    features.run(prepared)
+    _, lite, meta = read_features(SHARD0)
+    keras_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras",
+                                      "features.precision": "float32"})
+    backbone.run(keras_settings)
+    features.run(keras_settings)
+    _, exact, keras_meta = read_features(SHARD0)
+    assert (meta["runtime"], keras_meta["runtime"]) == ("tflite", "keras")
+    cosine = (lite * exact).sum(1) / np.linalg.norm(lite, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cosine.min() >= 0.99999
+    np.testing.assert_allclose(lite, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+
+
+def test_features_refuse_a_backbone_built_for_other_params(prepared):
+    other = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras"})
+    with pytest.raises(StageError, match=r"rerun the backbone stage"):
+        features.run(other)
+
+
+def test_int8_runtime_is_calibrated_on_train_images_and_stays_close(prepared):
+    features.run(prepared)
+    _, exact, _ = read_features(SHARD0)
+    int8 = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "tflite_int8",
+                            "features.calibration_images": 4})
+    stats = backbone.run(int8)
+    features.run(int8)
+    _, approx, meta = read_features(SHARD0)
+    assert stats["runtime"] == meta["runtime"] == "tflite_int8"
+    cosine = (approx * exact).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cosine.mean() > 0.9 and not np.array_equal(approx, exact)
+
+
 def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
     features.run(prepared)
     _, exact, _ = read_features(SHARD0)
-    fast_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.precision": "bfloat16"})
+    fast_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras",
+                                     "features.precision": "bfloat16"})
     backbone.run(fast_settings)
     features.run(fast_settings)
     _, fast, meta = read_features(SHARD0)
