@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
+.PHONY: run test setup browser bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,17 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/python -m pipeline.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The browser tests drive Debian's chromium with Playwright (no browser download): install it
+# when missing and this user may (root, or sudo without a password); otherwise say how.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "warning: chromium not found and no root: the browser tests will skip (apt-get install chromium)"; exit 0; fi; \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 bench: bench-features bench-train bench-decode bench-serving
 

@@ -57,6 +57,7 @@ def build_model(root: Path) -> None:
     raw["features"].update(runtime="keras", precision="float32")
     keras_settings = parse_settings(raw)
     backbone.run(keras_settings)
+    evaluate.run(keras_settings)  # against v1, the champion now
     register.run(keras_settings)
 
 

@@ -209,3 +209,27 @@ def require_services() -> None:
         if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
             pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
         pytest.skip(reason)
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser tests (`make test` installs it where it may): skip
+    without it, or fail with CAPTIONER_REQUIRE_SERVICES=1 (CI)."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("chromium")
+    if not found:
+        reason = "browser test needs Debian's chromium (apt-get install chromium; `make test` does it as root)"
+        if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
+        pytest.skip(reason)
+    return found
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

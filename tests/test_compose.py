@@ -131,7 +131,8 @@ def test_image_lock_agrees_with_the_project_lock():
     deploy = _pins(PROJECT / "docker/requirements-deploy.txt")
     assert all(image.get(n) == v for n, v in deploy.items())
     for runtime in ("apache-airflow", "tensorflow-cpu", "keras", "mlflow", "dvc", "pycocoevalcap",
-                    "great-expectations", "dvc-s3", "psycopg2-binary", "boto3", "apache-airflow-providers-celery"):
+                    "great-expectations", "dvc-s3", "psycopg2-binary", "boto3", "apache-airflow-providers-celery",
+                    "ai-edge-litert"):
         assert runtime in image, runtime
 
 

@@ -107,6 +107,15 @@ def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) ->
     return summary, scores
 
 
+CAPTION_TABLE = "test_captions.json"
+
+
+def caption_table(table: pd.DataFrame) -> pd.DataFrame:
+    """What the model wrote for each test image, next to what people wrote."""
+    return pd.DataFrame({"image": table["image"], "beam": table["beam"], "greedy": table["greedy"],
+                         "references": [" | ".join(refs) for refs in table["references"]]})
+
+
 def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file)
@@ -135,6 +144,8 @@ def run(settings: Settings) -> dict:
         mlflow.log_metrics({k.replace(".", "_"): v for k, v in flatten("", {m: metrics[m] for m in MODES}).items()})
         for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
+        # The same captions as a table the UI shows (Artifacts, and Evaluation's table view)
+        mlflow.log_table(caption_table(table), artifact_file=CAPTION_TABLE)
         log.info("logged to MLflow run %s", active.info.run_id)
     log.info(summary)
     return metrics

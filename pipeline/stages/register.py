@@ -102,6 +102,36 @@ def log_caption_model(settings: Settings, model_dir: Path):
         registered_model_name=settings.registry.model_name)
 
 
+def model_description(name: str) -> str:
+    """The registered model's description (Markdown in the UI): what it does and how to use it."""
+    return (
+        "Writes one English sentence about a photo: an Xception CNN (ImageNet) turns the image into "
+        "a 2048-d vector and an LSTM decoder writes the caption (beam search). Trained and "
+        "promoted by the captioner pipeline (`dvc repro` / the Airflow DAG `caption_retraining`); "
+        "the version holding the alias `champion` is the one to use.\n\n"
+        "**Input**: a DataFrame with a column `image` (base64 image data, JPEG/PNG), optional "
+        "param `beam_size` (1 = greedy). **Output**: columns `caption` and `error` (one per row; "
+        "a bad image fills `error` and leaves the other rows alone).\n\n"
+        "```python\nimport base64, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")\n"
+        "image = base64.b64encode(open(\"photo.jpg\", \"rb\").read()).decode()\n"
+        "print(model.predict(pd.DataFrame({\"image\": [image]}))[\"caption\"][0])\n```\n\n"
+        "More: the project README, sections \"Using the model\" and \"Comparing models in MLflow\".")
+
+
+def version_description(run_tags: dict, metrics: dict, decision: str, why: str, old_version: str | None) -> str:
+    """One version's description: its data, its scores, and how it compared with the champion."""
+    beam = metrics.get("beam", {})
+    scores = ", ".join(f"{label} {beam[key]:.3f}" for key, label in (
+        ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr")) if key in beam)
+    against = f"champion v{old_version}" if old_version else "no champion (first model)"
+    return (f"Data: {run_tags.get('data.source', '?')} captions (DVC md5 "
+            f"{run_tags.get('dvc.captions_md5', '?')}), features (DVC md5 {run_tags.get('dvc.features_md5', '?')}), "
+            f"code {run_tags.get('git.commit', '?')}.\n\n"
+            f"Test scores ({metrics.get('n_images', '?')} images, beam {metrics.get('beam_size', '?')}): {scores}.\n\n"
+            f"Against {against}: {decision.replace('_', ' ')}: {why}.")
+
+
 def run(settings: Settings) -> dict:
     import mlflow
     from mlflow import MlflowClient
@@ -134,6 +164,9 @@ def run(settings: Settings) -> dict:
         tags.update({f"vs_champion.{k}": str(v) for k, v in comparison.items()})
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
+    client.update_registered_model(reg.model_name, description=model_description(reg.model_name))
+    client.update_model_version(reg.model_name, version, description=version_description(
+        client.get_run(run_id).data.tags, metrics, decision, why, old_version))
     client.set_tag(run_id, "registry.decision", decision)
     report = {"model_name": reg.model_name, "version": version, "run_id": run_id,
               "model_uri": f"models:/{reg.model_name}/{version}", "metric": reg.metric,

@@ -19,7 +19,7 @@ from ..atomic import atomic_path, write_text
 from ..config import Settings, TrainSettings
 from ..features_file import read_features, row_index, rows_of
 from ..text import Vocabulary
-from ..tracking import flatten, run_ref, setup
+from ..tracking import data_identity, flatten, log_training_data, run_name, run_ref, setup
 from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.train")
@@ -103,7 +103,9 @@ def run(settings: Settings) -> dict:
     captions = pd.read_parquet(paths.CAPTIONS)
     images, features, feature_meta = read_features(feature_file)
     mlflow = setup(settings)
-    with mlflow.start_run(run_name="train") as active:
+    identity = data_identity(settings, paths.CAPTIONS, feature_file)
+    with mlflow.start_run(run_name=run_name(settings, identity["short_id"]), tags=identity) as active:
+        log_training_data(captions, identity, paths.CAPTIONS, feature_file)
         mlflow.log_params({**flatten("train", settings.train.model_dump()),
                            **flatten("features", feature_meta),
                            "data.source": settings.data.source,
