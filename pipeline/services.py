@@ -85,6 +85,9 @@ def airflow(port: int) -> int:
                      f"http://127.0.0.1:{port}", "/api/v2/monitor/health", note)
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def ui(port: int) -> int:
     try:
         uri = tracking_uri(load_settings())
@@ -94,7 +97,10 @@ def ui(port: int) -> int:
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return supervise("mlflow", cmd, env, f"http://127.0.0.1:{port}", "/health", f" (store: {uri})")
+    # MLflow 3.17's UI opens on its GenAI pages unless told (once per browser, or by this URL
+    # parameter) to show model training: the runs table and the registry.
+    return supervise("mlflow", cmd, env, f"http://127.0.0.1:{port}", "/health",
+                     f" (store: {uri}); training runs: http://127.0.0.1:{port}/#/experiments?{TRAINING_VIEW}")
 
 
 def main() -> None:

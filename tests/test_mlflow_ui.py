@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import paths
+from pipeline.services import TRAINING_VIEW
 from pipeline.stages.evaluate import CAPTION_TABLE
 from pipeline.tracking import EXPERIMENT_KIND, file_md5, setup
 from tests.helpers import PROJECT, chromium, free_port, tiny_settings
@@ -89,6 +90,14 @@ def test_captions_are_a_table_in_the_run(client):
     assert {"gallery.html", CAPTION_TABLE} <= artifacts
 
 
+
+def close_assistant(page) -> None:
+    """The MLflow Assistant side panel opens by default and would cover half the screenshot."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
 @pytest.mark.timeout(1200)
 def test_runs_table_and_model_page_in_a_browser(registered, tmp_path, monkeypatch):
     """Two runs side by side with their names and data, and the model page with its alias;
@@ -133,15 +142,19 @@ def test_runs_table_and_model_page_in_a_browser(registered, tmp_path, monkeypatc
         experiment_id = runs[0].info.experiment_id
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1600, "height": 900})
-            page.goto(f"{url}/#/experiments/{experiment_id}")
-            for name in names:  # the default view is the runs table, not the GenAI overview
-                page.get_by_text(name).first.wait_for(timeout=120_000)
-            page.get_by_text("synthetic-captions").first.wait_for(timeout=60_000)  # Dataset column
+            page = browser.new_page(viewport={"width": 1400, "height": 640})
+            page.goto(f"{url}/#/experiments/{experiment_id}?{TRAINING_VIEW}")
+            page.get_by_text("matching runs").first.wait_for(timeout=120_000)
+            close_assistant(page)
+            for name in names:
+                page.get_by_text(name).first.wait_for(timeout=60_000)
+            page.get_by_text(f"synthetic-captions ({file_md5(paths.CAPTIONS)[:8]}").first.wait_for(timeout=60_000)
             page.screenshot(path=str(docs / "mlflow-runs.png"))
-            page.goto(f"{url}/#/models/{NAME}")
-            page.get_by_text("champion").first.wait_for(timeout=120_000)
-            page.get_by_text("Writes one English sentence").first.wait_for(timeout=60_000)
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.goto(f"{url}/#/models/{NAME}?{TRAINING_VIEW}")
+            page.get_by_text("Writes one English sentence").first.wait_for(timeout=120_000)
+            page.get_by_role("row").filter(has_text="champion").first.wait_for(timeout=60_000)
+            close_assistant(page)
             page.screenshot(path=str(docs / "mlflow-model.png"))
             browser.close()
     finally:
