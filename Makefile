@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup browser bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
+.PHONY: run test setup browser app bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ airflow: $(STAMP)
 WORKERS ?= 2
 team: $(STAMP)
 	$(BIN)/python -m pipeline.services team --workers $(WORKERS)
+
+# The caption web app on http://127.0.0.1:8000 over models:/<register.model_name>@champion,
+# swapping in a new champion without a restart (POLL seconds between checks).
+POLL ?= 10
+app: $(STAMP)
+	$(BIN)/captioner app --poll-seconds $(POLL)
 
 # MLflow UI / tracking server on http://127.0.0.1:5000 over the project's store.
 ui: $(STAMP)

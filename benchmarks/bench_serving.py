@@ -71,6 +71,52 @@ def photo(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def app_latency(root: Path, model, one, jpeg: bytes, requests: int) -> tuple[list[float], list[float]]:
+    """``captioner app`` over the same registry: one-image POST /api/caption latency, interleaved
+    with the in-process model call."""
+    import httpx
+
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    app = subprocess.Popen([str(bin_dir / "captioner"), "app", "--model-name", NAME, "--port", str(port)],
+                           env=os.environ.copy(), cwd=root, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+        def post() -> None:
+            httpx.post(f"{url}/api/caption", files=[("file", ("photo.jpg", jpeg, "image/jpeg"))],
+                       timeout=600).raise_for_status()
+
+        post()  # first request
+        over_http, local = [], []
+        for _ in range(requests):
+            with Timer() as t:
+                post()
+            over_http.append(t.seconds)
+            with Timer() as t:
+                model.predict(one)
+            local.append(t.seconds)
+        return over_http, local
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def percentiles(seconds: list[float]) -> str:
     p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
     return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
@@ -109,20 +155,23 @@ def main() -> None:
         keras_model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
         keras_model.predict(one)
         by_runtime = {"tflite": [], "keras": []}
+        cnn_only = {"tflite": [], "keras": []}
+        pixels = np.zeros((1, 299, 299, 3), np.uint8)
         for _ in range(args.requests):
             for runtime, m in (("tflite", model), ("keras", keras_model)):
                 with Timer() as t:
                     m.predict(one)
                 by_runtime[runtime].append(t.seconds)
+                with Timer() as t:
+                    m.unwrap_python_model().embed(pixels)
+                cnn_only[runtime].append(t.seconds)
         del keras_model
         batch = pd.DataFrame({"image": images})
         with Timer() as local_batch:
             for _ in range(args.batches):
                 model.predict(batch)
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         bin_dir = Path(sys.executable).parent
         server = subprocess.Popen(
             [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
@@ -160,6 +209,7 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
+        app_one, app_local = app_latency(root, model, one, photo(0), args.requests)
 
     n = 16 * args.batches
     local_rate, http_rate = n / local_batch.seconds, n / http_batch.seconds
@@ -177,6 +227,10 @@ def main() -> None:
         ("one image, in-process, backbone runtime keras", percentiles(by_runtime["keras"])),
         ("keras p50 / tflite p50 (target >= 1.5)",
          f"{np.median(by_runtime['keras']) / np.median(by_runtime['tflite']):.2f}"),
+        ("CNN only, one image: tflite / keras", f"{percentiles(cnn_only['tflite'])} / {percentiles(cnn_only['keras'])}"),
+        ("captioner app, POST /api/caption, one JPEG (multipart)", percentiles(app_one)),
+        ("in-process model call, same rounds (interleaved)", percentiles(app_local)),
+        ("app / in-process, one image (p50)", f"{np.median(app_one) / np.median(app_local):.2f}"),
     ], [f"{args.requests} one-image requests, {args.batches} batches of 16 JPEGs 500x375 (base64); "
         "Xception 299x299 random init, beam 3, default serving limits"])
 

@@ -1,6 +1,7 @@
-"""``captioner``: caption images with a registered model.
+"""``captioner``: caption images with a registered model, or serve the champion as a web app.
 
     captioner caption photo1.jpg photo2.jpg [--model models:/flickr8k-captioner@champion] [--beam 3]
+    captioner app [--port 8000] [--poll-seconds 10]
 
 Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
 an unreadable file is reported at once; the CLI reads each file itself and hands the model its
@@ -19,12 +20,29 @@ from .config import ConfigError, load_settings
 from .serving import MAX_BEAM  # the served model's own bound: one rule in one place
 
 
-def _default_model() -> str:
+def _model_name() -> str:
     try:
-        name = load_settings().registry.model_name
+        return load_settings().registry.model_name
     except ConfigError:
-        name = "flickr8k-captioner"
-    return f"models:/{name}@champion"
+        return "flickr8k-captioner"
+
+
+def _default_model() -> str:
+    return f"models:/{_model_name()}@champion"
+
+
+def _use_tracking_uri(uri: str | None) -> None:
+    import mlflow
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        return
+    try:
+        from .tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(load_settings()))
+    except ConfigError:
+        pass  # outside the project: MLflow's own default / MLFLOW_TRACKING_URI
 
 
 def beam_size(text: str) -> int:
@@ -66,15 +84,7 @@ def caption(args: argparse.Namespace) -> int:
 
     from . import quiet_tensorflow  # noqa: F401
 
-    if args.tracking_uri:
-        mlflow.set_tracking_uri(args.tracking_uri)
-    else:
-        try:
-            from .tracking import tracking_uri
-
-            mlflow.set_tracking_uri(tracking_uri(load_settings()))
-        except ConfigError:
-            pass  # outside the project: MLflow's own default / MLFLOW_TRACKING_URI
+    _use_tracking_uri(args.tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(args.model)
     except Exception as err:
@@ -105,9 +115,32 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--beam", type=beam_size, default=None,
                      help=f"beam size 1..{MAX_BEAM} (1 = greedy; default: the model's)")
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    app = sub.add_parser("app", help="serve a caption web page and JSON API over the champion",
+                         description="A web page (drop photos, get captions) and POST /api/caption, "
+                                     "GET /api/model, GET /healthz over models:/<name>@<alias>; the "
+                                     "alias is checked every --poll-seconds and a new version is "
+                                     "swapped in without a restart.")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    app.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    app.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    app.add_argument("--alias", default="champion", help="alias to follow (default: champion)")
+    app.add_argument("--poll-seconds", type=float, default=10.0,
+                     help="how often to check the alias (default: 10)")
+    app.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.command == "app":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("mlflow", "alembic", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        if args.poll_seconds <= 0:
+            parser.error("--poll-seconds must be positive")
+        from . import quiet_tensorflow  # noqa: F401
+        from .app import serve
+
+        _use_tracking_uri(args.tracking_uri)
+        sys.exit(serve(args.model_name or _model_name(), args.alias, args.host, args.port, args.poll_seconds))
+    logging.basicConfig(level=logging.WARNING)
     args.model = args.model or _default_model()
     sys.exit(caption(args))
 

@@ -98,9 +98,19 @@ def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, 
                 length_penalty: float = 0.7, no_repeat_ngram: int = 0,
                 batch_size: int = 128, progress: str | None = None) -> list[Caption]:
     """Beam search with ``beam_size`` hypotheses per image, all images of a batch together
-    (rows = images x beams)."""
+    (rows = images x beams); the best finished caption of each image."""
+    return [found[0][0] for found in beam_candidates(
+        models, features, vocab, beam_size=beam_size, length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram, batch_size=batch_size, progress=progress)]
+
+
+def beam_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int = 3,
+                    length_penalty: float = 0.7, no_repeat_ngram: int = 0, batch_size: int = 128,
+                    progress: str | None = None) -> list[list[tuple[Caption, float]]]:
+    """Like ``beam_search``, but every finished hypothesis of each image as (caption,
+    length-normalised score), best first (what an app shows as the other candidates)."""
     k = beam_size
-    out: list[Caption] = []
+    out: list[list[tuple[Caption, float]]] = []
     for lo in _batches(len(features), batch_size, progress):
         feats = features[lo:lo + batch_size]
         n = len(feats)
@@ -150,8 +160,9 @@ def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, 
             scores, histories = new_scores, new_hist
             token = new_tokens.reshape(-1, 1)
         for i in range(n):
-            best = max(finished[i], key=lambda f: f[0]) if finished[i] else (0.0, float(scores[i, 0]), histories[i * k])
-            out.append(Caption(best[2], best[1]))
+            found = finished[i] or [(0.0, float(scores[i, 0]), histories[i * k])]
+            ranked = sorted(found, key=lambda f: -f[0])  # stable: ties keep the order found
+            out.append([(Caption(tokens, score), norm) for norm, score, tokens in ranked])
     return out
 
 

@@ -122,38 +122,48 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise request_error("input needs a column 'image' (base64 image data)")
-        beam = beam_param(params, self.decoding["beam_size"])
-        rows, limit = len(model_input), self.limits["max_rows"]
+        results = self.caption_images(model_input["image"].tolist(), beam_param(params, self.decoding["beam_size"]))
+        return pd.DataFrame({"caption": [r["caption"] for r in results], "error": [r["error"] for r in results]})
+
+    def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
+        """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error"}, with the
+        same limits and per-row errors as ``predict`` (apps call this to show the other beam
+        candidates; ``score`` is the length-normalised log-probability)."""
+        beam = beam_param({"beam_size": beam_size}, self.decoding["beam_size"])
+        rows, limit = len(values), self.limits["max_rows"]
         if rows > limit:
             raise request_error(f"too many rows: {rows} in one request, the limit is {limit}")
-        values = model_input["image"].tolist()
-        captions, errors = [""] * rows, [""] * rows
+        results = [{"caption": "", "candidates": [], "error": ""} for _ in values]
         step = self.limits["batch_size"]
         for lo in range(0, rows, step):
-            self._caption_batch(values[lo:lo + step], lo, beam, captions, errors)
-        return pd.DataFrame({"caption": captions, "error": errors})
+            self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam)
+        return results
 
-    def _caption_batch(self, values: list, offset: int, beam: int, captions: list, errors: list) -> None:
+    def _caption_batch(self, values: list, results: list[dict], beam: int) -> None:
         from .backbone import load_image
-        from .decoding import beam_search, greedy
+        from .decoding import beam_candidates, greedy
 
-        pixels, ok_rows = [], []
-        for i, value in enumerate(values):
+        pixels, ok = [], []
+        for value, result in zip(values, results):
             try:
                 data = image_bytes(value, self.limits["max_image_bytes"])
                 pixels.append(load_image(data, self.spec, self.limits["max_image_pixels"]))
-                ok_rows.append(offset + i)
+                ok.append(result)
             except ValueError as err:  # ImageError is a ValueError; one bad image must not sink the batch
-                errors[offset + i] = str(err).splitlines()[0]
+                result["error"] = str(err).splitlines()[0]
         if not pixels:
             return
         feats = self.embed(np.stack(pixels))
         ngram = self.decoding["no_repeat_ngram"]
-        decoded = greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram) if beam == 1 else \
-            beam_search(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
-                        length_penalty=self.decoding["length_penalty"])
-        for row, caption in zip(ok_rows, decoded):
-            captions[row] = self.vocab.decode(caption.tokens)
+        if beam == 1:
+            found = [[(c, c.log_prob)] for c in greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram)]
+        else:
+            found = beam_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
+                                    length_penalty=self.decoding["length_penalty"])
+        for result, ranked in zip(ok, found):
+            result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4)}
+                                    for c, score in ranked]
+            result["caption"] = result["candidates"][0]["caption"]
 
 
 def signature_and_example(example_image: bytes):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 from .config import Settings
@@ -115,11 +116,13 @@ def log_training_data(captions, identity: dict[str, str], captions_file: Path, f
 
     per_split = captions.groupby("split").agg(images=("image", "nunique"), captions=("image", "size"))
     sizes = {f"{split}_{what}": str(int(n)) for split, row in per_split.iterrows() for what, n in row.items()}
-    prepared = mlflow.data.from_pandas(captions[["image", "split", "caption"]], source=str(captions_file),
-                                       name=f"{identity['data.source']}-captions",
-                                       digest=identity["dvc.captions_md5"])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        prepared = mlflow.data.from_pandas(captions[["image", "split", "caption"]], source=str(captions_file),
+                                           name=f"{identity['data.source']}-captions",
+                                           digest=identity["dvc.captions_md5"])
+        embeddings = mlflow.data.from_pandas(
+            captions[["image"]].drop_duplicates().reset_index(drop=True), source=str(features_file),
+            name=f"{identity['data.source']}-{features_file.stem}-features", digest=identity["dvc.features_md5"])
     mlflow.log_input(prepared, context="training", tags=sizes)
-    embeddings = mlflow.data.from_pandas(
-        captions[["image"]].drop_duplicates().reset_index(drop=True), source=str(features_file),
-        name=f"{identity['data.source']}-{features_file.stem}-features", digest=identity["dvc.features_md5"])
     mlflow.log_input(embeddings, context="training", tags=sizes)

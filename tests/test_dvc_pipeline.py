@@ -12,6 +12,21 @@ def repo(tmp_path_factory):
     return git_project(tmp_path_factory.mktemp("project"))
 
 
+def assert_run_names_its_data(repo):
+    """The training run's data tags are the hashes in dvc.lock and its commit is the repo's."""
+    import yaml
+    from mlflow import MlflowClient
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    outs = {o["path"]: o["md5"] for stage in ("validate", "merge_features") for o in lock[stage]["outs"]}
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("captioner").experiment_id])
+    assert run.data.tags["dvc.captions_md5"] == outs["data/prepared/captions.parquet"]
+    assert run.data.tags["dvc.features_md5"] == outs["data/features/xception.parquet"]
+    head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert run.data.tags["git.commit"].startswith(head)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # about 70 s on a quiet machine; 4x and more for a loaded one
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
@@ -27,6 +42,7 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     assert json.loads((repo / "reports/registry.json").read_text())["decision"] == "promoted"
     shown = sh(["dvc", "metrics", "show", "--json"], repo)
     assert "bleu4" in shown.stdout
+    assert_run_names_its_data(repo)
     second = sh(["dvc", "repro"], repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout

@@ -15,6 +15,7 @@ The model is logged as models-from-code (``pipeline/caption_model_code.py``): no
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -162,6 +163,8 @@ def run(settings: Settings) -> dict:
             "previous_champion": str(old_version)}
     if comparison:
         tags.update({f"vs_champion.{k}": str(v) for k, v in comparison.items()})
+    if decision == "promoted":  # apps show since when a champion serves
+        tags["promoted_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
     client.update_registered_model(reg.model_name, description=model_description(reg.model_name))

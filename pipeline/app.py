@@ -1,0 +1,180 @@
+"""``captioner app``: a caption web page and JSON API over the registry's champion.
+
+It loads ``models:/<name>@<alias>`` from the tracking server, checks the alias every
+``poll_seconds`` and, when it moves, loads the new version in the background and swaps it in:
+requests in flight finish on the version they started with, and a version that fails to load is
+logged while the old one keeps serving. Routes:
+
+* ``GET /``: the page (drop or pick photos; caption, the other beam candidates, time taken);
+* ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file;
+* ``GET /api/model``: the version in use; ``GET /healthz``.
+"""
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("pipeline.app")
+PAGE = Path(__file__).with_name("app_static") / "index.html"
+SCORES = ("beam_bleu4", "beam_meteor", "beam_rouge_l", "beam_cider")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version and what the page header says about it."""
+
+    model: object  # pipeline.serving.CaptionModel
+    info: dict
+
+
+@dataclass
+class Champion:
+    """The version the alias points at, swapped in atomically (one reference assignment)."""
+
+    name: str
+    alias: str = "champion"
+    current: Served | None = None
+    last_error: str = ""
+    checked_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def refresh(self) -> bool:
+        """Load the alias's version if it moved; True when a new version was swapped in. A
+        version that cannot be loaded is logged and remembered; the old one keeps serving."""
+        from mlflow import MlflowClient
+
+        with self._lock:  # one load at a time (the poller and a first request may race)
+            self.checked_at = time.time()
+            client = MlflowClient()
+            try:
+                version = client.get_model_version_by_alias(self.name, self.alias)
+            except Exception as err:  # MlflowException: no such model/alias; connection errors
+                self.last_error = f"cannot read {self.name}@{self.alias}: {str(err).splitlines()[0]}"
+                log.warning("%s", self.last_error)
+                return False
+            number = str(version.version)  # an int from some MLflow calls, a str from others
+            if self.current and self.current.info["version"] == number:
+                return False
+            if self.last_error.startswith(f"v{number} "):
+                return False  # failed before; retrying a broken version every poll would only spin
+            try:
+                served = load_version(client, self.name, version)
+            except Exception as err:
+                self.last_error = f"v{version.version} failed to load: {type(err).__name__}: {str(err)[:300]}"
+                log.error("%s; still serving %s", self.last_error,
+                          f"v{self.current.info['version']}" if self.current else "nothing")
+                return False
+            old = self.current.info["version"] if self.current else None
+            self.current = served
+            self.last_error = ""
+            log.info("now serving %s v%s (was %s)", self.name, version.version, f"v{old}" if old else "none")
+            return True
+
+    def poll(self, seconds: float, stop: threading.Event) -> None:
+        while not stop.wait(seconds):
+            self.refresh()
+
+
+def load_version(client, name: str, version) -> Served:
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
+    if not hasattr(model, "caption_images"):
+        raise TypeError("not a captioner model (no caption_images)")
+    run = client.get_run(version.run_id) if version.run_id else None
+    metrics = run.data.metrics if run else {}
+    tags = version.tags or {}
+    promoted = tags.get("promoted_at") or dt.datetime.fromtimestamp(
+        version.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds")
+    info = {"name": name, "version": str(version.version), "run_id": version.run_id, "promoted_at": promoted,
+            "decision": tags.get("decision", ""), "scores": {k: round(metrics[k], 4) for k in SCORES if k in metrics},
+            "limits": model.limits, "beam_size": model.decoding["beam_size"]}
+    return Served(model, info)
+
+
+def create_app(champion: Champion, poll_seconds: float):
+    """The FastAPI app; the poller runs while the app does."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, HTTPException, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        stop = threading.Event()
+        if champion.current is None:
+            await run_in_threadpool(champion.refresh)
+        poller = threading.Thread(target=champion.poll, args=(poll_seconds, stop), daemon=True, name="champion-poll")
+        poller.start()
+        yield
+        stop.set()
+        poller.join(timeout=poll_seconds + 5)
+
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+
+    def serving() -> Served:
+        served = champion.current  # this request keeps this version, whatever the poller does
+        if served is None:
+            raise HTTPException(503, f"no model loaded yet: {champion.last_error or 'loading'}")
+        return served
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz():
+        served = champion.current
+        if served is None:
+            return JSONResponse({"status": "loading", "error": champion.last_error}, status_code=503)
+        return {"status": "ok", "version": served.info["version"]}
+
+    @app.get("/api/model")
+    def model_info():
+        served = serving()
+        return {**served.info, "alias": champion.alias, "poll_seconds": poll_seconds,
+                "last_error": champion.last_error}
+
+    @app.post("/api/caption")
+    def caption(file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+        served = serving()
+        limits = served.model.limits
+        if len(file) > limits["max_rows"]:
+            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {limits['max_rows']}")
+        start = time.perf_counter()
+        datas, errors = [], []
+        for upload in file:
+            data = upload.file.read(limits["max_image_bytes"] + 1)  # never more than the limit + 1
+            if len(data) > limits["max_image_bytes"]:
+                errors.append(f"image is over the limit of {limits['max_image_bytes']:,} bytes")
+                data = b""
+            else:
+                errors.append("")
+            datas.append(data)
+        readable = [i for i, e in enumerate(errors) if not e]
+        results = [{"caption": "", "candidates": [], "error": e} for e in errors]
+        for i, result in zip(readable, served.model.caption_images([datas[i] for i in readable])):
+            results[i] = result
+        took_ms = (time.perf_counter() - start) * 1000
+        return {"model": {"name": served.info["name"], "version": served.info["version"]},
+                "ms": round(took_ms, 1),
+                "results": [{"filename": u.filename, **r} for u, r in zip(file, results)]}
+
+    return app
+
+
+def serve(name: str, alias: str, host: str, port: int, poll_seconds: float) -> int:
+    import uvicorn
+
+    champion = Champion(name, alias)
+    if not champion.refresh():
+        log.error("cannot start: %s", champion.last_error)
+        return 2
+    log.info("serving %s v%s on http://%s:%d (checking @%s every %g s)", name,
+             champion.current.info["version"], host, port, alias, poll_seconds)
+    uvicorn.run(create_app(champion, poll_seconds), host=host, port=port, log_level="warning")
+    return 0
