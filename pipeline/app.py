@@ -11,6 +11,7 @@ logged while the old one keeps serving. Routes:
 """
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -75,7 +76,10 @@ class Champion:
 
     def poll(self, seconds: float, stop: threading.Event) -> None:
         while not stop.wait(seconds):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # the poller must outlive any one bad check
+                log.exception("checking %s@%s failed", self.name, self.alias)
 
 
 def load_version(client, name: str, version) -> Served:
@@ -93,6 +97,54 @@ def load_version(client, name: str, version) -> Served:
             "decision": tags.get("decision", ""), "scores": {k: round(metrics[k], 4) for k in SCORES if k in metrics},
             "limits": model.limits, "beam_size": model.decoding["beam_size"]}
     return Served(model, info)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse an upload larger than the served model's limits allow (HTTP 413)
+    before it is parsed, whether or not it declares its length: the multipart parser would
+    otherwise spool any size to disk first."""
+
+    def __init__(self, app, champion: Champion):
+        self.app, self.champion = app, champion
+
+    def limit(self) -> int:
+        served = self.champion.current
+        limits = served.info["limits"] if served else {"max_rows": 1, "max_image_bytes": 1 << 20}
+        return limits["max_rows"] * (limits["max_image_bytes"] + 65_536)  # + multipart headers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._refuse(send, limit)
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # answer now; the app sees a client that went away
+                refused = True
+                await self._refuse(send, limit)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    @staticmethod
+    async def _refuse(send, limit: int) -> None:
+        body = json.dumps({"detail": f"request body over {limit} bytes (files per request x bytes per image)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(champion: Champion, poll_seconds: float):
@@ -115,6 +167,7 @@ def create_app(champion: Champion, poll_seconds: float):
         poller.join(timeout=poll_seconds + 5)
 
     app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, champion=champion)
 
     def serving() -> Served:
         served = champion.current  # this request keeps this version, whatever the poller does

@@ -192,3 +192,20 @@ def test_the_page_in_a_browser(store, tmp_path):
     finally:
         os.killpg(app.pid, signal.SIGTERM)
         app.wait(timeout=60)
+
+
+def test_an_oversized_upload_is_refused_before_it_is_parsed(api):
+    client, _ = api
+    limit = 4 * (200_000 + 65_536)  # max_rows x (max_image_bytes + headers)
+    response = client.post("/api/caption", files=[("file", ("big.jpg", b"\xff" * (limit + 1), "image/jpeg"))])
+    assert response.status_code == 413 and "request body over" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the body is counted as it streams
+        yield (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+        for _ in range(limit // 65_536 + 2):
+            yield b"x" * 65_536
+    response = client.post("/api/caption", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=zzz"})
+    assert response.status_code == 413
+    assert client.get("/healthz").status_code == 200
