@@ -38,7 +38,7 @@ MODEL = "flickr8k-captioner"
 OVERRIDES = {"data.synthetic.n_images": 40, "features.shards": [0, 1], "train.epochs": 2}
 # consecutive pinned stages alternate between the workers; train, evaluate and register use the
 # default queue, which both consume, so a task of a dead worker is retried on the other
-PINS = {"download": "worker1", "backbone": "worker2", "validate": "worker2", "features@0": "worker1",
+PINS = {"download": "worker1", "validate": "worker2", "backbone": "worker1", "features@0": "worker1",
         "features@1": "worker2", "merge_features": "worker1"}
 
 
