@@ -31,6 +31,12 @@ def main() -> None:
     print(f"{'':10s}" + "".join(f"{k:>9s}" for k in shown))
     for mode in ("greedy", "beam", "baseline"):
         print(f"{mode:10s}" + "".join(f"{metrics[mode][k]:9.3f}" for k in shown))
+    health = metrics.get("caption_health", {}).get("beam")
+    if health:
+        print(f"caption health (beam): {health['distinct_captions']} distinct captions for "
+              f"{health['images']} images, {health['distinct_words']} distinct words, "
+              f"{health['repeated_bigram_share']:.0%} repeat a bigram, mean length "
+              f"{health['mean_length']:.1f} (references {health['reference_mean_length']:.1f})")
     print(f"\nregistry: {registry['model_name']} v{registry['version']} -> {registry['decision']} "
           f"(champion: v{registry['champion']})")
     print(f"gallery:  {paths.GALLERY}\nmetrics:  {paths.EVAL_METRICS}\n"

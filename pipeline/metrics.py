@@ -64,3 +64,31 @@ def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]])
 
 def score(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
     return {**nltk_bleu(references, hypotheses), **coco_metrics(references, hypotheses)}
+
+
+def caption_health(hypotheses: list[list[str]], references: list[list[list[str]]], unk: str = "<unk>") -> dict:
+    """What BLEU and CIDEr do not show: does the model write one caption for everything, use few
+    words, stutter, or write too short? ``hypotheses[i]`` is image i's caption, ``references[i]``
+    its reference captions, all tokenised."""
+    n = len(hypotheses)
+    if n == 0:
+        return {}
+
+    def repeats_a_bigram(tokens: list[str]) -> bool:
+        bigrams = list(zip(tokens, tokens[1:]))
+        return len(bigrams) != len(set(bigrams))
+
+    ref_lengths = [len(r) for refs in references for r in refs]
+    mean_length = sum(map(len, hypotheses)) / n
+    ref_mean = sum(ref_lengths) / len(ref_lengths) if ref_lengths else 0.0
+    return {
+        "images": n,
+        "distinct_captions": len({" ".join(h) for h in hypotheses}),
+        "distinct_caption_share": len({" ".join(h) for h in hypotheses}) / n,
+        "distinct_words": len({w for h in hypotheses for w in h}),
+        "repeated_bigram_share": sum(map(repeats_a_bigram, hypotheses)) / n,
+        "unk_share": sum(unk in h for h in hypotheses) / n,
+        "mean_length": mean_length,
+        "reference_mean_length": ref_mean,
+        "length_ratio": mean_length / ref_mean if ref_mean else 0.0,
+    }

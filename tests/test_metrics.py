@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipeline.metrics import coco_metrics, nltk_bleu, score
+from pipeline.metrics import caption_health, coco_metrics, nltk_bleu, score
 
 REFS = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
         [["two", "kids", "play", "in", "the", "snow"]]]
@@ -38,3 +38,17 @@ def test_missing_java_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="needs Java"):
         coco_metrics(REFS, [["a"], ["b"]])
+
+
+def test_caption_health_counts_what_bleu_hides():
+    hyps = [["a", "dog", "a", "dog", "runs"], ["a", "dog", "a", "dog", "runs"], ["a", "<unk>", "plays"]]
+    refs = [[["a", "dog", "runs", "on", "grass"]], [["two", "kids", "play"]], [["a", "cat", "sleeps", "here"]]]
+    health = caption_health(hyps, refs)
+    assert health["images"] == 3 and health["distinct_captions"] == 2
+    assert health["distinct_caption_share"] == pytest.approx(2 / 3)
+    assert health["distinct_words"] == 5  # a, dog, runs, <unk>, plays
+    assert health["repeated_bigram_share"] == pytest.approx(2 / 3)  # "a dog" twice in the first two
+    assert health["unk_share"] == pytest.approx(1 / 3)
+    assert health["mean_length"] == pytest.approx(13 / 3)
+    assert health["reference_mean_length"] == pytest.approx(4)
+    assert health["length_ratio"] == pytest.approx(13 / 12)

@@ -26,7 +26,7 @@ from ..config import EvaluateSettings, Settings
 from ..decoding import beam_search, greedy
 from ..features_file import read_features, row_index, rows_of
 from ..gallery import render
-from ..metrics import JavaMissingError, score
+from ..metrics import JavaMissingError, caption_health, score
 from ..model import StepModels, load_decoder
 from ..text import Vocabulary
 from ..tracking import flatten, resume_run, setup
@@ -34,6 +34,7 @@ from ._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.evaluate")
 MODES = ("greedy", "beam", "baseline")
+HEALTH = "caption_health"  # per mode: distinct captions and words, repeats, length
 
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
@@ -66,6 +67,8 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     for mode in MODES:
         log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])
+    metrics[HEALTH] = {mode: caption_health([t.split() for t in texts[mode]], references)
+                       for mode in ("greedy", "beam")}
     table = pd.DataFrame({
         "image": test_images,
         "greedy": texts["greedy"],
@@ -133,15 +136,20 @@ def run(settings: Settings) -> dict:
     write_parquet(scores, paths.TEST_SCORES)
     items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
-    b, base = metrics["beam"], metrics["baseline"]
+    b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     summary = (f"{metrics['n_images']} test images. Beam-{metrics['beam_size']}: BLEU-4 {b['bleu4']:.3f}, "
                f"METEOR {b['meteor']:.3f}, CIDEr {b['cider']:.3f}; image-blind baseline: "
-               f"BLEU-4 {base['bleu4']:.3f}, CIDEr {base['cider']:.3f}.")
+               f"BLEU-4 {base['bleu4']:.3f}, CIDEr {base['cider']:.3f}. Caption health (beam): "
+               f"{health['distinct_captions']} distinct captions for {health['images']} images, "
+               f"{health['distinct_words']} distinct words, {health['repeated_bigram_share']:.0%} with a "
+               f"repeated bigram, {health['unk_share']:.0%} with <unk>, mean length "
+               f"{health['mean_length']:.1f} words (references {health['reference_mean_length']:.1f}).")
     write_text(paths.GALLERY, render(items, "captioner: test images", summary))
     with resume_run(settings, paths.TRAIN_RUN, "evaluate") as active:
         import mlflow
 
-        mlflow.log_metrics({k.replace(".", "_"): v for k, v in flatten("", {m: metrics[m] for m in MODES}).items()})
+        mlflow.log_metrics({k.replace(".", "_"): v for k, v in
+                            flatten("", {m: metrics[m] for m in (*MODES, HEALTH)}).items()})
         for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
         # The same captions as a table the UI shows (Artifacts, and Evaluation's table view)

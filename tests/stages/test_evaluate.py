@@ -18,6 +18,18 @@ def test_baseline_gives_every_image_the_same_caption_and_real_model_does_better(
     assert metrics["beam"]["cider"] > metrics["baseline"]["cider"]
 
 
+def test_caption_health_is_in_the_metrics_and_the_gallery(in_trained):
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    table = pd.read_parquet(paths.TEST_CAPTIONS)
+    for mode in ("greedy", "beam"):
+        health = metrics["caption_health"][mode]
+        assert health["images"] == len(table) == metrics["n_images"]
+        assert health["distinct_captions"] == table[mode].nunique()
+        assert health["distinct_words"] == len({w for c in table[mode] for w in c.split()})
+    beam = metrics["caption_health"]["beam"]
+    assert f"{beam['distinct_captions']} distinct captions for {beam['images']} images" in paths.GALLERY.read_text()
+
+
 def test_test_captions_and_gallery(in_trained):
     table = pd.read_parquet(paths.TEST_CAPTIONS)
     captions = pd.read_parquet(paths.CAPTIONS)
