@@ -58,7 +58,7 @@ def test_step_models_reproduce_the_teacher_forced_logits():
     tokens = rng.integers(1, 11, size=(3, 5)).astype("int32")
     full = keras.ops.log_softmax(decoder([image, tokens], training=False), axis=-1).numpy()
     steps = StepModels.from_decoder(decoder)
-    img, h, c = (np.asarray(x) for x in steps.encode(image))
+    state = steps.encode(image)
     for t in range(5):
-        lp, h, c = (np.asarray(x) for x in steps.step([tokens[:, t:t + 1], img, h, c]))
+        lp, state = steps.step(tokens[:, t:t + 1], state)
         np.testing.assert_allclose(lp, full[:, t], atol=1e-5)
