@@ -233,3 +233,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, timeout_s: float, what: str) -> None:
+    """Poll ``url`` until it answers 2xx (bounded); fail early with the process's stderr if
+    ``proc`` (started with stderr=PIPE) exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if 200 <= response.status < 300:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"{what} exited: {proc.stderr.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} within {timeout_s:.0f} s"
+        time.sleep(0.5)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.app import Champion, create_app
-from tests.helpers import PROJECT, chromium, free_port
+from tests.helpers import PROJECT, chromium, free_port, wait_for_http
 
 NAME = "flickr8k-captioner"
 
@@ -118,13 +117,6 @@ def test_a_promoted_version_is_swapped_in_and_a_broken_one_is_not(api, tmp_path)
     assert client.post("/api/caption", files=files).json()["model"]["version"] == "2"
 
 
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 @pytest.mark.timeout(1200)
 def test_the_page_in_a_browser(store, tmp_path):
     """Drop a JPEG, a text file and two photos on the page; promote another version and see the
@@ -139,16 +131,9 @@ def test_the_page_in_a_browser(store, tmp_path):
                            stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert app.poll() is None, app.stderr.read().decode()[-3000:]
-        try:
-            return urllib.request.urlopen(f"{url}/healthz", timeout=5).status == 200
-        except OSError:
-            return False
-
     images = {name: photo(i) for i, name in enumerate(["shapes-1.jpg", "shapes-2.jpg", "shapes-3.jpg"])}
     try:
-        wait_until(up, 480, "the app to answer /healthz")  # ~15 s on a quiet machine
+        wait_for_http(f"{url}/healthz", app, 480, "captioner app")  # ~15 s on a quiet machine
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 820})

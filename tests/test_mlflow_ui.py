@@ -9,8 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,7 +19,7 @@ from pipeline import paths
 from pipeline.services import TRAINING_VIEW
 from pipeline.stages.evaluate import CAPTION_TABLE
 from pipeline.tracking import EXPERIMENT_KIND, file_md5, setup
-from tests.helpers import PROJECT, chromium, free_port, tiny_settings
+from tests.helpers import PROJECT, chromium, free_port, tiny_settings, wait_for_http
 
 NAME = "flickr8k-captioner"
 RUN_NAME = re.compile(r"^synthetic-xception-lstm64-[0-9a-f]{6}$")
@@ -130,15 +128,7 @@ def test_runs_table_and_model_page_in_a_browser(registered, tmp_path, monkeypatc
     docs = PROJECT / "docs"
     docs.mkdir(exist_ok=True)
     try:
-        deadline = time.monotonic() + 240  # up in ~10 s on a quiet machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+        wait_for_http(f"{url}/health", server, 240, "mlflow server")  # ~10 s on a quiet machine
         experiment_id = runs[0].info.experiment_id
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.serving import NOT_BASE64, image_bytes
-from tests.helpers import jpeg_bytes
+from tests.helpers import jpeg_bytes, wait_for_http
 
 NAME = "flickr8k-captioner"
 
@@ -43,15 +42,7 @@ def server(registered):
         env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 480  # ready in ~10 s on a quiet machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "model server did not come up"
-                time.sleep(0.5)
+        wait_for_http(f"{url}/ping", proc, 480, "model server")  # ready in ~10 s on a quiet machine
         yield url, root
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -121,18 +121,27 @@ def test_local_weights_file_is_used(tmp_path):
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5)
 
 
+def features_with(**features_params) -> tuple[np.ndarray, dict, dict]:
+    """(embeddings, Parquet metadata, backbone stats) of shard 0 after the backbone and features
+    stages ran with these ``features.*`` params (the default ones when none are given)."""
+    settings = tiny_settings(**{"data.synthetic.n_images": 20,
+                                **{f"features.{k}": v for k, v in features_params.items()}})
+    stats = backbone.run(settings)
+    features.run(settings)
+    _, embeddings, meta = read_features(SHARD0)
+    return embeddings, meta, stats
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def test_tflite_features_are_the_keras_features(prepared):
     """The default runtime (float32 TFLite) must not change what the decoder sees."""
-    features.run(prepared)
-    _, lite, meta = read_features(SHARD0)
-    keras_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras",
-                                      "features.precision": "float32"})
-    backbone.run(keras_settings)
-    features.run(keras_settings)
-    _, exact, keras_meta = read_features(SHARD0)
+    lite, meta, _ = features_with()
+    exact, keras_meta, _ = features_with(runtime="keras", precision="float32")
     assert (meta["runtime"], keras_meta["runtime"]) == ("tflite", "keras")
-    cosine = (lite * exact).sum(1) / np.linalg.norm(lite, axis=1) / np.linalg.norm(exact, axis=1)
-    assert cosine.min() >= 0.99999
+    assert cosines(lite, exact).min() >= 0.99999
     np.testing.assert_allclose(lite, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
 
 
@@ -143,26 +152,15 @@ def test_features_refuse_a_backbone_built_for_other_params(prepared):
 
 
 def test_int8_runtime_is_calibrated_on_train_images_and_stays_close(prepared):
-    features.run(prepared)
-    _, exact, _ = read_features(SHARD0)
-    int8 = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "tflite_int8",
-                            "features.calibration_images": 4})
-    stats = backbone.run(int8)
-    features.run(int8)
-    _, approx, meta = read_features(SHARD0)
+    exact, _, _ = features_with()
+    approx, meta, stats = features_with(runtime="tflite_int8", calibration_images=4)
     assert stats["runtime"] == meta["runtime"] == "tflite_int8"
-    cosine = (approx * exact).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(exact, axis=1)
-    assert cosine.mean() > 0.9 and not np.array_equal(approx, exact)
+    assert cosines(approx, exact).mean() > 0.9 and not np.array_equal(approx, exact)
 
 
 def test_bfloat16_precision_is_recorded_and_close_to_float32(prepared):
-    features.run(prepared)
-    _, exact, _ = read_features(SHARD0)
-    fast_settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras",
-                                     "features.precision": "bfloat16"})
-    backbone.run(fast_settings)
-    features.run(fast_settings)
-    _, fast, meta = read_features(SHARD0)
+    exact, _, _ = features_with()
+    fast, meta, _ = features_with(runtime="keras", precision="bfloat16")
     assert meta["precision"] == "bfloat16" and fast.dtype == np.float32
     assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.999
     assert not np.array_equal(exact, fast)
