@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup browser app bench bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
+.PHONY: run test setup browser app bench bench-quality bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ bench-train: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py
+
+# Real Flickr8k (../shared/flickr8k_real): train on train, score on dev with params.yaml.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/bench_serving.py

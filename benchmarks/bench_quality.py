@@ -1,0 +1,118 @@
+"""Caption quality on real Flickr8k: train on the train split, score on dev.
+
+Runs the project's own code on an embeddings Parquet + token file + split lists (default:
+``../shared/flickr8k_real/``, real captions with real ImageNet embeddings; the test split is
+held out and never read here):
+
+* the token file parser and caption cleaning of ``validate`` (``flickr8k.parse_token_file``,
+  ``text.clean_caption``, the same token-count bounds from ``validate.*`` params);
+* ``train.train_decoder`` with the ``train.*`` params (dev drives early stopping, as in the stage);
+* ``evaluate.evaluate_model`` with the ``evaluate.*`` params, scoring the dev split: BLEU-1..4,
+  METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health.
+
+``--set train.units=512`` (repeatable) overrides a param for this run. The table goes to
+``reports/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_report  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+REAL = PROJECT.parent / "shared" / "flickr8k_real"
+
+
+def load_captions(data: Path, min_tokens: int, max_tokens: int):
+    """Cleaned train + dev captions in the stages' layout (image, split, caption_idx,
+    caption_raw, caption), with the count of lines dropped and why."""
+    from pipeline.flickr8k import parse_token_file, read_split_list
+    from pipeline.text import clean_caption
+
+    token_file = next(data.glob("*.token*.txt"))
+    rows = parse_token_file(token_file)
+    split_of = {name: split for split in ("train", "dev")
+                for name in read_split_list(data / f"Flickr_8k.{split}Images.txt")}
+    rows["split"] = rows["image"].map(split_of)
+    rows["caption"] = rows["caption_raw"].map(clean_caption)
+    length = rows["caption"].str.split().str.len()
+    dropped = {"malformed line": int(rows["error"].notna().sum()),
+               "not in train/dev": int(rows["split"].isna().sum()),
+               f"outside {min_tokens}..{max_tokens} tokens": int(((length < min_tokens) | (length > max_tokens)).sum())}
+    kept = rows[rows["error"].isna() & rows["split"].notna() & length.between(min_tokens, max_tokens)]
+    return kept[["image", "split", "caption_idx", "caption_raw", "caption"]].reset_index(drop=True), dropped
+
+
+def override(raw: dict, assignments: list[str]) -> dict:
+    import yaml
+
+    for item in assignments:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in raw or name not in raw[section]:
+            raise SystemExit(f"--set {item}: no param {key} in params.yaml")
+        raw[section][name] = yaml.safe_load(value)
+    return raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REAL, help=f"folder with the files (default: {REAL})")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a train.* / evaluate.* / validate.* param for this run")
+    parser.add_argument("--label", default="params.yaml", help="what this run is, for the report")
+    args = parser.parse_args()
+    import yaml
+
+    from pipeline.config import parse_settings
+    from pipeline.features_file import read_features
+    from pipeline.model import StepModels
+    from pipeline.stages.evaluate import HEALTH, evaluate_model
+    from pipeline.stages.train import train_decoder
+
+    raw = override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments)
+    settings = parse_settings(raw)
+    captions, dropped = load_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
+    embeddings = next(args.data.glob("*.parquet"))
+    images, features, _ = read_features(embeddings)
+    print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
+
+    start = time.perf_counter()
+    decoder, vocab, history = train_decoder(captions, images, features, settings.train)
+    train_minutes = (time.perf_counter() - start) / 60
+    # The evaluator scores its "test" split: here that is dev (the real test split is held out).
+    scored = captions.assign(split=captions["split"].replace({"dev": "test"}))
+    start = time.perf_counter()
+    metrics, _ = evaluate_model(StepModels.from_decoder(decoder), vocab, scored, images, features,
+                                settings.evaluate)
+    eval_minutes = (time.perf_counter() - start) / 60
+
+    keys = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+    rows = [(mode, " / ".join(f"{metrics[mode][k]:.3f}" for k in keys)) for mode in ("greedy", "beam", "baseline")]
+    for mode in ("greedy", "beam"):
+        h = metrics[HEALTH][mode]
+        rows.append((f"{mode} caption health",
+                     f"{h['distinct_captions']} distinct captions / {h['images']} images, "
+                     f"{h['distinct_words']} distinct words, {h['repeated_bigram_share']:.1%} repeat a bigram, "
+                     f"{h['unk_share']:.1%} with <unk>, length {h['mean_length']:.1f} vs {h['reference_mean_length']:.1f}"))
+    best = int(history["val_loss"].idxmin())
+    rows += [("training", f"{train_minutes:.1f} min, {len(history)} epochs, best dev loss "
+                          f"{history['val_loss'].iloc[best]:.4f} at epoch {best + 1}, vocabulary {vocab.size}"),
+             ("evaluation", f"{eval_minutes:.1f} min")]
+    t, e = settings.train, settings.evaluate
+    append_report(f"Caption quality on real Flickr8k dev (bench_quality.py, {args.label})", rows, [
+        f"rows: BLEU-1 / BLEU-2 / BLEU-3 / BLEU-4 / METEOR / ROUGE-L / CIDEr on the {metrics['n_images']} dev "
+        f"images; train on {int((captions['split'] == 'train').sum())} train captions",
+        f"data: {embeddings.name} ({features.shape[1]}-d); decoder units {t.units}, embedding {t.embedding_dim}, "
+        f"dropout {t.dropout}, lr {t.learning_rate}, batch {t.batch_size}, patience {t.patience}; "
+        f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams",
+        f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
+
+
+if __name__ == "__main__":
+    main()
