@@ -39,7 +39,6 @@ class Champion:
     alias: str = "champion"
     current: Served | None = None
     last_error: str = ""
-    checked_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refresh(self) -> bool:
@@ -48,7 +47,6 @@ class Champion:
         from mlflow import MlflowClient
 
         with self._lock:  # one load at a time (the poller and a first request may race)
-            self.checked_at = time.time()
             client = MlflowClient()
             try:
                 version = client.get_model_version_by_alias(self.name, self.alias)

@@ -157,23 +157,20 @@ def load_image(source: ImageSource, spec: BackboneSpec, max_pixels: int | None) 
     return load_rgb(source, spec.image_size, max_pixels)
 
 
-def _padded(embed_batch: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    def embed(batch_uint8: np.ndarray) -> np.ndarray:
-        n = len(batch_uint8)
-        if n == 1:  # oneDNN runs a batch of one through other kernels, whose last bits differ
-            batch_uint8 = np.concatenate([batch_uint8, batch_uint8])
-        return embed_batch(batch_uint8)[:n]
-
-    return embed
-
-
 def embedder(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     """(N, S, S, 3) uint8 -> (N, D) float32 features, bit for bit the same vector for an image
     whatever batch it comes in (so shards, resumed runs and the served model all agree)."""
     import tensorflow as tf
 
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
-    return _padded(lambda batch: infer(preprocess(batch)).numpy())
+
+    def embed(batch_uint8: np.ndarray) -> np.ndarray:
+        n = len(batch_uint8)
+        if n == 1:  # oneDNN runs a batch of one through other kernels, whose last bits differ
+            batch_uint8 = np.concatenate([batch_uint8, batch_uint8])
+        return infer(preprocess(batch_uint8)).numpy()[:n]
+
+    return embed
 
 
 class TFLiteEmbedder:
