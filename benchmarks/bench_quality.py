@@ -67,11 +67,13 @@ def main() -> None:
                         help="override a train.* / evaluate.* / validate.* param for this run")
     parser.add_argument("--label", default="params.yaml", help="what this run is, for the report")
     args = parser.parse_args()
+    import numpy as np
     import yaml
 
     from pipeline.config import parse_settings
-    from pipeline.features_file import read_features
-    from pipeline.model import StepModels
+    from pipeline.decoding import beam_search
+    from pipeline.features_file import read_features, row_index, rows_of
+    from pipeline.model import decoding_models, members_of
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import train_decoder
 
@@ -83,13 +85,13 @@ def main() -> None:
     print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
 
     start = time.perf_counter()
-    decoder, vocab, history = train_decoder(captions, images, features, settings.train)
+    decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train)
     train_minutes = (time.perf_counter() - start) / 60
     # The evaluator scores its "test" split: here that is dev (the real test split is held out).
     scored = captions.assign(split=captions["split"].replace({"dev": "test"}))
     start = time.perf_counter()
-    metrics, _ = evaluate_model(StepModels.from_decoder(decoder), vocab, scored, images, features,
-                                settings.evaluate)
+    models = decoding_models(decoder)
+    metrics, _ = evaluate_model(models, vocab, scored, images, features, settings.evaluate)
     eval_minutes = (time.perf_counter() - start) / 60
 
     keys = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
@@ -100,16 +102,32 @@ def main() -> None:
                      f"{h['distinct_captions']} distinct captions / {h['images']} images, "
                      f"{h['distinct_words']} distinct words, {h['repeated_bigram_share']:.1%} repeat a bigram, "
                      f"{h['unk_share']:.1%} with <unk>, length {h['mean_length']:.1f} vs {h['reference_mean_length']:.1f}"))
-    best = int(history["val_loss"].idxmin())
-    rows += [("training", f"{train_minutes:.1f} min, {len(history)} epochs, best dev loss "
-                          f"{history['val_loss'].iloc[best]:.4f} at epoch {best + 1}, vocabulary {vocab.size}"),
-             ("evaluation", f"{eval_minutes:.1f} min")]
+    best = history.loc[history.groupby("member")["val_loss"].idxmin()]
+    rows += [("training", f"{train_minutes:.1f} min; cross-entropy {len(history)} epochs, best dev loss "
+                          + ", ".join(f"{r.val_loss:.4f} at epoch {r.epoch}" for r in best.itertuples())
+                          + f"; vocabulary {vocab.size}")]
+    if len(self_critical):
+        for member, tuned in self_critical.groupby("member"):
+            rows.append((f"self-critical, member {member}",
+                         ", ".join(f"epoch {r.epoch}: dev CIDEr-D {r.dev_cider:.3f}" for r in tuned.itertuples())))
+    rows.append(("evaluation", f"{eval_minutes:.1f} min"))
+    if settings.train.ensemble > 1:  # decoding speed of one member against the whole ensemble
+        dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
+        for name, candidate in (("1 member", decoding_models(members_of(decoder)[0])), (f"{settings.train.ensemble} members", models)):
+            start = time.perf_counter()
+            beam_search(candidate, dev_features, vocab, beam_size=settings.evaluate.beam_size,
+                        length_penalty=settings.evaluate.length_penalty,
+                        no_repeat_ngram=settings.evaluate.no_repeat_ngram, batch_size=settings.evaluate.batch_size)
+            rows.append((f"batched beam decoding, {name}", f"{len(dev_features) / (time.perf_counter() - start):.0f} img/s"))
     t, e = settings.train, settings.evaluate
     append_report(f"Caption quality on real Flickr8k dev (bench_quality.py, {args.label})", rows, [
         f"rows: BLEU-1 / BLEU-2 / BLEU-3 / BLEU-4 / METEOR / ROUGE-L / CIDEr on the {metrics['n_images']} dev "
         f"images; train on {int((captions['split'] == 'train').sum())} train captions",
         f"data: {embeddings.name} ({features.shape[1]}-d); decoder units {t.units}, embedding {t.embedding_dim}, "
-        f"dropout {t.dropout}, lr {t.learning_rate}, batch {t.batch_size}, patience {t.patience}; "
+        f"dropout {t.dropout}, lr {t.learning_rate} (x{t.lr_decay} after {t.lr_patience} stalled epochs), "
+        f"label smoothing {t.label_smoothing}, batch {t.batch_size}, patience {t.patience}; ensemble {t.ensemble}; "
+        f"self-critical {t.self_critical.epochs} epochs (lr {t.self_critical.learning_rate}, "
+        f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images); "
         f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 

@@ -145,6 +145,13 @@ class FeaturesSettings(_Section):
         return value
 
 
+class SelfCriticalSettings(_Section):
+    epochs: int = Field(ge=0)  # 0 = off
+    learning_rate: float = Field(gt=0)
+    samples: int = Field(ge=1)  # sampled captions per image and step
+    batch_images: int = Field(ge=1)
+
+
 class TrainSettings(_Section):
     vocab_min_count: int = Field(ge=1)
     max_length: int = Field(ge=4, le=200)
@@ -155,6 +162,11 @@ class TrainSettings(_Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     patience: int = Field(ge=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    lr_decay: float = Field(gt=0, le=1)  # 1 = constant learning rate
+    lr_patience: int = Field(ge=1)
+    ensemble: int = Field(ge=1, le=10)
+    self_critical: SelfCriticalSettings
     seed: int
 
 

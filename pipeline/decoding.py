@@ -37,14 +37,22 @@ def _banned(history: list[int], n: int) -> set[int]:
             if tuple(history[i:i + n - 1]) == prefix}
 
 
-def _mask_step(log_probs: np.ndarray, histories: list[list[int]], vocab: Vocabulary,
-               step: int, no_repeat_ngram: int) -> np.ndarray:
+def allowed(log_probs: np.ndarray, vocab: Vocabulary, step: int) -> np.ndarray:
+    """A copy of one step's log-probs with the words no caption may emit set to NEG_INF:
+    <pad>, <start> and <unk> always, everything but <end> once ``max_length`` words are out."""
     lp = log_probs.copy()
     lp[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = NEG_INF
     if step >= vocab.max_length:  # out of room: only <end> remains
         end = lp[:, vocab.end_id].copy()
         lp[:] = NEG_INF
         lp[:, vocab.end_id] = end
+    return lp
+
+
+def _mask_step(log_probs: np.ndarray, histories: list[list[int]], vocab: Vocabulary,
+               step: int, no_repeat_ngram: int) -> np.ndarray:
+    lp = allowed(log_probs, vocab, step)
+    if step >= vocab.max_length:
         return lp
     for row, history in enumerate(histories):
         banned = _banned(history, no_repeat_ngram)

@@ -136,6 +136,61 @@ class StepModels:
         return log_probs, [img, h, c]
 
 
+@dataclass
+class EnsembleSteps:
+    """K decoders decoding as one: the state is the members' states laid end to end and each
+    step's log-probs are the mean of the members' (their geometric-mean distribution, up to
+    normalisation). Same API as ``StepModels``, so greedy and beam search take either."""
+
+    members: list[StepModels]
+
+    def __post_init__(self) -> None:
+        self._widths: list[int] = []
+
+    def encode(self, features: np.ndarray) -> list[np.ndarray]:
+        states = [member.encode(features) for member in self.members]
+        self._widths = [len(state) for state in states]
+        return [x for state in states for x in state]
+
+    def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        log_probs, new_state, at = [], [], 0
+        for member, width in zip(self.members, self._widths):
+            lp, member_state = member.step(tokens, state[at:at + width])
+            log_probs.append(lp)
+            new_state += member_state
+            at += width
+        return np.mean(log_probs, axis=0), new_state
+
+
+ENSEMBLE_MEMBER = "member_"
+
+
+def ensemble_decoder(members: list[keras.Model]) -> keras.Model:
+    """One Keras model holding K trained decoders (saved and loaded as one file, so evaluate,
+    register and serving handle an ensemble like a single decoder): (image, tokens) -> the mean
+    of the members' per-token log-probs."""
+    image = keras.Input(members[0].inputs[0].shape[1:], name="image")
+    tokens = keras.Input(members[0].inputs[1].shape[1:], dtype="int32", name="tokens")
+    log_probs = [ops.log_softmax(keras.Model(m.inputs, m.output, name=f"{ENSEMBLE_MEMBER}{k}")([image, tokens]))
+                 for k, m in enumerate(members)]
+    return keras.Model([image, tokens], ops.mean(ops.stack(log_probs), axis=0), name="caption_ensemble")
+
+
+def members_of(decoder: keras.Model) -> list[keras.Model]:
+    """The decoders inside an ensemble, or [decoder] for a single one."""
+    nested = [layer for layer in decoder.layers
+              if isinstance(layer, keras.Model) and layer.name.startswith(ENSEMBLE_MEMBER)]
+    return nested or [decoder]
+
+
+def decoding_models(decoder: keras.Model) -> "StepModels | EnsembleSteps":
+    """What greedy and beam search run: the inference halves of a decoder or of every member."""
+    members = members_of(decoder)
+    if len(members) == 1:
+        return StepModels.from_decoder(members[0])
+    return EnsembleSteps([StepModels.from_decoder(m) for m in members])
+
+
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -157,9 +212,10 @@ class CaptionTrainer(keras.Model):
     and the loss run only on the real positions (N_real, U). Requires the TensorFlow backend.
     """
 
-    def __init__(self, decoder: keras.Model, **kwargs):
+    def __init__(self, decoder: keras.Model, label_smoothing: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.decoder = decoder
+        self.label_smoothing = label_smoothing
         self.body = keras.Model(decoder.inputs, decoder.get_layer(Layer.HIDDEN_DROPOUT).output)
         self.head = decoder.get_layer(Layer.LOGITS)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -167,14 +223,26 @@ class CaptionTrainer(keras.Model):
     def call(self, inputs, training=False):
         return self.decoder(inputs, training=training)
 
-    def masked_loss(self, inputs, targets, training: bool):
+    def token_log_probs(self, inputs, targets, training: bool):
+        """(log p of every real target token (N_real,), log-softmax rows (N_real, V), the
+        (B, T) mask of real positions), the classifier run on the real positions only."""
         import tensorflow as tf
 
         hidden = self.body(inputs, training=training)  # (B, T, U)
         real = tf.not_equal(targets, 0)  # <pad> = 0
-        logits = self.head(tf.boolean_mask(hidden, real))  # (N_real, V)
-        per_token = keras.losses.sparse_categorical_crossentropy(
-            tf.boolean_mask(targets, real), logits, from_logits=True)
+        log_softmax = tf.nn.log_softmax(self.head(tf.boolean_mask(hidden, real)))  # (N_real, V)
+        picked = tf.gather(log_softmax, tf.boolean_mask(targets, real), batch_dims=1)
+        return picked, log_softmax, real
+
+    def masked_loss(self, inputs, targets, training: bool, smoothing: float = 0.0):
+        """Mean cross-entropy over real tokens; with ``smoothing`` e, the target is (1 - e) on the
+        true word plus e spread evenly over the vocabulary (label smoothing)."""
+        import tensorflow as tf
+
+        picked, log_softmax, _ = self.token_log_probs(inputs, targets, training)
+        per_token = -picked
+        if smoothing:
+            per_token = (1 - smoothing) * per_token - smoothing * tf.reduce_mean(log_softmax, axis=-1)
         return tf.reduce_mean(per_token)
 
     def train_step(self, data):
@@ -183,12 +251,13 @@ class CaptionTrainer(keras.Model):
         inputs, targets = data
         variables = self.decoder.trainable_variables
         with tf.GradientTape() as tape:
-            loss = self.masked_loss(inputs, targets, training=True)
+            loss = self.masked_loss(inputs, targets, training=True, smoothing=self.label_smoothing)
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
 
     def test_step(self, data):
+        # dev loss stays the plain cross-entropy, comparable whatever the smoothing
         inputs, targets = data
         self.loss_tracker.update_state(self.masked_loss(inputs, targets, training=False))
         return {"loss": self.loss_tracker.result()}
@@ -198,8 +267,8 @@ class CaptionTrainer(keras.Model):
         return [self.loss_tracker]
 
 
-def make_trainer(decoder: keras.Model, learning_rate: float) -> CaptionTrainer:
-    trainer = CaptionTrainer(decoder)
+def make_trainer(decoder: keras.Model, learning_rate: float, label_smoothing: float = 0.0) -> CaptionTrainer:
+    trainer = CaptionTrainer(decoder, label_smoothing)
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0))
     return trainer
 

@@ -19,6 +19,7 @@ VALIDATION_REPORT = REPORTS_DIR / "validation.json"
 FAILED_REJECTS = REPORTS_DIR / "validation_rejects.parquet"
 TRAIN_HISTORY = REPORTS_DIR / "train_history.csv"
 TRAIN_CURVE = REPORTS_DIR / "train_history.png"
+SELF_CRITICAL_HISTORY = REPORTS_DIR / "self_critical_history.csv"
 TEST_CAPTIONS = REPORTS_DIR / "test_captions.parquet"
 TEST_SCORES = REPORTS_DIR / "test_scores.parquet"  # per-image scores: new model and champion
 GALLERY = REPORTS_DIR / "gallery.html"

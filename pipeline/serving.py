@@ -95,7 +95,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from .backbone import BackboneFolder
-        from .model import StepModels, load_decoder
+        from .model import decoding_models, load_decoder
         from .text import Vocabulary
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
@@ -104,7 +104,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.decoding = config["decoding"]
         self.limits = config["limits"]
         self.embed = backbone.embedder(fallback_to_keras=True)
-        self.models = StepModels.from_decoder(load_decoder(context.artifacts["decoder"]))
+        self.models = decoding_models(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
         self._warm_up()
 

@@ -36,7 +36,8 @@ def trained_project(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     try:
         settings = tiny_settings(**{"data.synthetic.n_images": 60, "train.epochs": 25,
-                                     "train.units": 64, "train.learning_rate": 0.003})
+                                     "train.units": 64, "train.learning_rate": 0.003,
+                                     "train.self_critical.epochs": 2})
         download.run(settings)
         validate.run(settings)
         run_features(settings)

@@ -27,7 +27,7 @@ from ..decoding import beam_search, greedy
 from ..features_file import read_features, row_index, rows_of
 from ..gallery import render
 from ..metrics import JavaMissingError, caption_health, score
-from ..model import StepModels, load_decoder
+from ..model import StepModels, decoding_models, load_decoder
 from ..text import Vocabulary
 from ..tracking import flatten, resume_run, setup
 from ._cli import reported, require, stage_main
@@ -123,7 +123,7 @@ def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file)
     vocab = Vocabulary.load(paths.VOCAB)
-    models = StepModels.from_decoder(load_decoder(paths.DECODER))
+    models = decoding_models(load_decoder(paths.DECODER))
     captions = pd.read_parquet(paths.CAPTIONS)
     images, features, _ = read_features(feature_file)
     image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR

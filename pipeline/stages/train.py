@@ -1,7 +1,15 @@
 """Stage ``train``: fit the caption decoder on the train split -> ``models/``.
 
-Teacher forcing over whole captions (one example per caption), masked cross-entropy,
-early stopping on dev loss with the best weights restored, fixed seeds. Caption rows only
+Teacher forcing over whole captions (one example per caption), masked cross-entropy with
+label smoothing, the learning rate cut when dev loss stalls, early stopping on dev loss with
+the best weights restored, fixed seeds. Then, when ``train.self_critical.epochs`` > 0,
+self-critical fine-tuning on CIDEr-D (``pipeline/self_critical.py``), keeping the weights of
+the best dev CIDEr-D. ``train.ensemble: K`` repeats both with seeds seed..seed+K-1 and saves
+the K decoders as one ensemble model.
+
+Self-critical fine-tuning is part of this stage, not a stage of its own, because its output is
+the same thing, the decoder that evaluate and register take: a separate stage would need a
+second decoder file and every later stage would have to choose between the two. Caption rows only
 hold an index into the feature table, so memory is bounded by that table, not by the number
 of captions. Everything is logged to an MLflow run whose id goes to models/train_run.json.
 """
@@ -44,32 +52,56 @@ def make_dataset(features: np.ndarray, image_idx, inputs, targets, batch_size: i
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def plot_history(history: pd.DataFrame, path) -> None:
+def plot_history(history: pd.DataFrame, self_critical: pd.DataFrame, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(history["epoch"], history["loss"], label="train loss")
-    ax.plot(history["epoch"], history["val_loss"], label="dev loss")
+    panels = 2 if len(self_critical) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    for member, rows in history.groupby("member"):
+        suffix = f" (member {member})" if history["member"].nunique() > 1 else ""
+        ax.plot(rows["epoch"], rows["loss"], label="train loss" + suffix)
+        ax.plot(rows["epoch"], rows["val_loss"], label="dev loss" + suffix)
     ax.set_xlabel("epoch")
     ax.set_ylabel("masked cross-entropy")
     ax.legend()
+    if panels == 2:
+        ax = axes[0, 1]
+        for member, rows in self_critical.groupby("member"):
+            ax.plot(rows["epoch"], rows["dev_cider"], marker="o", label=f"dev CIDEr-D (member {member})")
+            ax.plot(rows["epoch"], rows["sample_reward"], linestyle=":", label=f"sample reward (member {member})")
+        ax.set_xlabel("self-critical epoch")
+        ax.set_ylabel("CIDEr-D")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def references_of(captions: pd.DataFrame, split: str, index: dict[str, int]) -> tuple[np.ndarray, list]:
+    """(feature rows, tokenised reference captions) of a split's images, image by image."""
+    grouped = captions[captions["split"] == split].groupby("image", sort=True)["caption"]
+    names = list(grouped.groups)
+    return (np.asarray(rows_of(index, names), dtype=np.int64),
+            [[c.split() for c in grouped.get_group(name)] for name in names])
+
+
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,
-                  cfg: TrainSettings, on_epoch=None):
-    """Pure core: (decoder, vocabulary, history DataFrame). Raises ValueError when a split
-    is empty or a captioned image has no features."""
+                  cfg: TrainSettings, on_epoch=None, on_self_critical_epoch=None):
+    """Pure core: (decoder, vocabulary, cross-entropy history, self-critical history), the
+    histories with a ``member`` column (0..ensemble-1). Each member is trained with its own
+    seed by cross-entropy, then fine-tuned on CIDEr-D when ``self_critical.epochs`` > 0; K > 1
+    members are returned as one ensemble model. ``on_epoch(member, epoch, logs)`` and
+    ``on_self_critical_epoch(member, row)`` report progress. Raises ValueError when a split is
+    empty or a captioned image has no features."""
     import keras
 
-    from ..model import DecoderConfig, build_decoder, make_trainer
+    from ..model import DecoderConfig, build_decoder, ensemble_decoder, make_trainer
+    from ..self_critical import HISTORY_COLUMNS, fine_tune
 
-    keras.utils.set_random_seed(cfg.seed)
     train_captions = captions.loc[captions["split"] == "train", "caption"]
     if train_captions.empty or not (captions["split"] == "dev").any():
         raise ValueError("need captions in both the train and the dev split")
@@ -78,22 +110,45 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     train = split_arrays(captions, "train", index, vocab)
     dev = split_arrays(captions, "dev", index, vocab)
     train_feats = features[np.unique(train[0])]
-    model = build_decoder(DecoderConfig(
-        vocab.size, features.shape[1], vocab.sequence_length, cfg.embedding_dim, cfg.units,
-        cfg.dropout), train_features=train_feats)
-    trainer = make_trainer(model, cfg.learning_rate)
-    log.info("vocabulary %d words; %d train / %d dev captions; %d parameters",
-             vocab.size, len(train[0]), len(dev[0]), model.count_params())
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                               restore_best_weights=True)]
-    if on_epoch:
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=on_epoch))
-    fit = trainer.fit(make_dataset(features, *train, cfg.batch_size, True, cfg.seed),
-                    validation_data=make_dataset(features, *dev, cfg.batch_size, False, cfg.seed),
-                    epochs=cfg.epochs, callbacks=callbacks, shuffle=False, verbose=2)  # tf.data shuffles
-    history = pd.DataFrame(fit.history)
-    history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    return model, vocab, history
+    members, histories, self_critical = [], [], []
+    for member in range(cfg.ensemble):
+        seed = cfg.seed + member
+        keras.utils.set_random_seed(seed)
+        model = build_decoder(DecoderConfig(
+            vocab.size, features.shape[1], vocab.sequence_length, cfg.embedding_dim, cfg.units,
+            cfg.dropout), train_features=train_feats)
+        trainer = make_trainer(model, cfg.learning_rate, cfg.label_smoothing)
+        log.info("member %d/%d: vocabulary %d words; %d train / %d dev captions; %d parameters",
+                 member + 1, cfg.ensemble, vocab.size, len(train[0]), len(dev[0]), model.count_params())
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                   restore_best_weights=True)]
+        if cfg.lr_decay < 1:  # a smaller step when dev loss stalls, before early stopping gives up
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=cfg.lr_decay, patience=cfg.lr_patience,
+                min_lr=cfg.learning_rate / 100))
+        if on_epoch:
+            callbacks.append(keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs, member=member: on_epoch(member, epoch, logs)))
+        fit = trainer.fit(make_dataset(features, *train, cfg.batch_size, True, seed),
+                          validation_data=make_dataset(features, *dev, cfg.batch_size, False, seed),
+                          epochs=cfg.epochs, callbacks=callbacks, shuffle=False, verbose=2)  # tf.data shuffles
+        history = pd.DataFrame({k: v for k, v in fit.history.items() if k in ("loss", "val_loss")})
+        history.insert(0, "epoch", np.arange(1, len(history) + 1))
+        history.insert(0, "member", member)
+        histories.append(history)
+        if cfg.self_critical.epochs:
+            report = None
+            if on_self_critical_epoch:
+                def report(row, member=member):
+                    on_self_critical_epoch(member, row)
+            tuned = fine_tune(model, vocab, features, *references_of(captions, "train", index),
+                              *references_of(captions, "dev", index), cfg.self_critical, seed, report)
+            self_critical.append(tuned.assign(member=member))
+        members.append(model)
+    decoder = members[0] if len(members) == 1 else ensemble_decoder(members)
+    self_critical_history = (pd.concat(self_critical, ignore_index=True) if self_critical
+                             else pd.DataFrame(columns=[*HISTORY_COLUMNS, "member"]))
+    return decoder, vocab, pd.concat(histories, ignore_index=True), self_critical_history
 
 
 def run(settings: Settings) -> dict:
@@ -113,15 +168,30 @@ def run(settings: Settings) -> dict:
                            "data.train_captions": int((captions["split"] == "train").sum()),
                            "data.dev_captions": int((captions["split"] == "dev").sum())})
 
-        def log_epoch(epoch, logs):
-            mlflow.log_metrics({"train_loss": logs["loss"], "dev_loss": logs["val_loss"]}, step=epoch + 1)
+        def metric(member: int, name: str) -> str:  # member_1/dev_loss when an ensemble is trained
+            return name if settings.train.ensemble == 1 else f"member_{member}/{name}"
+
+        def log_epoch(member, epoch, logs):
+            mlflow.log_metrics({metric(member, "train_loss"): logs["loss"],
+                                metric(member, "dev_loss"): logs["val_loss"]}, step=epoch + 1)
+
+        def log_self_critical(member, row):
+            mlflow.log_metrics({metric(member, f"self_critical_{k}"): row[k]
+                                for k in ("sample_reward", "greedy_reward", "dev_cider")}, step=row["epoch"])
 
         with reported(ValueError):
-            model, vocab, history = train_decoder(captions, images, features, settings.train, log_epoch)
-        best = int(history["val_loss"].idxmin())
-        summary = {"best_epoch": best + 1, "best_dev_loss": float(history["val_loss"].iloc[best]),
-                   "epochs_run": len(history), "vocab_size": vocab.size,
+            model, vocab, history, self_critical = train_decoder(
+                captions, images, features, settings.train, log_epoch, log_self_critical)
+        summary = {"best_epoch": 0, "best_dev_loss": 0.0, "epochs_run": len(history),
+                   "ensemble": settings.train.ensemble, "vocab_size": vocab.size,
                    "parameters": model.count_params()}
+        per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
+        summary["best_epoch"] = int(per_member["epoch"].iloc[0])  # member 0's
+        summary["best_dev_loss"] = float(per_member["val_loss"].mean())
+        if len(self_critical):
+            best = self_critical.loc[self_critical.groupby("member")["dev_cider"].idxmax()]
+            summary["self_critical_best_epoch"] = int(best["epoch"].iloc[0])
+            summary["self_critical_best_dev_cider"] = float(best["dev_cider"].mean())
         mlflow.log_metrics(summary)
         # Every output is written under a temporary name and renamed into place.
         with atomic_path(paths.DECODER) as tmp:
@@ -129,9 +199,11 @@ def run(settings: Settings) -> dict:
         write_text(paths.VOCAB, vocab.to_text())
         with atomic_path(paths.TRAIN_HISTORY) as tmp:
             history.to_csv(tmp, index=False)
+        with atomic_path(paths.SELF_CRITICAL_HISTORY) as tmp:
+            self_critical.to_csv(tmp, index=False)
         with atomic_path(paths.TRAIN_CURVE) as tmp:
-            plot_history(history, tmp)
-        for artifact in (paths.TRAIN_HISTORY, paths.TRAIN_CURVE, paths.VOCAB):
+            plot_history(history, self_critical, tmp)
+        for artifact in (paths.TRAIN_HISTORY, paths.SELF_CRITICAL_HISTORY, paths.TRAIN_CURVE, paths.VOCAB):
             mlflow.log_artifact(str(artifact))
         write_text(paths.TRAIN_RUN, run_ref(active.info.run_id, settings))
     log.info("trained: %s", json.dumps(summary))

@@ -1,0 +1,75 @@
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import SelfCriticalSettings
+from pipeline.model import DecoderConfig, StepModels, build_decoder, make_trainer
+from pipeline.self_critical import fine_tune, sample, teacher_forcing, words_of
+from pipeline.text import Vocabulary
+
+CAPTIONS = ["a dog runs on grass", "a man rides a red bike", "two girls play in water", "a black cat sleeps"]
+
+
+@pytest.fixture()
+def toy():
+    """24 images in 4 kinds, each kind with its own caption; a decoder briefly trained on them."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary.build(CAPTIONS, 1, 8)
+    kind = np.arange(24) % 4
+    features = np.concatenate([np.eye(4)[kind] + 0.1 * rng.normal(size=(24, 4)),
+                               rng.normal(size=(24, 4))], axis=1).astype("float32")
+    references = [[CAPTIONS[k].split()] * 5 for k in kind]
+    decoder = build_decoder(DecoderConfig(vocab.size, 8, vocab.sequence_length, 8, 16, 0.0), features)
+    inputs, targets = vocab.teacher_forcing_arrays([CAPTIONS[k] for k in kind])
+    make_trainer(decoder, 1e-2).fit([features, inputs], targets, epochs=6, batch_size=8, verbose=0)
+    return decoder, vocab, features, references
+
+
+def test_samples_are_well_formed_and_follow_the_seed(toy):
+    decoder, vocab, features, _ = toy
+    models = StepModels.from_decoder(decoder)
+    ids = sample(models, np.repeat(features, 4, axis=0), vocab, np.random.default_rng(1))
+    assert ids.shape == (96, vocab.sequence_length)
+    for row in ids:
+        end = np.flatnonzero(row == vocab.end_id)
+        assert len(end) == 1  # every caption ends, once (forced at max_length)
+        assert not {vocab.pad_id, vocab.start_id, vocab.unk_id} & set(row[:end[0]])
+        assert (row[end[0] + 1:] == vocab.pad_id).all()
+    again = sample(models, np.repeat(features, 4, axis=0), vocab, np.random.default_rng(1))
+    np.testing.assert_array_equal(ids, again)
+    assert len({tuple(r) for r in ids}) > 4  # sampling, not greedy: more than one caption per kind
+
+
+def test_sampled_ids_are_teacher_forced_like_captions(toy):
+    _, vocab, _, _ = toy
+    ids = np.zeros((2, vocab.sequence_length), np.int32)
+    for row, caption in enumerate(CAPTIONS[:2]):
+        words = [vocab.words.index(w) for w in caption.split()]
+        ids[row, :len(words) + 1] = [*words, vocab.end_id]
+    expected = vocab.teacher_forcing_arrays(CAPTIONS[:2])
+    for got, want in zip(teacher_forcing(ids, vocab), expected):
+        np.testing.assert_array_equal(got, want)
+    assert [" ".join(w) for w in words_of(ids, vocab)] == CAPTIONS[:2]
+
+
+def test_self_critical_training_raises_the_reward(toy):
+    decoder, vocab, features, references = toy
+    rows = np.arange(24)
+    history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
+                        SelfCriticalSettings(epochs=12, learning_rate=1e-2, samples=5, batch_images=8), seed=0)
+    assert list(history["epoch"]) == list(range(13))
+    assert history["sample_reward"].iloc[-3:].mean() > 1.5 * history["sample_reward"].iloc[1]
+    assert history["dev_cider"].max() > 1.5 * history["dev_cider"].iloc[0]
+
+
+def test_fine_tuning_that_hurts_keeps_the_cross_entropy_weights(toy):
+    """A learning rate far too large wrecks the decoder; the weights of epoch 0 come back."""
+    decoder, vocab, features, references = toy
+    before = [w.copy() for w in decoder.get_weights()]
+    rows = np.arange(24)
+    history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
+                        SelfCriticalSettings(epochs=2, learning_rate=50.0, samples=2, batch_images=16), seed=0)
+    assert history["dev_cider"].iloc[1:].max() < history["dev_cider"].iloc[0]
+    for got, want in zip(decoder.get_weights(), before):
+        np.testing.assert_array_equal(got, want)
