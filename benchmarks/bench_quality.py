@@ -60,22 +60,46 @@ def override(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
+def training_rows(history, self_critical, minutes: float, vocab, loaded) -> list[tuple[str, str]]:
+    if loaded:
+        rows = [("training", f"{minutes:.1f} min; cross-entropy: none, decoder loaded from {loaded}")]
+    else:
+        best = history.loc[history.groupby("member")["val_loss"].idxmin()]
+        rows = [("training", f"{minutes:.1f} min; cross-entropy {len(history)} epochs, best dev loss "
+                             + ", ".join(f"{r.val_loss:.4f} at epoch {r.epoch}" for r in best.itertuples())
+                             + f"; vocabulary {vocab.size}")]
+    if not len(self_critical):
+        return rows
+    for member, tuned in self_critical.groupby("member"):
+        rows.append((f"self-critical, member {member}",
+                     ", ".join(f"epoch {r.epoch}: dev CIDEr-D {r.dev_cider:.3f}" for r in tuned.itertuples())))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REAL, help=f"folder with the files (default: {REAL})")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a train.* / evaluate.* / validate.* param for this run")
     parser.add_argument("--label", default="params.yaml", help="what this run is, for the report")
+    parser.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also score beam search with these evaluate.* values, e.g. "
+                             "beam_size=5,length_penalty=1.0 (repeatable; same trained decoder)")
+    parser.add_argument("--save", type=Path, help="write the trained decoder.keras and vocab.json here")
+    parser.add_argument("--load", type=Path, help="skip training: score decoder.keras + vocab.json from here")
     args = parser.parse_args()
     import numpy as np
+    import pandas as pd
     import yaml
 
     from pipeline.config import parse_settings
     from pipeline.decoding import beam_search
     from pipeline.features_file import read_features, row_index, rows_of
-    from pipeline.model import decoding_models, members_of
+    from pipeline.model import decoding_models, load_decoder, members_of
+    from pipeline.self_critical import fine_tune
     from pipeline.stages.evaluate import HEALTH, evaluate_model
-    from pipeline.stages.train import train_decoder
+    from pipeline.stages.train import references_of, train_decoder
+    from pipeline.text import Vocabulary
 
     raw = override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments)
     settings = parse_settings(raw)
@@ -85,8 +109,22 @@ def main() -> None:
     print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
 
     start = time.perf_counter()
-    decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train)
+    if args.load:  # then only self-critical fine-tuning, if train.self_critical.epochs > 0
+        decoder, vocab = load_decoder(args.load / "decoder.keras"), Vocabulary.load(args.load / "vocab.json")
+        history = None
+        self_critical = pd.DataFrame()
+        if settings.train.self_critical.epochs:
+            index = row_index(images)
+            self_critical = fine_tune(decoder, vocab, features, *references_of(captions, "train", index),
+                                      *references_of(captions, "dev", index), settings.train.self_critical,
+                                      settings.train.seed).assign(member=0)
+    else:
+        decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train)
     train_minutes = (time.perf_counter() - start) / 60
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        decoder.save(args.save / "decoder.keras")
+        (args.save / "vocab.json").write_text(vocab.to_text())
     # The evaluator scores its "test" split: here that is dev (the real test split is held out).
     scored = captions.assign(split=captions["split"].replace({"dev": "test"}))
     start = time.perf_counter()
@@ -102,14 +140,14 @@ def main() -> None:
                      f"{h['distinct_captions']} distinct captions / {h['images']} images, "
                      f"{h['distinct_words']} distinct words, {h['repeated_bigram_share']:.1%} repeat a bigram, "
                      f"{h['unk_share']:.1%} with <unk>, length {h['mean_length']:.1f} vs {h['reference_mean_length']:.1f}"))
-    best = history.loc[history.groupby("member")["val_loss"].idxmin()]
-    rows += [("training", f"{train_minutes:.1f} min; cross-entropy {len(history)} epochs, best dev loss "
-                          + ", ".join(f"{r.val_loss:.4f} at epoch {r.epoch}" for r in best.itertuples())
-                          + f"; vocabulary {vocab.size}")]
-    if len(self_critical):
-        for member, tuned in self_critical.groupby("member"):
-            rows.append((f"self-critical, member {member}",
-                         ", ".join(f"epoch {r.epoch}: dev CIDEr-D {r.dev_cider:.3f}" for r in tuned.itertuples())))
+    for spec in args.decode:
+        values = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in spec.split(","))}
+        variant = settings.evaluate.model_copy(update=values)
+        found, _ = evaluate_model(models, vocab, scored, images, features, variant)
+        h = found[HEALTH]["beam"]
+        rows.append((f"beam, {spec}", " / ".join(f"{found['beam'][k]:.3f}" for k in keys)
+                     + f"; {h['distinct_words']} words, length {h['mean_length']:.1f}"))
+    rows += training_rows(history, self_critical, train_minutes, vocab, args.load)
     rows.append(("evaluation", f"{eval_minutes:.1f} min"))
     if settings.train.ensemble > 1:  # decoding speed of one member against the whole ensemble
         dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
