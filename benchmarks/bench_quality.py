@@ -17,6 +17,7 @@ held out and never read here):
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -49,14 +50,18 @@ def load_captions(data: Path, min_tokens: int, max_tokens: int):
 
 
 def override(raw: dict, assignments: list[str]) -> dict:
+    """Apply SECTION.KEY=VALUE (any depth, e.g. train.self_critical.epochs=5) to params.yaml's tree."""
     import yaml
 
     for item in assignments:
         key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if section not in raw or name not in raw[section]:
+        *parents, leaf = key.split(".")
+        node = raw
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
             raise SystemExit(f"--set {item}: no param {key} in params.yaml")
-        raw[section][name] = yaml.safe_load(value)
+        node[leaf] = yaml.safe_load(value)
     return raw
 
 
@@ -88,6 +93,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the trained decoder.keras and vocab.json here")
     parser.add_argument("--load", type=Path, help="skip training: score decoder.keras + vocab.json from here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
     import pandas as pd
     import yaml

@@ -149,6 +149,7 @@ class SelfCriticalSettings(_Section):
     epochs: int = Field(ge=0)  # 0 = off
     learning_rate: float = Field(gt=0)
     samples: int = Field(ge=1)  # sampled captions per image and step
+    baseline: Literal["greedy", "samples"]  # greedy caption's reward, or the mean of the other samples'
     batch_images: int = Field(ge=1)
 
 

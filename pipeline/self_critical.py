@@ -70,6 +70,18 @@ def teacher_forcing(ids: np.ndarray, vocab: Vocabulary) -> tuple[np.ndarray, np.
     return inputs, ids
 
 
+def baseline(scores: np.ndarray, greedy_scores: np.ndarray, samples: int, kind: str) -> np.ndarray:
+    """What each sample's reward is compared with: its image's greedy caption's reward
+    ("greedy", Rennie et al. 2017), or the mean reward of the image's other samples ("samples",
+    Luo 2020; needs samples >= 2), which is centred on the samples themselves."""
+    if kind == "greedy":
+        return np.repeat(greedy_scores, samples)
+    if samples < 2:
+        raise ValueError("self_critical.baseline: samples needs self_critical.samples >= 2")
+    per_image = scores.reshape(-1, samples)
+    return ((per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)).reshape(-1)
+
+
 def policy_step(decoder, learning_rate: float) -> Callable:
     """A traced update: (features, inputs, targets, advantage per row) -> loss, one Adam step of
     -mean over real tokens of advantage x log p(token)."""
@@ -122,14 +134,14 @@ def fine_tune(decoder, vocab: Vocabulary, features: np.ndarray, train_rows: np.n
                        unit="batch", leave=False):
             images = order[lo:lo + cfg.batch_images]
             feats = features[train_rows[images]]
-            baseline_ids = [c.tokens for c in greedy(models, feats, vocab)]
-            baseline = reward.score([[vocab.words[i] for i in t] for t in baseline_ids], images)
+            greedy_ids = [c.tokens for c in greedy(models, feats, vocab)]
+            greedy_scores = reward.score([[vocab.words[i] for i in t] for t in greedy_ids], images)
             repeated = np.repeat(feats, k, axis=0)
             ids = sample(models, repeated, vocab, rng)
             scores = reward.score(words_of(ids, vocab), np.repeat(images, k))
-            advantage = (scores - np.repeat(baseline, k)).astype("float32")
+            advantage = (scores - baseline(scores, greedy_scores, k, cfg.baseline)).astype("float32")
             update(repeated, *teacher_forcing(ids, vocab), advantage)
-            sampled.append(scores.mean()), greedy_sum.append(baseline.mean())
+            sampled.append(scores.mean()), greedy_sum.append(greedy_scores.mean())
         row = {"epoch": epoch, "sample_reward": float(np.mean(sampled)),
                "greedy_reward": float(np.mean(greedy_sum)), "dev_cider": dev_cider()}
         history.append(row)

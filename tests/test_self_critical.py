@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import SelfCriticalSettings
 from pipeline.model import DecoderConfig, StepModels, build_decoder, make_trainer
-from pipeline.self_critical import fine_tune, sample, teacher_forcing, words_of
+from pipeline.self_critical import baseline, fine_tune, sample, teacher_forcing, words_of
 from pipeline.text import Vocabulary
 
 CAPTIONS = ["a dog runs on grass", "a man rides a red bike", "two girls play in water", "a black cat sleeps"]
@@ -53,11 +53,12 @@ def test_sampled_ids_are_teacher_forced_like_captions(toy):
     assert [" ".join(w) for w in words_of(ids, vocab)] == CAPTIONS[:2]
 
 
-def test_self_critical_training_raises_the_reward(toy):
+@pytest.mark.parametrize("baseline", ["greedy", "samples"])
+def test_self_critical_training_raises_the_reward(toy, baseline):
     decoder, vocab, features, references = toy
     rows = np.arange(24)
     history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
-                        SelfCriticalSettings(epochs=12, learning_rate=1e-2, samples=5, batch_images=8), seed=0)
+                        SelfCriticalSettings(epochs=12, learning_rate=1e-2, samples=5, baseline=baseline, batch_images=8), seed=0)
     assert list(history["epoch"]) == list(range(13))
     assert history["sample_reward"].iloc[-3:].mean() > 1.5 * history["sample_reward"].iloc[1]
     assert history["dev_cider"].max() > 1.5 * history["dev_cider"].iloc[0]
@@ -69,7 +70,15 @@ def test_fine_tuning_that_hurts_keeps_the_cross_entropy_weights(toy):
     before = [w.copy() for w in decoder.get_weights()]
     rows = np.arange(24)
     history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
-                        SelfCriticalSettings(epochs=2, learning_rate=50.0, samples=2, batch_images=16), seed=0)
+                        SelfCriticalSettings(epochs=2, learning_rate=50.0, samples=2, baseline="greedy", batch_images=16), seed=0)
     assert history["dev_cider"].iloc[1:].max() < history["dev_cider"].iloc[0]
     for got, want in zip(decoder.get_weights(), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_baselines():
+    scores = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])  # two images, three samples each
+    np.testing.assert_array_equal(baseline(scores, np.array([5.0, 7.0]), 3, "greedy"), [5, 5, 5, 7, 7, 7])
+    np.testing.assert_array_equal(baseline(scores, np.array([5.0, 7.0]), 3, "samples"), [2.5, 2, 1.5, 25, 25, 10])
+    with pytest.raises(ValueError, match="samples >= 2"):
+        baseline(scores, np.array([1.0] * 6), 1, "samples")
