@@ -1,4 +1,5 @@
-"""Decoding speed: batched greedy and beam-3 vs a one-image-at-a-time greedy loop.
+"""Decoding speed: batched greedy and beam-3 vs a one-image-at-a-time greedy loop, and batched
+beam-3 with an ensemble of 3 decoders (``train.ensemble: 3``) against one.
 
 500 images' features through the same decoder (vocabulary 3,000, 256 units, max 20 words,
 random weights so every caption runs its full length: the worst case for all three).
@@ -25,7 +26,13 @@ def main() -> None:
     import keras
 
     from pipeline.decoding import beam_search, greedy, one_at_a_time_greedy
-    from pipeline.model import DecoderConfig, StepModels, build_decoder
+    from pipeline.model import (
+        DecoderConfig,
+        StepModels,
+        build_decoder,
+        decoding_models,
+        ensemble_decoder,
+    )
     from pipeline.text import SPECIAL_TOKENS, Vocabulary
 
     keras.utils.set_random_seed(0)
@@ -42,6 +49,12 @@ def main() -> None:
         fast = greedy(models, feats, vocab, batch_size=256)
     with Timer() as beam:
         beam_search(models, feats, vocab, beam_size=3, batch_size=128)
+    members = [decoder] + [build_decoder(DecoderConfig(vocab.size, 2048, vocab.sequence_length, 256, 256, 0.0), feats)
+                           for _ in range(2)]
+    ensemble = decoding_models(ensemble_decoder(members))
+    beam_search(ensemble, feats[:4], vocab, beam_size=3)  # warm-up
+    with Timer() as ensemble_beam:
+        beam_search(ensemble, feats, vocab, beam_size=3, batch_size=128)
     same = sum(a.tokens == b.tokens for a, b in zip(looped, fast))
     n = args.images
     append_report("Decoding (bench_decode.py)", [
@@ -50,6 +63,8 @@ def main() -> None:
         ("batched beam-3 (128 images per batch)", f"{n / beam.seconds:.1f} captions/s"),
         ("batched greedy / loop (target >= 5)", f"{loop.seconds / batched.seconds:.1f}"),
         ("batched beam-3 / loop", f"{loop.seconds / beam.seconds:.1f}"),
+        ("batched beam-3, ensemble of 3 decoders", f"{n / ensemble_beam.seconds:.1f} captions/s"),
+        ("ensemble of 3 / one decoder, beam-3 time", f"{ensemble_beam.seconds / beam.seconds:.2f}"),
     ], [f"{n} images, vocabulary {vocab.size}, 256 units, up to {vocab.max_length} words; "
         f"batched and looped greedy captions identical for {same}/{n} images"])
 
