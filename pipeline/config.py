@@ -152,6 +152,13 @@ class SelfCriticalSettings(_Section):
     baseline: Literal["greedy", "samples"]  # greedy caption's reward, or the mean of the other samples'
     batch_images: int = Field(ge=1)
 
+    @model_validator(mode="after")
+    def _others_to_average(self) -> "SelfCriticalSettings":
+        if self.baseline == "samples" and self.samples < 2:
+            raise ValueError("baseline: samples compares each sample with the image's other samples: "
+                             f"it needs samples >= 2, got {self.samples}")
+        return self
+
 
 class TrainSettings(_Section):
     vocab_min_count: int = Field(ge=1)

@@ -1,7 +1,7 @@
 """Greedy and beam-search decoding, batched over many images at once.
 
-Rules shared by both: never emit <pad>, <start> or <unk>; optionally block any repeated
-n-gram (``no_repeat_ngram``, 0 = off), which stops the "a white hat and a white hat ..."
+Rules shared by both: never emit <pad>, <start> or <unk>, nor an empty caption; optionally
+block any repeated n-gram (``no_repeat_ngram``, 0 = off), which stops the "a white hat and a white hat ..."
 loops seen on real Flickr8k; stop at <end> or after ``max_length`` words (then <end> is
 forced). Scores are summed log-probabilities including <end>; beam search ranks finished
 hypotheses by ``logp / length ** length_penalty``.
@@ -39,9 +39,12 @@ def _banned(history: list[int], n: int) -> set[int]:
 
 def allowed(log_probs: np.ndarray, vocab: Vocabulary, step: int) -> np.ndarray:
     """A copy of one step's log-probs with the words no caption may emit set to NEG_INF:
-    <pad>, <start> and <unk> always, everything but <end> once ``max_length`` words are out."""
+    <pad>, <start> and <unk> always, <end> as the first word (a caption has a word, as validate
+    requires of the references), everything but <end> once ``max_length`` words are out."""
     lp = log_probs.copy()
     lp[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = NEG_INF
+    if step == 0:
+        lp[:, vocab.end_id] = NEG_INF
     if step >= vocab.max_length:  # out of room: only <end> remains
         end = lp[:, vocab.end_id].copy()
         lp[:] = NEG_INF

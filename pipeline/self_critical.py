@@ -73,11 +73,9 @@ def teacher_forcing(ids: np.ndarray, vocab: Vocabulary) -> tuple[np.ndarray, np.
 def baseline(scores: np.ndarray, greedy_scores: np.ndarray, samples: int, kind: str) -> np.ndarray:
     """What each sample's reward is compared with: its image's greedy caption's reward
     ("greedy", Rennie et al. 2017), or the mean reward of the image's other samples ("samples",
-    Luo 2020; needs samples >= 2), which is centred on the samples themselves."""
+    Luo 2020; the settings require samples >= 2), which is centred on the samples themselves."""
     if kind == "greedy":
         return np.repeat(greedy_scores, samples)
-    if samples < 2:
-        raise ValueError("self_critical.baseline: samples needs self_critical.samples >= 2")
     per_image = scores.reshape(-1, samples)
     return ((per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)).reshape(-1)
 

@@ -90,3 +90,10 @@ def test_bfloat16_is_refused_on_the_tflite_runtimes():
         parse_settings(tiny_params(**{"features.runtime": "tflite", "features.precision": "bfloat16"}))
     keras_bf16 = parse_settings(tiny_params(**{"features.runtime": "keras", "features.precision": "bfloat16"}))
     assert keras_bf16.features.precision == "bfloat16"
+
+
+def test_self_critical_sample_baseline_needs_other_samples():
+    """Refused when params are read, not after the cross-entropy phase has run."""
+    with pytest.raises(ConfigError, match=r"train\.self_critical.*samples >= 2"):
+        parse_settings(tiny_params(**{"train.self_critical.samples": 1, "train.self_critical.baseline": "samples"}))
+    parse_settings(tiny_params(**{"train.self_critical.samples": 1, "train.self_critical.baseline": "greedy"}))

@@ -60,3 +60,21 @@ def test_beam_of_one_is_greedy(setup):
     models, vocab, feats = setup
     assert [c.tokens for c in beam_search(models, feats, vocab, beam_size=1, length_penalty=0.0)] == \
         [c.tokens for c in greedy(models, feats, vocab)]
+
+
+def test_no_caption_is_empty_even_when_the_model_would_stop_at_once(setup):
+    """A barely trained decoder may rank <end> first at step 0: it still writes a word."""
+    models, vocab, feats = setup
+
+    class EndFirst:
+        def encode(self, features):
+            return models.encode(features)
+
+        def step(self, tokens, state):
+            log_probs, state = models.step(tokens, state)
+            log_probs = log_probs.copy()
+            log_probs[:, vocab.end_id] = 0.0  # probability ~1 for <end>, every step
+            return log_probs, state
+
+    for decode in (greedy, beam_search):
+        assert all(len(c.tokens) == 1 for c in decode(EndFirst(), feats, vocab))
