@@ -110,6 +110,8 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     train = split_arrays(captions, "train", index, vocab)
     dev = split_arrays(captions, "dev", index, vocab)
     train_feats = features[np.unique(train[0])]
+    if cfg.self_critical.epochs:  # the same for every member: once
+        references = (*references_of(captions, "train", index), *references_of(captions, "dev", index))
     members, histories, self_critical = [], [], []
     for member in range(cfg.ensemble):
         seed = cfg.seed + member
@@ -141,8 +143,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
             if on_self_critical_epoch:
                 def report(row, member=member):
                     on_self_critical_epoch(member, row)
-            tuned = fine_tune(model, vocab, features, *references_of(captions, "train", index),
-                              *references_of(captions, "dev", index), cfg.self_critical, seed, report)
+            tuned = fine_tune(model, vocab, features, *references, cfg.self_critical, seed, report)
             self_critical.append(tuned.assign(member=member))
         members.append(model)
     decoder = members[0] if len(members) == 1 else ensemble_decoder(members)
@@ -182,12 +183,11 @@ def run(settings: Settings) -> dict:
         with reported(ValueError):
             model, vocab, history, self_critical = train_decoder(
                 captions, images, features, settings.train, log_epoch, log_self_critical)
-        summary = {"best_epoch": 0, "best_dev_loss": 0.0, "epochs_run": len(history),
+        per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
+        summary = {"best_epoch": int(per_member["epoch"].iloc[0]),  # member 0's
+                   "best_dev_loss": float(per_member["val_loss"].mean()), "epochs_run": len(history),
                    "ensemble": settings.train.ensemble, "vocab_size": vocab.size,
                    "parameters": model.count_params()}
-        per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
-        summary["best_epoch"] = int(per_member["epoch"].iloc[0])  # member 0's
-        summary["best_dev_loss"] = float(per_member["val_loss"].mean())
         if len(self_critical):
             best = self_critical.loc[self_critical.groupby("member")["dev_cider"].idxmax()]
             summary["self_critical_best_epoch"] = int(best["epoch"].iloc[0])
