@@ -65,9 +65,22 @@ def override(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
+def load_members(folders: list[Path]):
+    """The decoders saved in ``folders`` (``--save``) and their vocabulary, which must be one."""
+    from pipeline.model import load_decoder, members_of
+    from pipeline.text import Vocabulary
+
+    texts = {(folder / "vocab.json").read_text() for folder in folders}
+    if len(texts) > 1:
+        raise SystemExit(f"--load: {', '.join(map(str, folders))} hold different vocabularies; "
+                         "an ensemble needs decoders trained on the same captions and vocab params")
+    members = [m for folder in folders for m in members_of(load_decoder(folder / "decoder.keras"))]
+    return members, Vocabulary.load(folders[0] / "vocab.json")
+
+
 def training_rows(history, self_critical, minutes: float, vocab, loaded) -> list[tuple[str, str]]:
     if loaded:
-        rows = [("training", f"{minutes:.1f} min; cross-entropy: none, decoder loaded from {loaded}")]
+        rows = [("training", f"{minutes:.1f} min; cross-entropy: none, decoder(s) loaded from {', '.join(map(str, loaded))}")]
     else:
         best = history.loc[history.groupby("member")["val_loss"].idxmin()]
         rows = [("training", f"{minutes:.1f} min; cross-entropy {len(history)} epochs, best dev loss "
@@ -91,7 +104,9 @@ def main() -> None:
                         help="also score beam search with these evaluate.* values, e.g. "
                              "beam_size=5,length_penalty=1.0 (repeatable; same trained decoder)")
     parser.add_argument("--save", type=Path, help="write the trained decoder.keras and vocab.json here")
-    parser.add_argument("--load", type=Path, help="skip training: score decoder.keras + vocab.json from here")
+    parser.add_argument("--load", type=Path, action="append",
+                        help="skip training: score decoder.keras + vocab.json from here; repeated, the "
+                             "decoders (trained with the same vocabulary) decode as one ensemble")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
@@ -101,11 +116,10 @@ def main() -> None:
     from pipeline.config import parse_settings
     from pipeline.decoding import beam_search
     from pipeline.features_file import read_features, row_index, rows_of
-    from pipeline.model import decoding_models, load_decoder, members_of
+    from pipeline.model import decoding_models, ensemble_decoder, members_of
     from pipeline.self_critical import fine_tune
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import references_of, train_decoder
-    from pipeline.text import Vocabulary
 
     raw = override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments)
     settings = parse_settings(raw)
@@ -115,15 +129,18 @@ def main() -> None:
     print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
 
     start = time.perf_counter()
-    if args.load:  # then only self-critical fine-tuning, if train.self_critical.epochs > 0
-        decoder, vocab = load_decoder(args.load / "decoder.keras"), Vocabulary.load(args.load / "vocab.json")
+    if args.load:  # then only self-critical fine-tuning (of each member), if train.self_critical.epochs > 0
+        members, vocab = load_members(args.load)
         history = None
-        self_critical = pd.DataFrame()
+        tuned = []
         if settings.train.self_critical.epochs:
             index = row_index(images)
-            self_critical = fine_tune(decoder, vocab, features, *references_of(captions, "train", index),
-                                      *references_of(captions, "dev", index), settings.train.self_critical,
-                                      settings.train.seed).assign(member=0)
+            references = (*references_of(captions, "train", index), *references_of(captions, "dev", index))
+            for member, model in enumerate(members):
+                tuned.append(fine_tune(model, vocab, features, *references, settings.train.self_critical,
+                                       settings.train.seed + member).assign(member=member))
+        self_critical = pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame()
+        decoder = members[0] if len(members) == 1 else ensemble_decoder(members)
     else:
         decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train)
     train_minutes = (time.perf_counter() - start) / 60
@@ -155,9 +172,9 @@ def main() -> None:
                      + f"; {h['distinct_words']} words, length {h['mean_length']:.1f}"))
     rows += training_rows(history, self_critical, train_minutes, vocab, args.load)
     rows.append(("evaluation", f"{eval_minutes:.1f} min"))
-    if settings.train.ensemble > 1:  # decoding speed of one member against the whole ensemble
+    if len(members_of(decoder)) > 1:  # decoding speed of one member against the whole ensemble
         dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
-        for name, candidate in (("1 member", decoding_models(members_of(decoder)[0])), (f"{settings.train.ensemble} members", models)):
+        for name, candidate in (("1 member", decoding_models(members_of(decoder)[0])), (f"{len(members_of(decoder))} members", models)):
             start = time.perf_counter()
             beam_search(candidate, dev_features, vocab, beam_size=settings.evaluate.beam_size,
                         length_penalty=settings.evaluate.length_penalty,
@@ -171,7 +188,8 @@ def main() -> None:
         f"dropout {t.dropout}, lr {t.learning_rate} (x{t.lr_decay} after {t.lr_patience} stalled epochs), "
         f"label smoothing {t.label_smoothing}, batch {t.batch_size}, patience {t.patience}; ensemble {t.ensemble}; "
         f"self-critical {t.self_critical.epochs} epochs (lr {t.self_critical.learning_rate}, "
-        f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images); "
+        f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images, top-k {t.self_critical.top_k}, "
+        f"{t.self_critical.baseline} baseline); "
         f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 

@@ -150,6 +150,7 @@ class SelfCriticalSettings(_Section):
     learning_rate: float = Field(gt=0)
     samples: int = Field(ge=1)  # sampled captions per image and step
     baseline: Literal["greedy", "samples"]  # greedy caption's reward, or the mean of the other samples'
+    top_k: int = Field(ge=0)  # sample among each step's k most likely words; 0 = the whole softmax
     batch_images: int = Field(ge=1)
 
     @model_validator(mode="after")

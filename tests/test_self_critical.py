@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 
 from pipeline.config import SelfCriticalSettings
+from pipeline.decoding import NEG_INF
 from pipeline.model import DecoderConfig, StepModels, build_decoder, make_trainer
-from pipeline.self_critical import baseline, fine_tune, sample, teacher_forcing, words_of
+from pipeline.self_critical import (
+    baseline,
+    fine_tune,
+    sample,
+    teacher_forcing,
+    top_k_only,
+    words_of,
+)
 from pipeline.text import Vocabulary
 
 CAPTIONS = ["a dog runs on grass", "a man rides a red bike", "two girls play in water", "a black cat sleeps"]
@@ -53,12 +61,27 @@ def test_sampled_ids_are_teacher_forced_like_captions(toy):
     assert [" ".join(w) for w in words_of(ids, vocab)] == CAPTIONS[:2]
 
 
-@pytest.mark.parametrize("baseline", ["greedy", "samples"])
-def test_self_critical_training_raises_the_reward(toy, baseline):
+def test_top_k_sampling_draws_only_the_likeliest_words(toy):
+    decoder, vocab, features, _ = toy
+    log_probs = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    kept = top_k_only(log_probs, 2)
+    assert (kept > NEG_INF).sum(axis=1).tolist() == [2, 2]
+    np.testing.assert_array_equal(kept[0, :2], log_probs[0, :2])
+    np.testing.assert_array_equal(kept[1, 2:], log_probs[1, 2:])
+    assert top_k_only(log_probs, 0) is log_probs
+    models = StepModels.from_decoder(decoder)
+    ids = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(1), top_k=1)
+    greedy_ids = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(2), top_k=1)
+    np.testing.assert_array_equal(ids, greedy_ids)  # k = 1 is greedy, whatever the noise
+
+
+@pytest.mark.parametrize(("baseline", "top_k"), [("greedy", 0), ("samples", 0), ("samples", 3)])
+def test_self_critical_training_raises_the_reward(toy, baseline, top_k):
     decoder, vocab, features, references = toy
     rows = np.arange(24)
     history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
-                        SelfCriticalSettings(epochs=12, learning_rate=1e-2, samples=5, baseline=baseline, batch_images=8), seed=0)
+                        SelfCriticalSettings(epochs=12, learning_rate=1e-2, samples=5, baseline=baseline, top_k=top_k,
+                                             batch_images=8), seed=0)
     assert list(history["epoch"]) == list(range(13))
     assert history["sample_reward"].iloc[-3:].mean() > 1.3 * history["sample_reward"].iloc[1]
     assert history["dev_cider"].max() > 1.3 * history["dev_cider"].iloc[0]
@@ -70,7 +93,7 @@ def test_fine_tuning_that_hurts_keeps_the_cross_entropy_weights(toy):
     before = [w.copy() for w in decoder.get_weights()]
     rows = np.arange(24)
     history = fine_tune(decoder, vocab, features, rows[:16], references[:16], rows[16:], references[16:],
-                        SelfCriticalSettings(epochs=2, learning_rate=50.0, samples=2, baseline="greedy", batch_images=16), seed=0)
+                        SelfCriticalSettings(epochs=2, learning_rate=50.0, samples=2, baseline="greedy", top_k=0, batch_images=16), seed=0)
     assert history["dev_cider"].iloc[1:].max() < history["dev_cider"].iloc[0]
     for got, want in zip(decoder.get_weights(), before):
         np.testing.assert_array_equal(got, want)
@@ -81,4 +104,4 @@ def test_baselines():
     np.testing.assert_array_equal(baseline(scores, np.array([5.0, 7.0]), 3, "greedy"), [5, 5, 5, 7, 7, 7])
     np.testing.assert_array_equal(baseline(scores, np.array([5.0, 7.0]), 3, "samples"), [2.5, 2, 1.5, 25, 25, 10])
     with pytest.raises(ValueError, match="samples >= 2"):  # refused when the params are read
-        SelfCriticalSettings(epochs=1, learning_rate=1e-4, samples=1, baseline="samples", batch_images=8)
+        SelfCriticalSettings(epochs=1, learning_rate=1e-4, samples=1, baseline="samples", top_k=0, batch_images=8)
