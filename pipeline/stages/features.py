@@ -53,6 +53,8 @@ def _image_batches(files: list[Path], size: int, batch_size: int) -> Iterator[np
         try:
             # No pixel limit here: validate already refused images above validate.max_image_pixels.
             return load_rgb(path, size, max_pixels=None)
+        except ImageError as err:  # keeps its category: a file gone since validate is MISSING
+            raise ImageError(err.category, f"undecodable image {path}: {err.detail}") from None
         except Exception as err:
             raise ImageError(CORRUPT, f"undecodable image {path}: {err}") from None
 
