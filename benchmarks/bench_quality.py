@@ -172,9 +172,10 @@ def main() -> None:
                      + f"; {h['distinct_words']} words, length {h['mean_length']:.1f}"))
     rows += training_rows(history, self_critical, train_minutes, vocab, args.load)
     rows.append(("evaluation", f"{eval_minutes:.1f} min"))
-    if len(members_of(decoder)) > 1:  # decoding speed of one member against the whole ensemble
+    members = members_of(decoder)
+    if len(members) > 1:  # decoding speed of one member against the whole ensemble
         dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
-        for name, candidate in (("1 member", decoding_models(members_of(decoder)[0])), (f"{len(members_of(decoder))} members", models)):
+        for name, candidate in (("1 member", decoding_models(members[0])), (f"{len(members)} members", models)):
             start = time.perf_counter()
             beam_search(candidate, dev_features, vocab, beam_size=settings.evaluate.beam_size,
                         length_penalty=settings.evaluate.length_penalty,

@@ -158,6 +158,9 @@ class SelfCriticalSettings(_Section):
         if self.baseline == "samples" and self.samples < 2:
             raise ValueError("baseline: samples compares each sample with the image's other samples: "
                              f"it needs samples >= 2, got {self.samples}")
+        if self.top_k == 1:
+            raise ValueError("top_k: 1 samples the greedy caption every time, so no sample can beat "
+                             "the baseline: use 0 (whole softmax) or k >= 2")
         return self
 
 

@@ -70,9 +70,9 @@ def test_top_k_sampling_draws_only_the_likeliest_words(toy):
     np.testing.assert_array_equal(kept[1, 2:], log_probs[1, 2:])
     assert top_k_only(log_probs, 0) is log_probs
     models = StepModels.from_decoder(decoder)
-    ids = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(1), top_k=1)
-    greedy_ids = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(2), top_k=1)
-    np.testing.assert_array_equal(ids, greedy_ids)  # k = 1 is greedy, whatever the noise
+    first = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(1), top_k=1)
+    other_noise = sample(models, np.repeat(features, 8, axis=0), vocab, np.random.default_rng(2), top_k=1)
+    np.testing.assert_array_equal(first, other_noise)  # k = 1 is greedy, whatever the noise
 
 
 @pytest.mark.parametrize(("baseline", "top_k"), [("greedy", 0), ("samples", 0), ("samples", 3)])
@@ -105,3 +105,5 @@ def test_baselines():
     np.testing.assert_array_equal(baseline(scores, np.array([5.0, 7.0]), 3, "samples"), [2.5, 2, 1.5, 25, 25, 10])
     with pytest.raises(ValueError, match="samples >= 2"):  # refused when the params are read
         SelfCriticalSettings(epochs=1, learning_rate=1e-4, samples=1, baseline="samples", top_k=0, batch_images=8)
+    with pytest.raises(ValueError, match="top_k: 1"):
+        SelfCriticalSettings(epochs=1, learning_rate=1e-4, samples=5, baseline="samples", top_k=1, batch_images=8)

@@ -6,11 +6,11 @@ stage, into ``data/features/shards/<backbone>-<I>.parquet`` (format of
 ``pipeline/features_file.py``); ``merge_features`` joins the shards. Shards are independent
 DVC stages, so Airflow runs them in parallel, on different workers.
 
-Each batch is decoded and resized by a thread pool, then embedded (see ``_image_batches``
-for why the two do not overlap). Finished batches are written to ``data/features/parts/<backbone>-<I>/`` every
-``rows_per_part`` images, and whatever is buffered is written too when the stage fails or is
-stopped (SIGTERM, Ctrl-C), so a rerun resumes where it stopped; the final file appears by
-atomic rename.
+Each batch is decoded and resized by a thread pool, then embedded (``_image_batches`` says
+why the two do not overlap). Finished batches are written to
+``data/features/parts/<backbone>-<I>/`` every ``rows_per_part`` images, and whatever is
+buffered is written too when the stage fails or is stopped (SIGTERM, Ctrl-C), so a rerun
+resumes where it stopped; the final file appears by atomic rename.
 """
 
 from __future__ import annotations
