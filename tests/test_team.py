@@ -147,12 +147,14 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _process_running(marker: str) -> int | None:
-    """pid of a process whose command line contains ``marker``."""
+def _process_running(marker: str, folders: set[str]) -> int | None:
+    """pid of a process whose command line contains ``marker`` and that runs in one of
+    ``folders`` (resolved paths): another test run on the same machine has its own stages."""
     import psutil
 
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if marker in " ".join(proc.info["cmdline"] or []):
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cwd = proc.info["cwd"]
+        if marker in " ".join(proc.info["cmdline"] or []) and cwd and str(Path(cwd).resolve()) in folders:
             return proc.info["pid"]
     return None
 
@@ -307,7 +309,7 @@ def test_team_run_shares_outputs_across_workers_skips_when_unchanged_and_survive
     started = time.monotonic()
     third = api.trigger({"force": ["train"]})
     deadline = time.monotonic() + 900
-    while not (pid := _process_running("pipeline.stages.train")):
+    while not (pid := _process_running("pipeline.stages.train", set(worker_of))):
         assert time.monotonic() < deadline and api.run_state(third) in ("queued", "running"), api.tasks(third)
         time.sleep(0.2)
     import psutil
