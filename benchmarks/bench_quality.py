@@ -8,7 +8,8 @@ held out and never read here):
   ``text.clean_caption``, the same token-count bounds from ``validate.*`` params);
 * ``train.train_decoder`` with the ``train.*`` params (dev drives early stopping, as in the stage);
 * ``evaluate.evaluate_model`` with the ``evaluate.*`` params, scoring the dev split: BLEU-1..4,
-  METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health.
+  METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health;
+  beam reranked by consensus with the train images when ``evaluate.consensus_neighbours`` > 0.
 
 ``--set train.units=512`` (repeatable) overrides a param for this run. The table goes to
 ``reports/benchmarks.md``.
@@ -191,7 +192,8 @@ def main() -> None:
         f"self-critical {t.self_critical.epochs} epochs (lr {t.self_critical.learning_rate}, "
         f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images, top-k {t.self_critical.top_k}, "
         f"{t.self_critical.baseline} baseline); "
-        f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams",
+        f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams, "
+        f"consensus reranking with {e.consensus_neighbours} train images (weight {e.consensus_weight})",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 
 

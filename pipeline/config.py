@@ -186,6 +186,10 @@ class EvaluateSettings(_Section):
     beam_size: int = Field(ge=1, le=20)
     length_penalty: float = Field(ge=0, le=3)
     no_repeat_ngram: int = Field(ge=0, le=10)
+    # beam candidates reranked by agreement with the captions of this many similar train images
+    # (pipeline/consensus.py); 0 = the decoder's own ranking
+    consensus_neighbours: int = Field(ge=0, le=1000)
+    consensus_weight: float = Field(ge=0)  # x the decoder's length-normalised log-prob
     batch_size: int = Field(ge=1)
     gallery_size: int = Field(ge=0)
 

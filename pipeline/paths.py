@@ -12,6 +12,7 @@ MODELS_DIR = Path("models")
 DECODER = MODELS_DIR / "decoder.keras"
 VOCAB = MODELS_DIR / "vocab.json"
 TRAIN_RUN = MODELS_DIR / "train_run.json"
+NEIGHBOURS = MODELS_DIR / "neighbours.npz"  # train images' features + captions (consensus reranking)
 METRICS_DIR = Path("metrics")
 EVAL_METRICS = METRICS_DIR / "eval.json"
 REPORTS_DIR = Path("reports")

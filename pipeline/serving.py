@@ -106,6 +106,13 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.embed = backbone.embedder(fallback_to_keras=True)
         self.models = decoding_models(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
+        self.reranker = None  # models registered before consensus reranking have no neighbours
+        if self.decoding.get("consensus_neighbours") and "neighbours" in context.artifacts:
+            from .consensus import ConsensusReranker, Neighbours
+
+            self.reranker = ConsensusReranker(Neighbours.load(context.artifacts["neighbours"]),
+                                              self.decoding["consensus_neighbours"],
+                                              self.decoding["consensus_weight"])
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -128,7 +135,9 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
         """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error"}, with the
         same limits and per-row errors as ``predict`` (apps call this to show the other beam
-        candidates; ``score`` is the length-normalised log-probability)."""
+        candidates; ``score`` is the length-normalised log-probability; a model that reranks by
+        consensus adds ``consensus``, the CIDEr-D against similar train images' captions, and
+        orders the candidates by consensus + consensus_weight x score)."""
         beam = beam_param({"beam_size": beam_size}, self.decoding["beam_size"])
         rows, limit = len(values), self.limits["max_rows"]
         if rows > limit:
@@ -160,9 +169,16 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         else:
             found = beam_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
                                     length_penalty=self.decoding["length_penalty"])
-        for result, ranked in zip(ok, found):
-            result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4)}
-                                    for c, score in ranked]
+        if self.reranker is not None and beam > 1:
+            reranked = self.reranker.rerank(feats, found, lambda c: self.vocab.decode(c.tokens).split())
+            for result, ranked in zip(ok, reranked):
+                result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
+                                         "consensus": round(cons, 4)} for c, score, cons in ranked]
+        else:
+            for result, ranked in zip(ok, found):
+                result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4)}
+                                        for c, score in ranked]
+        for result in ok:
             result["caption"] = result["candidates"][0]["caption"]
 
 

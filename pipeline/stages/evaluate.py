@@ -1,8 +1,10 @@
 """Stage ``evaluate``: caption the test split and score it -> ``metrics/eval.json``.
 
 Three decoders are scored on the same images and references: ``greedy``, ``beam``
-(``evaluate.beam_size``) and ``baseline``, the same decoder and beam search fed the mean
-train feature vector for every image (image-blind), which shows what the image adds.
+(``evaluate.beam_size``; with ``evaluate.consensus_neighbours`` > 0 its candidates reranked by
+agreement with the captions of similar train images, ``models/neighbours.npz``) and
+``baseline``, the same decoder and beam search fed the mean train feature vector for every
+image (image-blind), which shows what the image adds.
 The registry's current champion (if any, and if it loads) captions the same test images in
 the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
 (``pipeline/comparison.py``), so ``register`` judges them on the same images. A champion that
@@ -23,7 +25,8 @@ from ..atomic import write_json, write_parquet, write_text
 from ..champion import caption_with_champion
 from ..comparison import per_image_scores
 from ..config import EvaluateSettings, Settings
-from ..decoding import beam_search, greedy
+from ..consensus import ConsensusReranker, Neighbours
+from ..decoding import Caption, beam_candidates, beam_search, greedy
 from ..features_file import read_features, row_index, rows_of
 from ..gallery import render
 from ..metrics import JavaMissingError, caption_health, score
@@ -38,8 +41,12 @@ HEALTH = "caption_health"  # per mode: distinct captions and words, repeats, len
 
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
-                   features: np.ndarray, cfg: EvaluateSettings) -> tuple[dict, pd.DataFrame]:
-    """Pure core: (metrics per mode, one row per test image with its captions). Raises
+                   features: np.ndarray, cfg: EvaluateSettings,
+                   neighbours: Neighbours | None = None) -> tuple[dict, pd.DataFrame]:
+    """Pure core: (metrics per mode, one row per test image with its captions). With
+    ``cfg.consensus_neighbours`` > 0, beam candidates are reranked by consensus with the
+    ``neighbours`` (by default the train split of ``captions``; ``run`` passes the file the
+    served model carries); the image-blind baseline keeps the decoder's ranking. Raises
     ValueError when the test split is empty or an image has no features."""
     index = row_index(images)
     test = captions[captions["split"] == "test"]
@@ -57,13 +64,15 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=cfg.no_repeat_ngram,
                          batch_size=cfg.batch_size, progress="greedy"),
-        "beam": beam_search(models, feats, vocab, progress=f"beam-{cfg.beam_size}", **beam_kwargs),
+        "beam": best_beam(models, feats, vocab, cfg, neighbours or (
+            Neighbours.from_split(captions, "train", images, features) if cfg.consensus_neighbours else None)),
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
     }
     texts = {mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in MODES}
     references = [[r.split() for r in refs[n]] for n in test_images]
-    metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size}
+    metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size,
+                     "consensus_neighbours": cfg.consensus_neighbours}
     for mode in MODES:
         log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])
@@ -77,6 +86,20 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
         "references": [list(refs[n]) for n in test_images],
     })
     return metrics, table
+
+
+def best_beam(models: StepModels, feats: np.ndarray, vocab: Vocabulary, cfg: EvaluateSettings,
+              neighbours: Neighbours | None) -> list[Caption]:
+    """Each image's beam caption: the decoder's best, or with consensus on (and ``neighbours``),
+    the best reranked."""
+    beam_kwargs = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+                       no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
+    found = beam_candidates(models, feats, vocab, progress=f"beam-{cfg.beam_size}", **beam_kwargs)
+    if cfg.consensus_neighbours and neighbours is not None:
+        log.info("reranking by consensus with the %d nearest train images", cfg.consensus_neighbours)
+        reranker = ConsensusReranker(neighbours, cfg.consensus_neighbours, cfg.consensus_weight)
+        found = reranker.rerank(feats, found, lambda c: vocab.decode(c.tokens).split())
+    return [ranked[0][0] for ranked in found]
 
 
 def scores_table(table: pd.DataFrame, references: list, model: str, mode: str,
@@ -121,7 +144,8 @@ def caption_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
-    require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file)
+    consensus = settings.evaluate.consensus_neighbours > 0
+    require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file, *([paths.NEIGHBOURS] if consensus else []))
     vocab = Vocabulary.load(paths.VOCAB)
     models = decoding_models(load_decoder(paths.DECODER))
     captions = pd.read_parquet(paths.CAPTIONS)
@@ -129,7 +153,8 @@ def run(settings: Settings) -> dict:
     image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
     setup(settings)
     with reported(JavaMissingError, ValueError):
-        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.evaluate)
+        neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
+        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.evaluate, neighbours)
         metrics["champion"], scores = compare_with_champion(settings, table, image_dir)
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)
@@ -137,7 +162,9 @@ def run(settings: Settings) -> dict:
     items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
-    summary = (f"{metrics['n_images']} test images. Beam-{metrics['beam_size']}: BLEU-4 {b['bleu4']:.3f}, "
+    reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images"
+                if metrics["consensus_neighbours"] else "")
+    summary = (f"{metrics['n_images']} test images. Beam-{metrics['beam_size']}{reranked}: BLEU-4 {b['bleu4']:.3f}, "
                f"METEOR {b['meteor']:.3f}, CIDEr {b['cider']:.3f}; image-blind baseline: "
                f"BLEU-4 {base['bleu4']:.3f}, CIDEr {base['cider']:.3f}. Caption health (beam): "
                f"{health['distinct_captions']} distinct captions for {health['images']} images, "

@@ -89,7 +89,8 @@ def log_caption_model(settings: Settings, model_dir: Path):
     config.write_text(json.dumps({
         "backbone": spec.to_dict(),
         "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
-                     "no_repeat_ngram": ev.no_repeat_ngram},
+                     "no_repeat_ngram": ev.no_repeat_ngram, "consensus_neighbours": ev.consensus_neighbours,
+                     "consensus_weight": ev.consensus_weight},
         "limits": settings.serving.model_dump()}))
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
@@ -97,7 +98,9 @@ def log_caption_model(settings: Settings, model_dir: Path):
     return mlflow.pyfunc.log_model(
         name=ARTIFACT_NAME, python_model=str(MODEL_CODE),
         artifacts={"config": str(config), "decoder": str(paths.DECODER), "vocab": str(paths.VOCAB),
-                   "backbone": str(backbone.path)},
+                   "backbone": str(backbone.path),
+                   # the served model reranks its beam as evaluate did
+                   **({"neighbours": str(paths.NEIGHBOURS)} if ev.consensus_neighbours else {})},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
         code_paths=[str(MODEL_CODE.parent)],
         registered_model_name=settings.registry.model_name)

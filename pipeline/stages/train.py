@@ -11,7 +11,9 @@ Self-critical fine-tuning is part of this stage, not a stage of its own, because
 the same thing, the decoder that evaluate and register take: a separate stage would need a
 second decoder file and every later stage would have to choose between the two. Caption rows only
 hold an index into the feature table, so memory is bounded by that table, not by the number
-of captions. Everything is logged to an MLflow run whose id goes to models/train_run.json.
+of captions. ``models/neighbours.npz`` holds the train images' features and captions, which
+evaluate and the served model compare photos with (consensus reranking, ``pipeline/consensus.py``).
+Everything is logged to an MLflow run whose id goes to models/train_run.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pandas as pd
 from .. import paths
 from ..atomic import atomic_path, write_text
 from ..config import Settings, TrainSettings
+from ..consensus import Neighbours
 from ..features_file import read_features, row_index, rows_of
 from ..text import Vocabulary
 from ..tracking import data_identity, flatten, log_training_data, run_name, run_ref, setup
@@ -196,6 +199,8 @@ def run(settings: Settings) -> dict:
         # Every output is written under a temporary name and renamed into place.
         with atomic_path(paths.DECODER) as tmp:
             model.save(tmp)
+        with atomic_path(paths.NEIGHBOURS) as tmp:  # for consensus reranking (evaluate, serving)
+            Neighbours.from_split(captions, "train", images, features).save(tmp)
         write_text(paths.VOCAB, vocab.to_text())
         with atomic_path(paths.TRAIN_HISTORY) as tmp:
             history.to_csv(tmp, index=False)

@@ -56,3 +56,28 @@ def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
     bars = capsys.readouterr().err
     assert "greedy" in bars and f"beam-{settings.evaluate.beam_size}" in bars and "img/s" in bars
     assert "decoding" in caplog.text and "scoring beam captions" in caplog.text
+
+
+def test_beam_captions_are_reranked_among_the_beam_candidates(in_trained):
+    """With consensus on (the default), each beam caption is one of the decoder's beam
+    candidates, chosen by agreement with the captions of similar train images."""
+    from pipeline.consensus import Neighbours
+    from pipeline.decoding import beam_candidates
+    from pipeline.features_file import read_features, row_index, rows_of
+    from pipeline.model import decoding_models, load_decoder
+    from pipeline.text import Vocabulary
+
+    _, settings = in_trained
+    cfg = settings.evaluate
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    assert cfg.consensus_neighbours > 0 and metrics["consensus_neighbours"] == cfg.consensus_neighbours
+    table = pd.read_parquet(paths.TEST_CAPTIONS)
+    vocab = Vocabulary.load(paths.VOCAB)
+    images, features, _ = read_features(paths.features_file("xception"))
+    found = beam_candidates(decoding_models(load_decoder(paths.DECODER)),
+                            features[rows_of(row_index(images), table["image"])], vocab,
+                            beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+                            no_repeat_ngram=cfg.no_repeat_ngram)
+    for caption, ranked in zip(table["beam"], found):
+        assert caption in [vocab.decode(c.tokens) for c, _ in ranked]
+    assert len(Neighbours.load(paths.NEIGHBOURS).references) > 0

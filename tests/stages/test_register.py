@@ -30,6 +30,7 @@ def test_first_model_is_promoted_and_logged_from_code(registered):
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
     assert (local / "caption_model_code.py").is_file()
+    assert list(local.rglob("neighbours.npz"))  # it reranks its beam as evaluate did
     assert not list(local.rglob("*.pkl"))  # nothing pickled, nothing unpickled at load
 
 
@@ -116,7 +117,7 @@ def test_champion_loads_in_a_fresh_process_and_captions_images(registered, tmp_p
     good = tmp_path / "photo.jpg"
     good.write_bytes(jpeg_bytes(size=(120, 90)))
     script = f"""
-import base64, pathlib, mlflow, pandas as pd
+import base64, json, pathlib, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
 data = open({str(good)!r}, "rb").read()
 rows = [pathlib.Path({str(good)!r}), data, base64.b64encode(data).decode(),
@@ -124,6 +125,8 @@ rows = [pathlib.Path({str(good)!r}), data, base64.b64encode(data).decode(),
         b"not an image", {str(good)!r}, "/no/such/file.jpg"]
 out = pd.concat([model.predict(pd.DataFrame({{"image": rows[:4]}})),  # 4 rows per request at most
                  model.predict(pd.DataFrame({{"image": rows[4:]}}))], ignore_index=True)
+ranked = model.unwrap_python_model().caption_images([data], beam_size=3)[0]["candidates"]
+print(json.dumps([c["consensus"] for c in ranked]))
 print(out.to_json(orient="records"))
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
@@ -131,6 +134,8 @@ print(out.to_json(orient="records"))
                             cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
+    consensus = json.loads(result.stdout.strip().splitlines()[-2])
+    assert consensus and all(c >= 0 for c in consensus)  # candidates carry their consensus score
     captions = [r["caption"] for r in rows]
     assert captions[0] and captions[0] == captions[1] == captions[2] == captions[3]
     assert all(not r["error"] for r in rows[:4])

@@ -81,3 +81,14 @@ def test_an_ensemble_is_trained_saved_and_evaluated_as_one_model(trained_project
             int((history["member"] == member).sum())
     metrics = evaluate.run(ensemble)
     assert metrics["beam"]["bleu1"] > 0
+
+
+def test_the_train_images_and_their_captions_are_saved_for_consensus(in_trained):
+    from pipeline.consensus import Neighbours
+
+    neighbours = Neighbours.load(paths.NEIGHBOURS)
+    captions = pd.read_parquet(paths.CAPTIONS)
+    train = captions[captions["split"] == "train"]
+    assert len(neighbours.features) == train["image"].nunique()
+    saved = sorted(" ".join(c) for refs in neighbours.references for c in refs)
+    assert saved == sorted(train["caption"])

@@ -1,0 +1,126 @@
+"""Consensus reranking of beam candidates by the captions of similar train images.
+
+Beam search ranks its candidates by the decoder's own probability, which favours safe, generic
+sentences. Here each candidate is also scored by how well it agrees with what people wrote for
+the ``neighbours`` train images closest to the photo (cosine similarity of the CNN feature
+vectors): its CIDEr-D against all of their reference captions, with the train split's
+document frequencies. The final ranking is ``consensus + weight x (log-prob / length **
+length_penalty)``: the candidates still come from the decoder, the neighbours only choose among
+them (Devlin et al. 2015, "Exploring nearest neighbor approaches for image captioning", used
+their consensus to pick a caption; Mao et al. and others rerank a beam with it).
+
+The train images' unit-length feature vectors and their reference captions are one file
+(``models/neighbours.npz``, written by ``train``), which the registered model carries, so the
+served model ranks exactly as ``evaluate`` scored it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .cider import CiderD
+from .decoding import Caption
+from .features_file import row_index, rows_of
+
+Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The train images a photo is compared with: unit-length features (M, D) and, per image,
+    its tokenised reference captions."""
+
+    features: np.ndarray
+    references: list[list[list[str]]]
+
+    @classmethod
+    def from_split(cls, captions: pd.DataFrame, split: str, images: list[str],
+                   features: np.ndarray) -> "Neighbours":
+        """The images of ``split`` in ``captions`` (columns image, split, caption) with their
+        rows of ``features`` (rows named by ``images``)."""
+        grouped = captions[captions["split"] == split].groupby("image", sort=True)["caption"]
+        names = list(grouped.groups)
+        if not names:
+            raise ValueError(f"no captions in the {split} split to compare photos with")
+        vectors = features[rows_of(row_index(images), names)].astype(np.float32)
+        return cls(unit_rows(vectors), [[c.split() for c in grouped.get_group(n)] for n in names])
+
+    def save(self, path: Path | str) -> None:
+        """One .npz, loadable without pickle: features, every caption as text, and the image
+        (row of features) each caption belongs to."""
+        owner = np.repeat(np.arange(len(self.references)), [len(r) for r in self.references])
+        texts = np.array([" ".join(c) for refs in self.references for c in refs], dtype=np.str_)
+        with open(path, "wb") as out:
+            np.savez_compressed(out, features=self.features.astype(np.float16), captions=texts, owner=owner)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Neighbours":
+        with np.load(path, allow_pickle=False) as data:
+            features, texts, owner = data["features"].astype(np.float32), data["captions"], data["owner"]
+        if len(owner) != len(texts) or (len(owner) and owner.max() >= len(features)):
+            raise ValueError(f"{path}: captions and features do not match (a truncated or foreign file?)")
+        references: list[list[list[str]]] = [[] for _ in range(len(features))]
+        for text, row in zip(texts.tolist(), owner.tolist()):
+            references[row].append(text.split())
+        if any(not refs for refs in references):
+            raise ValueError(f"{path}: an image without captions (a truncated or foreign file?)")
+        return cls(features, references)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+class ConsensusReranker:
+    """``rerank(features, candidates, words)``: each image's beam candidates ordered by
+    consensus with its ``k`` nearest train images plus ``weight`` x the decoder's score."""
+
+    def __init__(self, neighbours: Neighbours, k: int, weight: float):
+        if k < 1:
+            raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
+        self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
+        # built once: the train references' n-gram vectors and document frequencies
+        self.cider = CiderD(neighbours.references)
+        self.ref_counts = np.array([len(r) for r in neighbours.references], dtype=np.float64)
+
+    def nearest(self, features: np.ndarray) -> np.ndarray:
+        """(N, k) rows of the most similar train images, most similar first."""
+        sims = unit_rows(np.asarray(features, np.float32)) @ self.neighbours.features.T
+        top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1)
+
+    def consensus(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
+        """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
+        of its neighbours (the mean over those references, each weighing the same)."""
+        near = self.nearest(features)
+        flat = [(i, j) for i, found in enumerate(captions) for j in range(len(found))]
+        if not flat:
+            return [np.zeros(0) for _ in captions]
+        # a caption's mean over the neighbours' references = the neighbours' CIDEr-D (each a mean
+        # over its own references) weighted by their reference counts
+        scored = self.cider.score([captions[i][j] for i, j in flat for _ in range(self.k)],
+                                  np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
+        counts = self.ref_counts[near]
+        out = [np.zeros(len(found)) for found in captions]
+        for (i, j), row in zip(flat, scored):
+            out[i][j] = row @ counts[i] / counts[i].sum()
+        return out
+
+    def rerank(self, features: np.ndarray, candidates: list[Ranked], words) -> list[list[tuple[Caption, float, float]]]:
+        """Each image's candidates as (caption, decoder score, consensus), best first by
+        consensus + weight x decoder score; ``words(caption)`` gives its tokens."""
+        texts = [[words(c) for c, _ in found] for found in candidates]
+        agreed = self.consensus(features, texts)
+        out = []
+        for found, cons in zip(candidates, agreed):
+            total = [c + self.weight * s for (_, s), c in zip(found, cons)]
+            order = sorted(range(len(found)), key=lambda j: -total[j])  # stable on ties
+            out.append([(found[j][0], found[j][1], float(cons[j])) for j in order])
+        return out

@@ -1,0 +1,93 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cider import CiderD
+from pipeline.consensus import ConsensusReranker, Neighbours
+from pipeline.decoding import Caption
+
+DOGS = ["a dog runs on the grass", "a brown dog running in a field", "the dog is running fast"]
+BIKES = ["a man rides a bike on a road", "a cyclist on a road", "a man on a bicycle"]
+BEACH = ["two children play in the water", "kids splash at the beach", "children playing in the sea"]
+
+
+def captions_table() -> pd.DataFrame:
+    rows = [(image, split, text) for image, split, texts in (
+        ("dog1.jpg", "train", DOGS), ("bike.jpg", "train", BIKES), ("beach.jpg", "train", BEACH),
+        ("dog2.jpg", "train", DOGS[:2]), ("new.jpg", "test", ["a dog"])) for text in texts]
+    return pd.DataFrame(rows, columns=["image", "split", "caption"])
+
+
+IMAGES = ["bike.jpg", "beach.jpg", "dog1.jpg", "dog2.jpg", "new.jpg"]  # feature rows
+FEATURES = np.array([[0, 1, 0], [0, 0, 1], [1, 0.1, 0], [1, 0, 0.1], [5, 0.3, 0.1]], dtype=np.float32)
+
+
+@pytest.fixture
+def neighbours() -> Neighbours:
+    return Neighbours.from_split(captions_table(), "train", IMAGES, FEATURES)
+
+
+def test_neighbours_are_the_split_images_with_their_captions(neighbours):
+    assert len(neighbours.features) == 4  # train images only, in name order
+    assert [len(refs) for refs in neighbours.references] == [3, 3, 3, 2]  # beach, bike, dog1, dog2
+    np.testing.assert_allclose(np.linalg.norm(neighbours.features, axis=1), 1.0, rtol=1e-6)
+
+
+def test_saved_neighbours_load_the_same_without_pickle(neighbours, tmp_path):
+    path = tmp_path / "neighbours.npz"
+    neighbours.save(path)
+    loaded = Neighbours.load(path)
+    assert loaded.references == neighbours.references
+    np.testing.assert_allclose(loaded.features, neighbours.features, atol=1e-3)  # stored as float16
+
+
+def test_a_file_whose_captions_and_features_disagree_is_refused(tmp_path):
+    path = tmp_path / "neighbours.npz"
+    np.savez(path, features=np.ones((2, 3), np.float16), captions=np.array(["a dog"]), owner=np.array([5]))
+    with pytest.raises(ValueError, match="do not match"):
+        Neighbours.load(path)
+    np.savez(path, features=np.ones((2, 3), np.float16), captions=np.array(["a dog"]), owner=np.array([0]))
+    with pytest.raises(ValueError, match="without captions"):
+        Neighbours.load(path)
+
+
+def test_nearest_train_images_come_most_similar_first(neighbours):
+    reranker = ConsensusReranker(neighbours, k=2, weight=0.0)
+    near = reranker.nearest(np.array([[5, 0.3, 0.1], [0, 0.1, 1]], dtype=np.float32))
+    assert near.tolist() == [[2, 3], [0, 1]]  # dogs for the dog; beach, then bike (0.1) for the beach
+
+
+def test_consensus_is_cider_d_against_all_the_neighbours_captions(neighbours):
+    caption = "a dog running on the grass".split()
+    one = ConsensusReranker(neighbours, k=1, weight=0.0)
+    two = ConsensusReranker(neighbours, k=2, weight=0.0)
+    new = FEATURES[4:5]
+    per_image = CiderD(neighbours.references).score([caption, caption], [2, 3])
+    assert one.consensus(new, [[caption]])[0][0] == pytest.approx(per_image[0])
+    # all 5 captions of the two dog images count the same: dog1 has 3, dog2 has 2
+    assert two.consensus(new, [[caption]])[0][0] == pytest.approx((3 * per_image[0] + 2 * per_image[1]) / 5)
+
+
+def test_rerank_prefers_the_candidate_the_neighbours_agree_with(neighbours):
+    vocab = {1: "a", 2: "dog", 3: "runs", 4: "on", 5: "the", 6: "grass", 7: "man", 8: "rides", 9: "bike"}
+    likely = Caption([1, 7, 8, 1, 9], -2.0)  # what the decoder likes best: "a man rides a bike"
+    agreed = Caption([1, 2, 3, 4, 5, 6], -4.0)
+    candidates = [[(likely, -0.6), (agreed, -1.0)]]
+
+    def words(c):
+        return [vocab[t] for t in c.tokens]
+
+    new = FEATURES[4:5]
+    ranked = ConsensusReranker(neighbours, k=2, weight=0.5).rerank(new, candidates, words)[0]
+    assert [c for c, _, _ in ranked] == [agreed, likely]
+    assert ranked[0][1] == -1.0 and ranked[0][2] > ranked[1][2]  # decoder score kept, consensus added
+    # a large weight on the decoder's score keeps its order
+    ranked = ConsensusReranker(neighbours, k=2, weight=100.0).rerank(new, candidates, words)[0]
+    assert [c for c, _, _ in ranked] == [likely, agreed]
+
+
+def test_more_neighbours_than_train_images_uses_them_all(neighbours):
+    reranker = ConsensusReranker(neighbours, k=50, weight=0.0)
+    assert reranker.nearest(FEATURES[4:5]).shape == (1, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        ConsensusReranker(neighbours, k=0, weight=0.0)
