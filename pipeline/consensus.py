@@ -16,6 +16,7 @@ served model ranks exactly as ``evaluate`` scored it.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,15 @@ class Neighbours:
 
     @classmethod
     def load(cls, path: Path | str) -> "Neighbours":
-        with np.load(path, allow_pickle=False) as data:
-            features, texts, owner = data["features"].astype(np.float32), data["captions"], data["owner"]
-        if len(owner) != len(texts) or (len(owner) and owner.max() >= len(features)):
+        """ValueError naming the file when it is not one ``save`` wrote (truncated, foreign)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                features, texts, owner = data["features"].astype(np.float32), data["captions"], data["owner"]
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a neighbours file ({type(err).__name__}: {err}); "
+                             "run the train stage again (dvc repro train)") from None
+        if features.ndim != 2 or owner.ndim != 1 or len(owner) != len(texts) or (
+                len(owner) and (owner.min() < 0 or owner.max() >= len(features))):
             raise ValueError(f"{path}: captions and features do not match (a truncated or foreign file?)")
         references: list[list[list[str]]] = [[] for _ in range(len(features))]
         for text, row in zip(texts.tolist(), owner.tolist()):
@@ -91,7 +98,11 @@ class ConsensusReranker:
 
     def nearest(self, features: np.ndarray) -> np.ndarray:
         """(N, k) rows of the most similar train images, most similar first."""
-        sims = unit_rows(np.asarray(features, np.float32)) @ self.neighbours.features.T
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or features.shape[1] != self.neighbours.features.shape[1]:
+            raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
+                             f"{self.neighbours.features.shape[1]}-d features (another backbone?)")
+        sims = unit_rows(features) @ self.neighbours.features.T
         top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1)

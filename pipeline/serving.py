@@ -170,15 +170,11 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             found = beam_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
                                     length_penalty=self.decoding["length_penalty"])
         if self.reranker is not None and beam > 1:
-            reranked = self.reranker.rerank(feats, found, lambda c: self.vocab.decode(c.tokens).split())
-            for result, ranked in zip(ok, reranked):
-                result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
-                                         "consensus": round(cons, 4)} for c, score, cons in ranked]
-        else:
-            for result, ranked in zip(ok, found):
-                result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4)}
-                                        for c, score in ranked]
-        for result in ok:
+            found = self.reranker.rerank(feats, found, lambda c: self.vocab.decode(c.tokens).split())
+        for result, ranked in zip(ok, found):
+            result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
+                                     **({"consensus": round(rest[0], 4)} if rest else {})}
+                                    for c, score, *rest in ranked]
             result["caption"] = result["candidates"][0]["caption"]
 
 

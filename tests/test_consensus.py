@@ -91,3 +91,20 @@ def test_more_neighbours_than_train_images_uses_them_all(neighbours):
     assert reranker.nearest(FEATURES[4:5]).shape == (1, 4)
     with pytest.raises(ValueError, match="at least 1"):
         ConsensusReranker(neighbours, k=0, weight=0.0)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a zip at all"])
+def test_a_truncated_or_foreign_file_is_a_clear_error(tmp_path, content, neighbours):
+    path = tmp_path / "neighbours.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a neighbours file"):
+        Neighbours.load(path)
+    neighbours.save(path)
+    path.write_bytes(path.read_bytes()[:200])  # cut short
+    with pytest.raises(ValueError, match="neighbours.npz"):
+        Neighbours.load(path)
+
+
+def test_features_of_another_size_are_refused(neighbours):
+    with pytest.raises(ValueError, match="another backbone"):
+        ConsensusReranker(neighbours, k=2, weight=0.0).nearest(np.ones((1, 5), np.float32))

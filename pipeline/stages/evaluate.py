@@ -59,13 +59,16 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     mean_feature = features[rows_of(index, train_images)].mean(axis=0, keepdims=True)
     beam_kwargs = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
                        no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
+    reranker = None
+    if cfg.consensus_neighbours:
+        reranker = ConsensusReranker(neighbours or Neighbours.from_split(captions, "train", images, features),
+                                     cfg.consensus_neighbours, cfg.consensus_weight)
     log.info("decoding %d test images (greedy, beam-%d, image-blind baseline)", len(test_images),
              cfg.beam_size)
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=cfg.no_repeat_ngram,
                          batch_size=cfg.batch_size, progress="greedy"),
-        "beam": best_beam(models, feats, vocab, cfg, neighbours or (
-            Neighbours.from_split(captions, "train", images, features) if cfg.consensus_neighbours else None)),
+        "beam": best_beam(models, feats, vocab, beam_kwargs, reranker),
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
     }
@@ -88,16 +91,12 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     return metrics, table
 
 
-def best_beam(models: StepModels, feats: np.ndarray, vocab: Vocabulary, cfg: EvaluateSettings,
-              neighbours: Neighbours | None) -> list[Caption]:
-    """Each image's beam caption: the decoder's best, or with consensus on (and ``neighbours``),
-    the best reranked."""
-    beam_kwargs = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                       no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
-    found = beam_candidates(models, feats, vocab, progress=f"beam-{cfg.beam_size}", **beam_kwargs)
-    if cfg.consensus_neighbours and neighbours is not None:
-        log.info("reranking by consensus with the %d nearest train images", cfg.consensus_neighbours)
-        reranker = ConsensusReranker(neighbours, cfg.consensus_neighbours, cfg.consensus_weight)
+def best_beam(models: StepModels, feats: np.ndarray, vocab: Vocabulary, beam_kwargs: dict,
+              reranker: ConsensusReranker | None) -> list[Caption]:
+    """Each image's beam caption: the decoder's best, or the best after consensus reranking."""
+    found = beam_candidates(models, feats, vocab, progress=f"beam-{beam_kwargs['beam_size']}", **beam_kwargs)
+    if reranker is not None:
+        log.info("reranking by consensus with the %d nearest train images", reranker.k)
         found = reranker.rerank(feats, found, lambda c: vocab.decode(c.tokens).split())
     return [ranked[0][0] for ranked in found]
 
