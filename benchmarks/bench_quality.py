@@ -9,7 +9,8 @@ held out and never read here):
 * ``train.train_decoder`` with the ``train.*`` params (dev drives early stopping, as in the stage);
 * ``evaluate.evaluate_model`` with the ``evaluate.*`` params, scoring the dev split: BLEU-1..4,
   METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health;
-  beam reranked by consensus with the train images when ``evaluate.consensus_neighbours`` > 0.
+  beam reranked by consensus with the train images when ``evaluate.consensus_neighbours`` > 0
+  (with ``evaluate.consensus_samples`` sampled captions per image among the candidates).
 
 ``--set train.units=512`` (repeatable) overrides a param for this run. The table goes to
 ``reports/benchmarks.md``.
@@ -193,7 +194,8 @@ def main() -> None:
         f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images, top-k {t.self_critical.top_k}, "
         f"{t.self_critical.baseline} baseline); "
         f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams, "
-        f"consensus reranking with {e.consensus_neighbours} train images (weight {e.consensus_weight})",
+        f"consensus reranking with {e.consensus_neighbours} train images (weight {e.consensus_weight}) of the "
+        f"beam's candidates and {e.consensus_samples} samples per image (top-{e.consensus_top_k})",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 
 

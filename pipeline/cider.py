@@ -65,10 +65,19 @@ class CiderD:
 
     def score(self, captions: Sequence[Caption], images: Sequence[int]) -> np.ndarray:
         """CIDEr-D of ``captions[j]`` against the references of corpus image ``images[j]``."""
-        m, n, slots = len(captions), self.n, self.max_refs
-        if m == 0:
+        return self.score_pairs(captions, np.arange(len(captions)), images)
+
+    def score_pairs(self, captions: Sequence[Caption], caption_of: Sequence[int],
+                    images: Sequence[int]) -> np.ndarray:
+        """CIDEr-D of ``captions[caption_of[p]]`` against the references of corpus image
+        ``images[p]``, for every pair p: a caption compared with many images has its n-grams
+        counted once."""
+        caption_of, images = np.asarray(caption_of, dtype=np.int64), np.asarray(images, dtype=np.int64)
+        m, pairs, n, slots = len(captions), len(images), self.n, self.max_refs
+        if len(caption_of) != pairs:
+            raise ValueError(f"{len(caption_of)} caption indices for {pairs} images")
+        if pairs == 0:
             return np.zeros(0)
-        images = np.asarray(images, dtype=np.int64)
         unseen = len(self._ids)  # n-grams absent from the corpus: df 0, and they match no reference
         rows, ids, weights, orders, lengths = [], [], [], [], np.zeros(m)
         for j, caption in enumerate(captions):
@@ -85,31 +94,31 @@ class CiderD:
                                       for x in (rows, ids, weights, orders))
         caption_norms = np.sqrt(np.bincount(rows * n + orders, weights * weights, minlength=m * n)).reshape(m, n)
 
-        # Match every reference entry of a caption's image with the caption's own weight of that
-        # n-gram: keys (caption row, n-gram id) are unique on the caption side, so one sorted
+        # Match every reference entry of a pair's image with the pair's caption's own weight of
+        # that n-gram: keys (caption row, n-gram id) are unique on the caption side, so one sorted
         # search finds them all.
         span = unseen + 1
         caption_keys = rows * span + ids
         order_of_key = np.argsort(caption_keys)
         sorted_keys = caption_keys[order_of_key]
-        ref_rows, ref_slots, ref_ids, ref_weights = [], [], [], []
-        for j, image in enumerate(images):
+        ref_pairs, ref_slots, ref_ids, ref_weights = [], [], [], []
+        for p, image in enumerate(images):
             slot, gram_ids, w = self._entries[image]
-            ref_rows.append(np.full(len(gram_ids), j)), ref_slots.append(slot)
+            ref_pairs.append(np.full(len(gram_ids), p)), ref_slots.append(slot)
             ref_ids.append(gram_ids), ref_weights.append(w)
-        ref_rows, ref_slots, ref_ids, ref_weights = map(np.concatenate, (ref_rows, ref_slots, ref_ids, ref_weights))
-        ref_keys = ref_rows * span + ref_ids
+        ref_pairs, ref_slots, ref_ids, ref_weights = map(np.concatenate, (ref_pairs, ref_slots, ref_ids, ref_weights))
+        ref_keys = caption_of[ref_pairs] * span + ref_ids
         at = np.minimum(np.searchsorted(sorted_keys, ref_keys), len(sorted_keys) - 1)
         found = sorted_keys[at] == ref_keys if len(sorted_keys) else np.zeros(len(ref_keys), bool)
         mine = np.where(found, weights[order_of_key[at]] if len(sorted_keys) else 0.0, 0.0)
         overlap = np.minimum(mine, ref_weights) * ref_weights
-        cell = (ref_rows * slots + ref_slots) * n + self._orders[ref_ids]
-        dot = np.bincount(cell, overlap, minlength=m * slots * n).reshape(m, slots, n)
+        cell = (ref_pairs * slots + ref_slots) * n + self._orders[ref_ids]
+        dot = np.bincount(cell, overlap, minlength=pairs * slots * n).reshape(pairs, slots, n)
 
-        ref_norms = self._norms[images]  # (m, slots, n)
-        denominator = caption_norms[:, None, :] * ref_norms
+        ref_norms = self._norms[images]  # (pairs, slots, n)
+        denominator = caption_norms[caption_of][:, None, :] * ref_norms
         cosine = np.divide(dot, denominator, out=dot.copy(), where=denominator != 0)
-        delta = lengths[:, None] - self._lengths[images]  # (m, slots)
+        delta = lengths[caption_of][:, None] - self._lengths[images]  # (pairs, slots)
         penalised = cosine * np.exp(-(delta ** 2) / (2 * self.sigma ** 2))[:, :, None]
         # absent reference slots have no entries and zero norms: they add 0, and the mean divides
         # by the image's real reference count

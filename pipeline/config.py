@@ -190,8 +190,22 @@ class EvaluateSettings(_Section):
     # (pipeline/consensus.py); 0 = the decoder's own ranking
     consensus_neighbours: int = Field(ge=0, le=1000)
     consensus_weight: float = Field(ge=0)  # x the decoder's length-normalised log-prob
+    # captions sampled per image (among each step's consensus_top_k likeliest words; 0 = the
+    # whole softmax) and reranked with the beam's; 0 = the beam's candidates only
+    consensus_samples: int = Field(ge=0, le=100)
+    consensus_top_k: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     gallery_size: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _samples_that_differ(self) -> "EvaluateSettings":
+        if self.consensus_samples and self.consensus_top_k == 1:
+            raise ValueError("consensus_top_k: 1 samples the greedy caption every time: use 0 (whole "
+                             "softmax) or k >= 2")
+        if self.consensus_samples and not self.consensus_neighbours:
+            raise ValueError("consensus_samples needs consensus_neighbours > 0: samples are only "
+                             "ranked by consensus")
+        return self
 
 
 class RegisterSettings(_Section):

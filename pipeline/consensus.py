@@ -9,6 +9,11 @@ length_penalty)``: the candidates still come from the decoder, the neighbours on
 them (Devlin et al. 2015, "Exploring nearest neighbor approaches for image captioning", used
 their consensus to pick a caption; Mao et al. and others rerank a beam with it).
 
+A beam's candidates differ in a word or two, so the choice is narrow. ``consensus_samples``
+widens it: that many captions sampled per image (among each step's ``consensus_top_k`` likeliest
+words, scored by the decoder as beam candidates are) join the pool, so a caption with a word
+the beam never proposes can win when the neighbours' captions use it.
+
 The train images' unit-length feature vectors and their reference captions are one file
 (``models/neighbours.npz``, written by ``train``), which the registered model carries, so the
 served model ranks exactly as ``evaluate`` scored it.
@@ -17,7 +22,7 @@ served model ranks exactly as ``evaluate`` scored it.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +30,10 @@ import numpy as np
 import pandas as pd
 
 from .cider import CiderD
-from .decoding import Caption
+from .decoding import Caption, beam_candidates, sample_candidates
 from .features_file import row_index, rows_of
+from .model import StepModels
+from .text import Vocabulary, references_by_image
 
 Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
 
@@ -44,12 +51,11 @@ class Neighbours:
                    features: np.ndarray) -> "Neighbours":
         """The images of ``split`` in ``captions`` (columns image, split, caption) with their
         rows of ``features`` (rows named by ``images``)."""
-        grouped = captions[captions["split"] == split].groupby("image", sort=True)["caption"]
-        names = list(grouped.groups)
+        names, references = references_by_image(captions, split)
         if not names:
             raise ValueError(f"no captions in the {split} split to compare photos with")
         vectors = features[rows_of(row_index(images), names)].astype(np.float32)
-        return cls(unit_rows(vectors), [[c.split() for c in grouped.get_group(n)] for n in names])
+        return cls(unit_rows(vectors), references)
 
     def save(self, path: Path | str) -> None:
         """One .npz, loadable without pickle: features, every caption as text, and the image
@@ -85,16 +91,30 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 class ConsensusReranker:
-    """``rerank(features, candidates, words)``: each image's beam candidates ordered by
-    consensus with its ``k`` nearest train images plus ``weight`` x the decoder's score."""
+    """``rerank(features, candidates, vocab)``: each image's candidates ordered by consensus with
+    its ``k`` nearest train images plus ``weight`` x the decoder's score. With ``samples`` > 0,
+    ``widen`` adds that many captions sampled among each step's ``top_k`` likeliest words to the
+    beam's candidates first: words the beam never proposes get a chance when the neighbours'
+    captions use them. Sampling is seeded (``seed`` and each image's features), so an image gets
+    the same caption every time, alone or in any batch."""
 
-    def __init__(self, neighbours: Neighbours, k: int, weight: float):
+    def __init__(self, neighbours: Neighbours, k: int, weight: float, samples: int = 0, top_k: int = 0,
+                 seed: int = 0):
         if k < 1:
             raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
         self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
+        self.samples, self.top_k, self.seed = samples, top_k, seed
         # built once: the train references' n-gram vectors and document frequencies
         self.cider = CiderD(neighbours.references)
         self.ref_counts = np.array([len(r) for r in neighbours.references], dtype=np.float64)
+
+    @classmethod
+    def from_settings(cls, neighbours: Neighbours, decoding: Mapping) -> "ConsensusReranker":
+        """From the ``evaluate.consensus_*`` values (``EvaluateSettings.model_dump()``, or the
+        decoding settings a registered model carries; one registered before sampling existed
+        has no consensus_samples: none)."""
+        return cls(neighbours, decoding["consensus_neighbours"], decoding["consensus_weight"],
+                   decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0))
 
     def nearest(self, features: np.ndarray) -> np.ndarray:
         """(N, k) rows of the most similar train images, most similar first."""
@@ -116,18 +136,40 @@ class ConsensusReranker:
             return [np.zeros(0) for _ in captions]
         # a caption's mean over the neighbours' references = the neighbours' CIDEr-D (each a mean
         # over its own references) weighted by their reference counts
-        scored = self.cider.score([captions[i][j] for i, j in flat for _ in range(self.k)],
-                                  np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
+        scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), self.k),
+                                        np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
         counts = self.ref_counts[near]
         out = [np.zeros(len(found)) for found in captions]
         for (i, j), row in zip(flat, scored):
             out[i][j] = row @ counts[i] / counts[i].sum()
         return out
 
-    def rerank(self, features: np.ndarray, candidates: list[Ranked], words) -> list[list[tuple[Caption, float, float]]]:
+    def widen(self, models: StepModels, features: np.ndarray, vocab: Vocabulary, candidates: list[Ranked], *,
+              length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
+              progress: str | None = None) -> list[Ranked]:
+        """Each image's ``candidates`` followed by its sampled captions that are not among them
+        yet (none when ``samples`` is 0), scored as beam candidates are."""
+        if not self.samples:
+            return candidates
+        drawn = sample_candidates(models, features, vocab, samples=self.samples, seed=self.seed,
+                                  top_k=self.top_k, length_penalty=length_penalty,
+                                  no_repeat_ngram=no_repeat_ngram, batch_size=batch_size, progress=progress)
+        out = []
+        for found, extra in zip(candidates, drawn):
+            seen = {tuple(c.tokens) for c, _ in found}
+            pool = list(found)
+            for caption, normalised in extra:
+                if tuple(caption.tokens) not in seen:
+                    seen.add(tuple(caption.tokens))
+                    pool.append((caption, normalised))
+            out.append(pool)
+        return out
+
+    def rerank(self, features: np.ndarray, candidates: list[Ranked],
+               vocab: Vocabulary) -> list[list[tuple[Caption, float, float]]]:
         """Each image's candidates as (caption, decoder score, consensus), best first by
-        consensus + weight x decoder score; ``words(caption)`` gives its tokens."""
-        texts = [[words(c) for c, _ in found] for found in candidates]
+        consensus + weight x decoder score."""
+        texts = [[vocab.decode(c.tokens).split() for c, _ in found] for found in candidates]
         agreed = self.consensus(features, texts)
         out = []
         for found, cons in zip(candidates, agreed):
@@ -135,3 +177,21 @@ class ConsensusReranker:
             order = sorted(range(len(found)), key=lambda j: -total[j])  # stable on ties
             out.append([(found[j][0], found[j][1], float(cons[j])) for j in order])
         return out
+
+
+def ranked_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int,
+                      length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
+                      reranker: ConsensusReranker | None = None,
+                      progress: bool = False) -> list[list[tuple]]:
+    """Each image's candidate captions, best first: the beam's as (caption, length-normalised
+    score), or with a ``reranker`` the beam's and the sampled ones as (caption, score,
+    consensus) in its order. The one way ``evaluate`` and the served model pick a beam caption."""
+    found = beam_candidates(models, features, vocab, beam_size=beam_size, length_penalty=length_penalty,
+                            no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
+                            progress=f"beam-{beam_size}" if progress else None)
+    if reranker is None:
+        return found
+    pool = reranker.widen(models, features, vocab, found, length_penalty=length_penalty,
+                          no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
+                          progress=f"{reranker.samples} samples" if progress and reranker.samples else None)
+    return reranker.rerank(features, pool, vocab)

@@ -9,6 +9,8 @@ hypotheses by ``logp / length ** length_penalty``.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +57,7 @@ def allowed(log_probs: np.ndarray, vocab: Vocabulary, step: int) -> np.ndarray:
 def _mask_step(log_probs: np.ndarray, histories: list[list[int]], vocab: Vocabulary,
                step: int, no_repeat_ngram: int) -> np.ndarray:
     lp = allowed(log_probs, vocab, step)
-    if step >= vocab.max_length:
+    if step >= vocab.max_length or no_repeat_ngram <= 0:
         return lp
     for row, history in enumerate(histories):
         banned = _banned(history, no_repeat_ngram)
@@ -170,6 +172,81 @@ def beam_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary,
             found = finished[i] or [(0.0, float(scores[i, 0]), histories[i * k])]
             ranked = sorted(found, key=lambda f: -f[0])  # stable: ties keep the order found
             out.append([(Caption(tokens, score), norm) for norm, score, tokens in ranked])
+    return out
+
+
+def top_k_only(log_probs: np.ndarray, k: int) -> np.ndarray:
+    """``log_probs`` with all but each row's ``k`` most likely words set to NEG_INF (k = 0: all kept)."""
+    if k <= 0 or k >= log_probs.shape[1]:
+        return log_probs
+    cut = np.partition(log_probs, -k, axis=1)[:, -k][:, None]
+    return np.where(log_probs >= cut, log_probs, NEG_INF)
+
+
+def sample(models: StepModels, features: np.ndarray, vocab: Vocabulary,
+           rng: np.random.Generator | Sequence[np.random.Generator], top_k: int = 0,
+           no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One caption sampled per row of ``features``: (ids (N, max_length + 1), <end> included and
+    <pad> after it; log-probs (N,), summed like beam search's scores). Words are drawn from the
+    softmax (restricted to the ``top_k`` most likely words of each step when top_k > 0) with the
+    Gumbel-max trick; the log-probs are the whole softmax's, so a sample and a beam caption of the
+    same words score the same. ``rng``: one generator for all rows, or G generators, each
+    drawing the noise of its own N / G consecutive rows."""
+    n = len(features)
+    state = models.encode(features)
+    token = np.full((n, 1), vocab.start_id, dtype=np.int32)
+    out = np.zeros((n, vocab.sequence_length), dtype=np.int32)
+    log_prob = np.zeros(n)
+    done = np.zeros(n, dtype=bool)
+    histories: list[list[int]] = [[] for _ in range(n)]
+    for step in range(vocab.sequence_length):
+        log_probs, state = models.step(token, state)
+        lp = _mask_step(log_probs, histories, vocab, step, no_repeat_ngram)
+        noisy = top_k_only(lp, top_k) + _gumbel(rng, lp.shape)
+        word = np.where(done, vocab.pad_id, noisy.argmax(axis=1)).astype(np.int32)
+        log_prob += np.where(done, 0.0, lp[np.arange(n), word])
+        out[:, step] = word
+        if no_repeat_ngram:
+            for row in np.flatnonzero(~done & (word != vocab.end_id)):
+                histories[row].append(int(word[row]))
+        done |= word == vocab.end_id
+        if done.all():
+            break
+        token = word[:, None]
+    return out, log_prob
+
+
+def _gumbel(rng: np.random.Generator | Sequence[np.random.Generator], shape: tuple[int, int]) -> np.ndarray:
+    if isinstance(rng, np.random.Generator):
+        return rng.gumbel(size=shape)
+    rows = shape[0] // len(rng)
+    return np.concatenate([g.gumbel(size=(rows, shape[1])) for g in rng])
+
+
+def image_rng(seed: int, feature: np.ndarray) -> np.random.Generator:
+    """A generator of its own for one image: seeded by ``seed`` and the bytes of its feature
+    vector, so an image gets the same samples alone, in any batch, at any position."""
+    digest = hashlib.blake2b(np.ascontiguousarray(feature, dtype=np.float32).tobytes(), digest_size=16).digest()
+    return np.random.default_rng([seed, *np.frombuffer(digest, dtype=np.uint32).tolist()])
+
+
+def sample_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, samples: int,
+                      seed: int = 0, top_k: int = 0, length_penalty: float = 0.7,
+                      no_repeat_ngram: int = 0, batch_size: int = 128,
+                      progress: str | None = None) -> list[list[tuple[Caption, float]]]:
+    """``samples`` sampled captions per image as (caption, length-normalised score), scored the way
+    ``beam_candidates`` scores its own (so the two can be pooled), in the order drawn; the same
+    caption may come up twice. Each image draws from ``image_rng(seed, its features)``."""
+    out: list[list[tuple[Caption, float]]] = []
+    for lo in _batches(len(features), batch_size, progress):
+        feats = features[lo:lo + batch_size]
+        ids, log_probs = sample(models, np.repeat(feats, samples, axis=0), vocab,
+                                [image_rng(seed, f) for f in feats], top_k, no_repeat_ngram)
+        drawn = []
+        for row, log_prob in zip(ids, log_probs):
+            tokens = [int(t) for t in row[: int(np.argmax(row == vocab.end_id))]]  # <end> is always drawn
+            drawn.append((Caption(tokens, float(log_prob)), float(log_prob) / (len(tokens) + 1) ** length_penalty))
+        out += [drawn[i:i + samples] for i in range(0, len(drawn), samples)]
     return out
 
 

@@ -25,43 +25,13 @@ from tqdm import tqdm
 
 from .cider import CiderD
 from .config import SelfCriticalSettings
-from .decoding import NEG_INF, allowed, greedy
+from .decoding import greedy, sample
 from .model import StepModels, make_trainer
 from .text import Vocabulary
 
 log = logging.getLogger("pipeline.self_critical")
 
 HISTORY_COLUMNS = ["epoch", "sample_reward", "greedy_reward", "dev_cider"]
-
-
-def top_k_only(log_probs: np.ndarray, k: int) -> np.ndarray:
-    """``log_probs`` with all but each row's ``k`` most likely words set to NEG_INF (k = 0: all kept)."""
-    if k <= 0 or k >= log_probs.shape[1]:
-        return log_probs
-    cut = np.partition(log_probs, -k, axis=1)[:, -k][:, None]
-    return np.where(log_probs >= cut, log_probs, NEG_INF)
-
-
-def sample(models: StepModels, features: np.ndarray, vocab: Vocabulary, rng: np.random.Generator,
-           top_k: int = 0) -> np.ndarray:
-    """One caption sampled per row of ``features``: ids (N, max_length + 1), <end> included,
-    <pad> after it. Words are drawn from the softmax (restricted to the ``top_k`` most likely
-    words of each step when top_k > 0) with the Gumbel-max trick."""
-    n = len(features)
-    state = models.encode(features)
-    token = np.full((n, 1), vocab.start_id, dtype=np.int32)
-    out = np.zeros((n, vocab.sequence_length), dtype=np.int32)
-    done = np.zeros(n, dtype=bool)
-    for step in range(vocab.sequence_length):
-        log_probs, state = models.step(token, state)
-        noisy = top_k_only(allowed(log_probs, vocab, step), top_k) + rng.gumbel(size=log_probs.shape)
-        word = np.where(done, vocab.pad_id, noisy.argmax(axis=1)).astype(np.int32)
-        out[:, step] = word
-        done |= word == vocab.end_id
-        if done.all():
-            break
-        token = word[:, None]
-    return out
 
 
 def words_of(ids: np.ndarray, vocab: Vocabulary) -> list[list[str]]:
@@ -145,7 +115,7 @@ def fine_tune(decoder, vocab: Vocabulary, features: np.ndarray, train_rows: np.n
             greedy_ids = [c.tokens for c in greedy(models, feats, vocab)]
             greedy_scores = reward.score([[vocab.words[i] for i in t] for t in greedy_ids], images)
             repeated = np.repeat(feats, k, axis=0)
-            ids = sample(models, repeated, vocab, rng, cfg.top_k)
+            ids, _ = sample(models, repeated, vocab, rng, cfg.top_k)
             scores = reward.score(words_of(ids, vocab), np.repeat(images, k))
             advantage = (scores - baseline(scores, greedy_scores, k, cfg.baseline)).astype("float32")
             update(repeated, *teacher_forcing(ids, vocab), advantage)

@@ -110,21 +110,23 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         if self.decoding.get("consensus_neighbours") and "neighbours" in context.artifacts:
             from .consensus import ConsensusReranker, Neighbours
 
-            self.reranker = ConsensusReranker(Neighbours.load(context.artifacts["neighbours"]),
-                                              self.decoding["consensus_neighbours"],
-                                              self.decoding["consensus_weight"])
+            self.reranker = ConsensusReranker.from_settings(Neighbours.load(context.artifacts["neighbours"]),
+                                                            self.decoding)
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Run the CNN and both decoders once on a blank image: the first call builds
-        TensorFlow's kernels (about a second), which belongs to the load, not to the first
-        request a user sends."""
-        from .decoding import beam_search, greedy
+        """Run the CNN and the decoding of both modes (with sampling and reranking) once on a
+        blank image: the first call builds TensorFlow's kernels (about a second), which belongs
+        to the load, not to the first request a user sends."""
+        from .consensus import ranked_candidates
+        from .decoding import greedy
 
         size = self.spec.image_size
         feats = self.embed(np.zeros((1, size, size, 3), np.uint8))
         greedy(self.models, feats, self.vocab)
-        beam_search(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"])
+        ranked_candidates(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"],
+                          length_penalty=self.decoding["length_penalty"],
+                          no_repeat_ngram=self.decoding["no_repeat_ngram"], reranker=self.reranker)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
@@ -135,9 +137,10 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
         """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error"}, with the
         same limits and per-row errors as ``predict`` (apps call this to show the other beam
-        candidates; ``score`` is the length-normalised log-probability; a model that reranks by
-        consensus adds ``consensus``, the CIDEr-D against similar train images' captions, and
-        orders the candidates by consensus + consensus_weight x score)."""
+        candidates, ``beam_size`` of them; ``score`` is the length-normalised log-probability; a
+        model that reranks by consensus adds ``consensus``, the CIDEr-D against similar train
+        images' captions, and lists the best by consensus + consensus_weight x score, sampled
+        captions among them when it samples)."""
         beam = beam_param({"beam_size": beam_size}, self.decoding["beam_size"])
         rows, limit = len(values), self.limits["max_rows"]
         if rows > limit:
@@ -150,7 +153,8 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
     def _caption_batch(self, values: list, results: list[dict], beam: int) -> None:
         from .backbone import load_image
-        from .decoding import beam_candidates, greedy
+        from .consensus import ranked_candidates
+        from .decoding import greedy
 
         pixels, ok = [], []
         for value, result in zip(values, results):
@@ -167,14 +171,12 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         if beam == 1:
             found = [[(c, c.log_prob)] for c in greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram)]
         else:
-            found = beam_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
-                                    length_penalty=self.decoding["length_penalty"])
-        if self.reranker is not None and beam > 1:
-            found = self.reranker.rerank(feats, found, lambda c: self.vocab.decode(c.tokens).split())
+            found = ranked_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
+                                      length_penalty=self.decoding["length_penalty"], reranker=self.reranker)
         for result, ranked in zip(ok, found):
             result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
                                      **({"consensus": round(rest[0], 4)} if rest else {})}
-                                    for c, score, *rest in ranked]
+                                    for c, score, *rest in ranked[:beam]]  # samples that lost are noise
             result["caption"] = result["candidates"][0]["caption"]
 
 

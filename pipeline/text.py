@@ -34,6 +34,14 @@ def clean_caption(text: str) -> str:
     return " ".join(tokens)
 
 
+def references_by_image(captions, split: str) -> tuple[list[str], list[list[list[str]]]]:
+    """The images of ``split`` in a captions table (columns image, split, caption), in name
+    order, each with its cleaned captions as lists of words."""
+    grouped = captions[captions["split"] == split].groupby("image", sort=True)["caption"]
+    names = list(grouped.groups)
+    return names, [[c.split() for c in grouped.get_group(name)] for name in names]
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Word <-> id mapping. Ids 0..3 are <pad> <start> <end> <unk>."""

@@ -56,6 +56,22 @@ def test_a_caption_is_scored_against_its_own_image_with_fixed_document_frequenci
     assert cider.score([caption], [1])[0] < alone / 5  # the wrong image's references
 
 
+def test_pairs_score_each_caption_against_several_images_as_score_does():
+    rng = np.random.default_rng(1)
+    words = "a dog cat runs on the grass man in red shirt jumps over water two".split()
+    references = [[list(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 6))]
+                  for _ in range(20)]
+    captions = [list(rng.choice(words, rng.integers(0, 10))) for _ in range(7)]
+    cider = CiderD(references)
+    caption_of = rng.integers(0, 7, size=50)
+    images = rng.integers(0, 20, size=50)
+    np.testing.assert_allclose(cider.score_pairs(captions, caption_of, images),
+                               cider.score([captions[c] for c in caption_of], images), rtol=1e-12)
+    assert cider.score_pairs(captions, [], []).shape == (0,)
+    with pytest.raises(ValueError, match="caption indices"):
+        cider.score_pairs(captions, [0, 1], [3])
+
+
 def test_an_image_without_references_is_an_error():
     with pytest.raises(ValueError, match="reference"):
         CiderD([[["a", "dog"]], []])

@@ -97,3 +97,13 @@ def test_self_critical_sample_baseline_needs_other_samples():
     with pytest.raises(ConfigError, match=r"train\.self_critical.*samples >= 2"):
         parse_settings(tiny_params(**{"train.self_critical.samples": 1, "train.self_critical.baseline": "samples"}))
     parse_settings(tiny_params(**{"train.self_critical.samples": 1, "train.self_critical.baseline": "greedy"}))
+
+
+def test_consensus_samples_need_a_choice_of_words_and_a_consensus_to_rank_them():
+    with pytest.raises(ConfigError, match=r"evaluate.*consensus_top_k: 1 samples the greedy caption"):
+        parse_settings(tiny_params(**{"evaluate.consensus_samples": 4, "evaluate.consensus_top_k": 1}))
+    with pytest.raises(ConfigError, match=r"evaluate.*consensus_samples needs consensus_neighbours > 0"):
+        parse_settings(tiny_params(**{"evaluate.consensus_samples": 4, "evaluate.consensus_neighbours": 0}))
+    off = parse_settings(tiny_params(**{"evaluate.consensus_samples": 0, "evaluate.consensus_top_k": 1,
+                                        "evaluate.consensus_neighbours": 0}))
+    assert off.evaluate.consensus_samples == 0

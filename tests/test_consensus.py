@@ -1,10 +1,13 @@
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.cider import CiderD
-from pipeline.consensus import ConsensusReranker, Neighbours
-from pipeline.decoding import Caption
+from pipeline.consensus import ConsensusReranker, Neighbours, ranked_candidates
+from pipeline.decoding import Caption, beam_candidates
+from pipeline.model import DecoderConfig, StepModels, build_decoder
+from pipeline.text import Vocabulary
 
 DOGS = ["a dog runs on the grass", "a brown dog running in a field", "the dog is running fast"]
 BIKES = ["a man rides a bike on a road", "a cyclist on a road", "a man on a bicycle"]
@@ -69,21 +72,71 @@ def test_consensus_is_cider_d_against_all_the_neighbours_captions(neighbours):
 
 
 def test_rerank_prefers_the_candidate_the_neighbours_agree_with(neighbours):
-    vocab = {1: "a", 2: "dog", 3: "runs", 4: "on", 5: "the", 6: "grass", 7: "man", 8: "rides", 9: "bike"}
-    likely = Caption([1, 7, 8, 1, 9], -2.0)  # what the decoder likes best: "a man rides a bike"
-    agreed = Caption([1, 2, 3, 4, 5, 6], -4.0)
+    vocab = Vocabulary.build(["a dog runs on the grass", "a man rides a bike"], 1, 10)
+    likely = Caption(ids(vocab, "a man rides a bike"), -2.0)  # what the decoder likes best
+    agreed = Caption(ids(vocab, "a dog runs on the grass"), -4.0)
     candidates = [[(likely, -0.6), (agreed, -1.0)]]
-
-    def words(c):
-        return [vocab[t] for t in c.tokens]
-
     new = FEATURES[4:5]
-    ranked = ConsensusReranker(neighbours, k=2, weight=0.5).rerank(new, candidates, words)[0]
+    ranked = ConsensusReranker(neighbours, k=2, weight=0.5).rerank(new, candidates, vocab)[0]
     assert [c for c, _, _ in ranked] == [agreed, likely]
     assert ranked[0][1] == -1.0 and ranked[0][2] > ranked[1][2]  # decoder score kept, consensus added
     # a large weight on the decoder's score keeps its order
-    ranked = ConsensusReranker(neighbours, k=2, weight=100.0).rerank(new, candidates, words)[0]
+    ranked = ConsensusReranker(neighbours, k=2, weight=100.0).rerank(new, candidates, vocab)[0]
     assert [c for c, _, _ in ranked] == [likely, agreed]
+
+
+def ids(vocab: Vocabulary, text: str) -> list[int]:
+    return [vocab.words.index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def decoder_and_vocab():
+    """A random-init decoder over the test captions' words, 3-d features like FEATURES."""
+    keras.utils.set_random_seed(3)
+    vocab = Vocabulary.build(DOGS + BIKES + BEACH, 1, 8)
+    decoder = build_decoder(DecoderConfig(vocab.size, 3, vocab.sequence_length, 8, 16, 0.0), FEATURES)
+    return StepModels.from_decoder(decoder), vocab
+
+
+def test_samples_widen_the_beam_with_new_captions_only(neighbours, decoder_and_vocab):
+    models, vocab = decoder_and_vocab
+    beam = beam_candidates(models, FEATURES, vocab, beam_size=2, no_repeat_ngram=2)
+    reranker = ConsensusReranker(neighbours, k=2, weight=0.25, samples=6, top_k=0, seed=1)
+    pool = reranker.widen(models, FEATURES, vocab, beam, length_penalty=0.7, no_repeat_ngram=2)
+    for found, widened in zip(beam, pool):
+        assert widened[:len(found)] == found  # the beam's candidates first, untouched
+        texts = [tuple(c.tokens) for c, _ in widened]
+        assert len(texts) == len(set(texts))  # no caption twice
+        assert len(found) < len(widened) <= len(found) + 6
+        for caption, normalised in widened:
+            assert normalised == pytest.approx(caption.log_prob / (len(caption.tokens) + 1) ** 0.7)
+    again = reranker.widen(models, FEATURES, vocab, beam, length_penalty=0.7, no_repeat_ngram=2)
+    assert again == pool  # seeded: the same images get the same candidates
+    assert ConsensusReranker(neighbours, k=2, weight=0.25).widen(
+        models, FEATURES, vocab, beam, length_penalty=0.7, no_repeat_ngram=2) is beam  # no samples: the beam
+
+
+def test_ranked_candidates_pick_by_consensus_among_beam_and_samples(neighbours, decoder_and_vocab):
+    models, vocab = decoder_and_vocab
+    kwargs = dict(beam_size=2, length_penalty=0.7, no_repeat_ngram=2)
+    plain = ranked_candidates(models, FEATURES, vocab, **kwargs)
+    assert plain == beam_candidates(models, FEATURES, vocab, **kwargs)
+    reranker = ConsensusReranker(neighbours, k=2, weight=0.0, samples=20, top_k=0, seed=0)
+    ranked = ranked_candidates(models, FEATURES, vocab, **kwargs, reranker=reranker)
+    for image, found in enumerate(ranked):
+        consensus = [c for _, _, c in found]
+        assert consensus == sorted(consensus, reverse=True)  # weight 0: by consensus alone
+        assert found[0][2] >= max(c for _, _, c in reranker.rerank(FEATURES[image:image + 1], [plain[image]], vocab)[0])
+    # a random decoder rarely ranks first what the neighbours wrote; 20 samples give consensus a choice
+    assert any(found[0][0] not in [c for c, _ in beam] for found, beam in zip(ranked, plain))
+
+
+def test_settings_of_a_model_registered_before_sampling_mean_no_samples(neighbours):
+    old = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5})
+    assert (old.k, old.weight, old.samples) == (3, 0.5, 0)
+    new = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5,
+                                                       "consensus_samples": 4, "consensus_top_k": 5})
+    assert (new.samples, new.top_k) == (4, 5)
 
 
 def test_more_neighbours_than_train_images_uses_them_all(neighbours):

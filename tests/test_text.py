@@ -36,3 +36,16 @@ def test_teacher_forcing_arrays_shift_by_one_and_pad():
     assert targets[0].tolist() == [a, dog, runs, vocab.end_id, 0]
     assert inputs.shape == (2, 5) and targets[1, -1] == vocab.end_id  # truncated to max_length
     assert vocab.decode(targets[0]) == "a dog runs"
+
+
+def test_references_by_image_group_a_split_in_name_order():
+    import pandas as pd
+
+    from pipeline.text import references_by_image
+
+    table = pd.DataFrame({"image": ["b.jpg", "a.jpg", "b.jpg", "c.jpg"], "split": ["train", "train", "train", "dev"],
+                          "caption": ["a dog runs", "a cat", "the dog", "a bird"]})
+    names, references = references_by_image(table, "train")
+    assert names == ["a.jpg", "b.jpg"]
+    assert references == [[["a", "cat"]], [["a", "dog", "runs"], ["the", "dog"]]]
+    assert references_by_image(table, "test") == ([], [])

@@ -1,8 +1,9 @@
 """Stage ``evaluate``: caption the test split and score it -> ``metrics/eval.json``.
 
 Three decoders are scored on the same images and references: ``greedy``, ``beam``
-(``evaluate.beam_size``; with ``evaluate.consensus_neighbours`` > 0 its candidates reranked by
-agreement with the captions of similar train images, ``models/neighbours.npz``) and
+(``evaluate.beam_size``; with ``evaluate.consensus_neighbours`` > 0 its candidates, and
+``evaluate.consensus_samples`` sampled captions per image, reranked by agreement with the
+captions of similar train images, ``models/neighbours.npz``) and
 ``baseline``, the same decoder and beam search fed the mean train feature vector for every
 image (image-blind), which shows what the image adds.
 The registry's current champion (if any, and if it loads) captions the same test images in
@@ -25,8 +26,8 @@ from ..atomic import write_json, write_parquet, write_text
 from ..champion import caption_with_champion
 from ..comparison import per_image_scores
 from ..config import EvaluateSettings, Settings
-from ..consensus import ConsensusReranker, Neighbours
-from ..decoding import Caption, beam_candidates, beam_search, greedy
+from ..consensus import ConsensusReranker, Neighbours, ranked_candidates
+from ..decoding import beam_search, greedy
 from ..features_file import read_features, row_index, rows_of
 from ..gallery import render
 from ..metrics import JavaMissingError, caption_health, score
@@ -44,7 +45,8 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
                    features: np.ndarray, cfg: EvaluateSettings,
                    neighbours: Neighbours | None = None) -> tuple[dict, pd.DataFrame]:
     """Pure core: (metrics per mode, one row per test image with its captions). With
-    ``cfg.consensus_neighbours`` > 0, beam candidates are reranked by consensus with the
+    ``cfg.consensus_neighbours`` > 0, beam candidates (and ``cfg.consensus_samples`` sampled
+    captions per image) are reranked by consensus with the
     ``neighbours`` (by default the train split of ``captions``; ``run`` passes the file the
     served model carries); the image-blind baseline keeps the decoder's ranking. Raises
     ValueError when the test split is empty or an image has no features."""
@@ -61,21 +63,22 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
                        no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
     reranker = None
     if cfg.consensus_neighbours:
-        reranker = ConsensusReranker(neighbours or Neighbours.from_split(captions, "train", images, features),
-                                     cfg.consensus_neighbours, cfg.consensus_weight)
-    log.info("decoding %d test images (greedy, beam-%d, image-blind baseline)", len(test_images),
-             cfg.beam_size)
+        reranker = ConsensusReranker.from_settings(
+            neighbours or Neighbours.from_split(captions, "train", images, features), cfg.model_dump())
+    log.info("decoding %d test images (greedy, beam-%d%s, image-blind baseline)", len(test_images),
+             cfg.beam_size, f" reranked by consensus with {reranker.k} train images" if reranker else "")
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=cfg.no_repeat_ngram,
                          batch_size=cfg.batch_size, progress="greedy"),
-        "beam": best_beam(models, feats, vocab, beam_kwargs, reranker),
+        "beam": [ranked[0][0] for ranked in ranked_candidates(models, feats, vocab, **beam_kwargs,
+                                                              reranker=reranker, progress=True)],
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
     }
     texts = {mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in MODES}
     references = [[r.split() for r in refs[n]] for n in test_images]
     metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size,
-                     "consensus_neighbours": cfg.consensus_neighbours}
+                     "consensus_neighbours": cfg.consensus_neighbours, "consensus_samples": cfg.consensus_samples}
     for mode in MODES:
         log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])
@@ -89,16 +92,6 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
         "references": [list(refs[n]) for n in test_images],
     })
     return metrics, table
-
-
-def best_beam(models: StepModels, feats: np.ndarray, vocab: Vocabulary, beam_kwargs: dict,
-              reranker: ConsensusReranker | None) -> list[Caption]:
-    """Each image's beam caption: the decoder's best, or the best after consensus reranking."""
-    found = beam_candidates(models, feats, vocab, progress=f"beam-{beam_kwargs['beam_size']}", **beam_kwargs)
-    if reranker is not None:
-        log.info("reranking by consensus with the %d nearest train images", reranker.k)
-        found = reranker.rerank(feats, found, lambda c: vocab.decode(c.tokens).split())
-    return [ranked[0][0] for ranked in found]
 
 
 def scores_table(table: pd.DataFrame, references: list, model: str, mode: str,
@@ -161,7 +154,8 @@ def run(settings: Settings) -> dict:
     items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
-    reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images"
+    samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""
+    reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images{samples}"
                 if metrics["consensus_neighbours"] else "")
     summary = (f"{metrics['n_images']} test images. Beam-{metrics['beam_size']}{reranked}: BLEU-4 {b['bleu4']:.3f}, "
                f"METEOR {b['meteor']:.3f}, CIDEr {b['cider']:.3f}; image-blind baseline: "

@@ -29,7 +29,7 @@ from ..atomic import atomic_path, write_text
 from ..config import Settings, TrainSettings
 from ..consensus import Neighbours
 from ..features_file import read_features, row_index, rows_of
-from ..text import Vocabulary
+from ..text import Vocabulary, references_by_image
 from ..tracking import data_identity, flatten, log_training_data, run_name, run_ref, setup
 from ._cli import reported, require, stage_main
 
@@ -86,10 +86,8 @@ def plot_history(history: pd.DataFrame, self_critical: pd.DataFrame, path) -> No
 
 def references_of(captions: pd.DataFrame, split: str, index: dict[str, int]) -> tuple[np.ndarray, list]:
     """(feature rows, tokenised reference captions) of a split's images, image by image."""
-    grouped = captions[captions["split"] == split].groupby("image", sort=True)["caption"]
-    names = list(grouped.groups)
-    return (np.asarray(rows_of(index, names), dtype=np.int64),
-            [[c.split() for c in grouped.get_group(name)] for name in names])
+    names, references = references_by_image(captions, split)
+    return np.asarray(rows_of(index, names), dtype=np.int64), references
 
 
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,

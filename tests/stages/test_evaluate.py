@@ -58,10 +58,11 @@ def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
     assert "decoding" in caplog.text and "scoring beam captions" in caplog.text
 
 
-def test_beam_captions_are_reranked_among_the_beam_candidates(in_trained):
+def test_beam_captions_are_chosen_by_consensus_among_beam_and_sampled_candidates(in_trained):
     """With consensus on (the default), each beam caption is one of the decoder's beam
-    candidates, chosen by agreement with the captions of similar train images."""
-    from pipeline.consensus import Neighbours
+    candidates or of its seeded samples, the one that agrees best with the captions of similar
+    train images (+ weight x the decoder's score)."""
+    from pipeline.consensus import ConsensusReranker, Neighbours
     from pipeline.decoding import beam_candidates
     from pipeline.features_file import read_features, row_index, rows_of
     from pipeline.model import decoding_models, load_decoder
@@ -71,13 +72,17 @@ def test_beam_captions_are_reranked_among_the_beam_candidates(in_trained):
     cfg = settings.evaluate
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     assert cfg.consensus_neighbours > 0 and metrics["consensus_neighbours"] == cfg.consensus_neighbours
+    assert cfg.consensus_samples > 0 and metrics["consensus_samples"] == cfg.consensus_samples
     table = pd.read_parquet(paths.TEST_CAPTIONS)
     vocab = Vocabulary.load(paths.VOCAB)
     images, features, _ = read_features(paths.features_file("xception"))
-    found = beam_candidates(decoding_models(load_decoder(paths.DECODER)),
-                            features[rows_of(row_index(images), table["image"])], vocab,
-                            beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                            no_repeat_ngram=cfg.no_repeat_ngram)
-    for caption, ranked in zip(table["beam"], found):
-        assert caption in [vocab.decode(c.tokens) for c, _ in ranked]
-    assert len(Neighbours.load(paths.NEIGHBOURS).references) > 0
+    feats = features[rows_of(row_index(images), table["image"])]
+    models = decoding_models(load_decoder(paths.DECODER))
+    decoding = dict(length_penalty=cfg.length_penalty, no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
+    beam = beam_candidates(models, feats, vocab, beam_size=cfg.beam_size, **decoding)
+    reranker = ConsensusReranker.from_settings(Neighbours.load(paths.NEIGHBOURS), cfg.model_dump())
+    pool = reranker.widen(models, feats, vocab, beam, **decoding)
+    for caption, found, candidates in zip(table["beam"], reranker.rerank(feats, pool, vocab), pool):
+        assert caption in [vocab.decode(c.tokens) for c, _ in candidates]
+        total = [consensus + cfg.consensus_weight * score for _, score, consensus in found]
+        assert caption == vocab.decode(found[0][0].tokens) and total[0] == max(total)
