@@ -62,6 +62,12 @@ class CiderD:
                 self._norms[image, slot] = np.sqrt(np.bincount(self._orders[gram_ids], w * w, minlength=n))
                 self._lengths[image, slot] = sum(c for g, c in counts.items() if len(g) == 2)
             self._entries.append((np.concatenate(slots), np.concatenate(ids), np.concatenate(weights)))
+        # the same entries as flat arrays, image i's at [start[i], start[i] + count[i]): gathered
+        # for many images at once without a Python loop
+        self._entry_count = np.array([len(e[1]) for e in self._entries], dtype=np.int64)
+        self._entry_start = np.cumsum(self._entry_count) - self._entry_count
+        self._flat_slots, self._flat_ids, self._flat_weights = (
+            np.concatenate([e[k] for e in self._entries]) for k in range(3))
 
     def score(self, captions: Sequence[Caption], images: Sequence[int]) -> np.ndarray:
         """CIDEr-D of ``captions[j]`` against the references of corpus image ``images[j]``."""
@@ -101,12 +107,11 @@ class CiderD:
         caption_keys = rows * span + ids
         order_of_key = np.argsort(caption_keys)
         sorted_keys = caption_keys[order_of_key]
-        ref_pairs, ref_slots, ref_ids, ref_weights = [], [], [], []
-        for p, image in enumerate(images):
-            slot, gram_ids, w = self._entries[image]
-            ref_pairs.append(np.full(len(gram_ids), p)), ref_slots.append(slot)
-            ref_ids.append(gram_ids), ref_weights.append(w)
-        ref_pairs, ref_slots, ref_ids, ref_weights = map(np.concatenate, (ref_pairs, ref_slots, ref_ids, ref_weights))
+        counts = self._entry_count[images]
+        ref_pairs = np.repeat(np.arange(pairs), counts)
+        at_image = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        entries = np.repeat(self._entry_start[images], counts) + at_image
+        ref_slots, ref_ids, ref_weights = self._flat_slots[entries], self._flat_ids[entries], self._flat_weights[entries]
         ref_keys = caption_of[ref_pairs] * span + ref_ids
         at = np.minimum(np.searchsorted(sorted_keys, ref_keys), len(sorted_keys) - 1)
         found = sorted_keys[at] == ref_keys if len(sorted_keys) else np.zeros(len(ref_keys), bool)

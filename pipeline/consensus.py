@@ -36,6 +36,7 @@ from .model import StepModels
 from .text import Vocabulary, references_by_image
 
 Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
+CHUNK_IMAGES = 64  # images whose candidates are scored together (x k neighbours x their n-grams)
 
 
 @dataclass(frozen=True)
@@ -131,17 +132,18 @@ class ConsensusReranker:
         """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
         of its neighbours (the mean over those references, each weighing the same)."""
         near = self.nearest(features)
-        flat = [(i, j) for i, found in enumerate(captions) for j in range(len(found))]
-        if not flat:
-            return [np.zeros(0) for _ in captions]
-        # a caption's mean over the neighbours' references = the neighbours' CIDEr-D (each a mean
-        # over its own references) weighted by their reference counts
-        scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), self.k),
-                                        np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
         counts = self.ref_counts[near]
         out = [np.zeros(len(found)) for found in captions]
-        for (i, j), row in zip(flat, scored):
-            out[i][j] = row @ counts[i] / counts[i].sum()
+        for lo in range(0, len(captions), CHUNK_IMAGES):  # bounded memory: pairs x reference n-grams
+            flat = [(i, j) for i in range(lo, min(lo + CHUNK_IMAGES, len(captions))) for j in range(len(captions[i]))]
+            if not flat:
+                continue
+            # a caption's mean over the neighbours' references = the neighbours' CIDEr-D (each a
+            # mean over its own references) weighted by their reference counts
+            scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), self.k),
+                                            np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
+            for (i, j), row in zip(flat, scored):
+                out[i][j] = row @ counts[i] / counts[i].sum()
         return out
 
     def widen(self, models: StepModels, features: np.ndarray, vocab: Vocabulary, candidates: list[Ranked], *,

@@ -161,3 +161,16 @@ def test_a_truncated_or_foreign_file_is_a_clear_error(tmp_path, content, neighbo
 def test_features_of_another_size_are_refused(neighbours):
     with pytest.raises(ValueError, match="another backbone"):
         ConsensusReranker(neighbours, k=2, weight=0.0).nearest(np.ones((1, 5), np.float32))
+
+
+def test_consensus_in_chunks_equals_one_image_at_a_time(neighbours, monkeypatch):
+    import pipeline.consensus
+
+    monkeypatch.setattr(pipeline.consensus, "CHUNK_IMAGES", 2)  # 5 images: chunks of 2, 2, 1
+    reranker = ConsensusReranker(neighbours, k=2, weight=0.0)
+    captions = [[c.split() for c in texts] for texts in (DOGS, BIKES, BEACH[:1], [], DOGS[1:])]
+    together = reranker.consensus(FEATURES, captions)
+    for image, found in enumerate(captions):
+        alone = reranker.consensus(FEATURES[image:image + 1], [found])[0]
+        np.testing.assert_allclose(together[image], alone, rtol=1e-12)
+    assert len(together[3]) == 0 and together[0].max() > 0
