@@ -20,6 +20,9 @@ from .model import StepModels
 from .text import Vocabulary
 
 NEG_INF = -1e9
+# rows (images x samples) decoded together when sampling: each step holds a few float64 arrays
+# of rows x vocabulary (4096 x 2,500 words: about 80 MB each)
+MAX_SAMPLE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,9 @@ def sample_candidates(models: StepModels, features: np.ndarray, vocab: Vocabular
     ``beam_candidates`` scores its own (so the two can be pooled), in the order drawn; the same
     caption may come up twice. Each image draws from ``image_rng(seed, its features)``."""
     out: list[list[tuple[Caption, float]]] = []
-    for lo in _batches(len(features), batch_size, progress):
-        feats = features[lo:lo + batch_size]
+    per_batch = max(1, min(batch_size, MAX_SAMPLE_ROWS // samples))
+    for lo in _batches(len(features), per_batch, progress):
+        feats = features[lo:lo + per_batch]
         ids, log_probs = sample(models, np.repeat(feats, samples, axis=0), vocab,
                                 [image_rng(seed, f) for f in feats], top_k, no_repeat_ngram)
         drawn = []

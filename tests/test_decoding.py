@@ -154,3 +154,17 @@ def test_an_image_gets_the_same_samples_alone_or_anywhere_in_a_batch(setup):
     np.testing.assert_allclose([s for drawn in together for _, s in drawn],  # batches differ in round-off only
                                [s for drawn in alone for _, s in drawn], rtol=1e-5)
     assert tokens(sample_candidates(models, feats, vocab, samples=3, seed=6, no_repeat_ngram=2)) != tokens(together)
+
+
+def test_many_samples_are_decoded_in_bounded_batches(setup, monkeypatch):
+    import pipeline.decoding
+
+    models, vocab, feats = setup
+    expected = sample_candidates(models, feats, vocab, samples=4, seed=1)
+    monkeypatch.setattr(pipeline.decoding, "MAX_SAMPLE_ROWS", 8)  # 2 images (8 rows) per batch
+    calls = []
+    original = pipeline.decoding.sample
+    monkeypatch.setattr(pipeline.decoding, "sample", lambda m, f, *a: calls.append(len(f)) or original(m, f, *a))
+    bounded = sample_candidates(models, feats, vocab, samples=4, seed=1)
+    assert max(calls) == 8 and sum(calls) == 4 * len(feats)
+    assert [[c.tokens for c, _ in found] for found in bounded] == [[c.tokens for c, _ in found] for found in expected]
