@@ -1,6 +1,6 @@
-"""Greedy and beam-search decoding, batched over many images at once.
+"""Greedy decoding, beam search and sampling, batched over many images at once.
 
-Rules shared by both: never emit <pad>, <start> or <unk>, nor an empty caption; optionally
+Rules shared by all three: never emit <pad>, <start> or <unk>, nor an empty caption; optionally
 block any repeated n-gram (``no_repeat_ngram``, 0 = off), which stops the "a white hat and a white hat ..."
 loops seen on real Flickr8k; stop at <end> or after ``max_length`` words (then <end> is
 forced). Scores are summed log-probabilities including <end>; beam search ranks finished
@@ -193,8 +193,10 @@ def sample(models: StepModels, features: np.ndarray, vocab: Vocabulary,
     <pad> after it; log-probs (N,), summed like beam search's scores). Words are drawn from the
     softmax (restricted to the ``top_k`` most likely words of each step when top_k > 0) with the
     Gumbel-max trick; the log-probs are the whole softmax's, so a sample and a beam caption of the
-    same words score the same. ``rng``: one generator for all rows, or G generators, each
-    drawing the noise of its own N / G consecutive rows."""
+    same words score the same. ``no_repeat_ngram`` blocks repeats as in greedy and beam search
+    (self-critical training samples without it, from the decoder's own distribution). ``rng``:
+    one generator for all rows, or G generators, each drawing the noise of its own N / G
+    consecutive rows."""
     n = len(features)
     state = models.encode(features)
     token = np.full((n, 1), vocab.start_id, dtype=np.int32)
@@ -222,6 +224,8 @@ def sample(models: StepModels, features: np.ndarray, vocab: Vocabulary,
 def _gumbel(rng: np.random.Generator | Sequence[np.random.Generator], shape: tuple[int, int]) -> np.ndarray:
     if isinstance(rng, np.random.Generator):
         return rng.gumbel(size=shape)
+    if not rng or shape[0] % len(rng):
+        raise ValueError(f"{len(rng)} generators cannot share {shape[0]} rows evenly")
     rows = shape[0] // len(rng)
     return np.concatenate([g.gumbel(size=(rows, shape[1])) for g in rng])
 
