@@ -145,3 +145,45 @@ def test_paths_only_as_explicit_path_objects(tmp_path):
         assert str(err.value) == NOT_BASE64
     with pytest.raises(ValueError, match="above the limit of 10"):
         image_bytes(b64(b"x" * 100), 10)
+
+
+def test_models_registered_before_consensus_or_sampling_still_caption(registered, tmp_path):
+    """A model registered before consensus reranking has no neighbours artifact: it ranks by the
+    decoder. One registered before sampling has no consensus_samples: it reranks the beam alone."""
+    import mlflow
+    from mlflow.pyfunc import PythonModelContext
+
+    from pipeline.serving import CONFIG_NAME, CaptionModel
+
+    root, _, _ = registered
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "model"),
+                                                     tracking_uri=f"sqlite:///{root}/mlflow.db"))
+    artifacts = {}
+    for name in ("decoder", "vocab", "backbone", "neighbours"):
+        (path,) = [p for p in (local / "artifacts").iterdir() if p.name.startswith({
+            "decoder": "decoder.keras", "vocab": "vocab.json", "backbone": "xception.backbone",
+            "neighbours": "neighbours.npz"}[name])]
+        artifacts[name] = str(path)
+    config = json.loads((local / "artifacts" / CONFIG_NAME).read_text())
+    assert config["decoding"]["consensus_samples"] > 0  # today's model samples
+    for key in ("consensus_samples", "consensus_top_k"):
+        del config["decoding"][key]
+    old_config = tmp_path / CONFIG_NAME
+    old_config.write_text(json.dumps(config))
+    photo = jpeg_bytes(size=(120, 90))
+
+    before_sampling = CaptionModel()
+    before_sampling.load_context(PythonModelContext({**artifacts, "config": str(old_config)}, None))
+    assert before_sampling.reranker is not None and before_sampling.reranker.samples == 0
+    (result,) = before_sampling.caption_images([photo], beam_size=3)
+    assert result["caption"] and len(result["candidates"]) <= 3
+    assert all("consensus" in c for c in result["candidates"])
+
+    before_consensus = CaptionModel()
+    del artifacts["neighbours"]
+    before_consensus.load_context(PythonModelContext({**artifacts, "config": str(old_config)}, None))
+    assert before_consensus.reranker is None
+    (result,) = before_consensus.caption_images([photo], beam_size=3)
+    scores = [c["score"] for c in result["candidates"]]
+    assert result["caption"] and len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert not any("consensus" in c for c in result["candidates"])
