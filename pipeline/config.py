@@ -194,6 +194,8 @@ class EvaluateSettings(_Section):
     # whole softmax) and reranked with the beam's; 0 = the beam's candidates only
     consensus_samples: int = Field(ge=0, le=100)
     consensus_top_k: int = Field(ge=0)
+    # - this x the agreement with 100 random train images' captions (generic captions lose)
+    consensus_contrast: float = Field(ge=0)
     batch_size: int = Field(ge=1)
     gallery_size: int = Field(ge=0)
 

@@ -14,6 +14,12 @@ widens it: that many captions sampled per image (among each step's ``consensus_t
 words, scored by the decoder as beam candidates are) join the pool, so a caption with a word
 the beam never proposes can win when the neighbours' captions use it.
 
+Consensus favours what many people write, and the safest such caption fits any photo ("a dog
+runs through the grass"), so rerankers narrow the vocabulary. ``consensus_contrast`` subtracts
+that much of a candidate's agreement with the captions of 100 random train images (the same
+for every photo) from its agreement with the neighbours: a discriminative score in the spirit
+of Luo et al. 2018 ("Discriminability objective for training descriptive captions").
+
 The train images' unit-length feature vectors and their reference captions are one file
 (``models/neighbours.npz``, written by ``train``), which the registered model carries, so the
 served model ranks exactly as ``evaluate`` scored it.
@@ -37,6 +43,7 @@ from .text import Vocabulary, references_by_image
 
 Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
 CHUNK_IMAGES = 64  # images whose candidates are scored together (x k neighbours x their n-grams)
+GENERIC_IMAGES = 100  # random train images a caption is contrasted with (consensus_contrast)
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,14 @@ class ConsensusReranker:
     the same caption every time, alone or in any batch."""
 
     def __init__(self, neighbours: Neighbours, k: int, weight: float, samples: int = 0, top_k: int = 0,
-                 seed: int = 0):
+                 contrast: float = 0.0, seed: int = 0):
         if k < 1:
             raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
         self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
-        self.samples, self.top_k, self.seed = samples, top_k, seed
+        self.samples, self.top_k, self.contrast, self.seed = samples, top_k, contrast, seed
+        # the same random train images for every photo: what a caption that fits any photo matches
+        self.generic_rows = np.sort(np.random.default_rng(seed).choice(
+            len(neighbours.features), min(GENERIC_IMAGES, len(neighbours.features)), replace=False))
         # built once: the train references' n-gram vectors and document frequencies
         self.cider = CiderD(neighbours.references)
         self.ref_counts = np.array([len(r) for r in neighbours.references], dtype=np.float64)
@@ -113,9 +123,10 @@ class ConsensusReranker:
     def from_settings(cls, neighbours: Neighbours, decoding: Mapping) -> "ConsensusReranker":
         """From the ``evaluate.consensus_*`` values (``EvaluateSettings.model_dump()``, or the
         decoding settings a registered model carries; one registered before sampling existed
-        has no consensus_samples: none)."""
+        has no consensus_samples: none; nor consensus_contrast: 0)."""
         return cls(neighbours, decoding["consensus_neighbours"], decoding["consensus_weight"],
-                   decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0))
+                   decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0),
+                   decoding.get("consensus_contrast", 0.0))
 
     def nearest(self, features: np.ndarray) -> np.ndarray:
         """(N, k) rows of the most similar train images, most similar first."""
@@ -131,17 +142,26 @@ class ConsensusReranker:
     def consensus(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
         """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
         of its neighbours (the mean over those references, each weighing the same)."""
-        near = self.nearest(features)
-        counts = self.ref_counts[near]
+        return self._agreement(captions, self.nearest(features))
+
+    def generic(self, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
+        """Per image, the same for the captions of ``GENERIC_IMAGES`` random train images, the
+        same ones for every photo: high for a caption that fits any photo."""
+        return self._agreement(captions, np.broadcast_to(self.generic_rows, (len(captions), len(self.generic_rows))))
+
+    def _agreement(self, captions: Sequence[Sequence[list[str]]], rows: np.ndarray) -> list[np.ndarray]:
+        """Each image's captions against the references of its train images ``rows[i]``."""
+        counts = self.ref_counts[rows]
         out = [np.zeros(len(found)) for found in captions]
         for lo in range(0, len(captions), CHUNK_IMAGES):  # bounded memory: pairs x reference n-grams
             flat = [(i, j) for i in range(lo, min(lo + CHUNK_IMAGES, len(captions))) for j in range(len(captions[i]))]
             if not flat:
                 continue
-            # a caption's mean over the neighbours' references = the neighbours' CIDEr-D (each a
-            # mean over its own references) weighted by their reference counts
-            scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), self.k),
-                                            np.concatenate([near[i] for i, _ in flat])).reshape(len(flat), self.k)
+            # a caption's mean over the images' references = the images' CIDEr-D (each a mean
+            # over its own references) weighted by their reference counts
+            width = rows.shape[1]
+            scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), width),
+                                            np.concatenate([rows[i] for i, _ in flat])).reshape(len(flat), width)
             for (i, j), row in zip(flat, scored):
                 out[i][j] = row @ counts[i] / counts[i].sum()
         return out
@@ -170,9 +190,12 @@ class ConsensusReranker:
     def rerank(self, features: np.ndarray, candidates: list[Ranked],
                vocab: Vocabulary) -> list[list[tuple[Caption, float, float]]]:
         """Each image's candidates as (caption, decoder score, consensus), best first by
-        consensus + weight x decoder score."""
+        consensus + weight x decoder score; with ``contrast`` > 0 the consensus is net of
+        contrast x ``generic``, so that a caption that fits any photo loses to one that fits this."""
         texts = [[vocab.decode(c.tokens).split() for c, _ in found] for found in candidates]
         agreed = self.consensus(features, texts)
+        if self.contrast:
+            agreed = [near - self.contrast * far for near, far in zip(agreed, self.generic(texts))]
         out = []
         for found, cons in zip(candidates, agreed):
             total = [c + self.weight * s for (_, s), c in zip(found, cons)]

@@ -131,12 +131,13 @@ def test_ranked_candidates_pick_by_consensus_among_beam_and_samples(neighbours, 
     assert any(found[0][0] not in [c for c, _ in beam] for found, beam in zip(ranked, plain))
 
 
-def test_settings_of_a_model_registered_before_sampling_mean_no_samples(neighbours):
+def test_settings_of_a_model_registered_before_sampling_mean_no_samples_and_no_contrast(neighbours):
     old = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5})
-    assert (old.k, old.weight, old.samples) == (3, 0.5, 0)
+    assert (old.k, old.weight, old.samples, old.contrast) == (3, 0.5, 0, 0.0)
     new = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5,
-                                                       "consensus_samples": 4, "consensus_top_k": 5})
-    assert (new.samples, new.top_k) == (4, 5)
+                                                       "consensus_samples": 4, "consensus_top_k": 5,
+                                                       "consensus_contrast": 2.0})
+    assert (new.samples, new.top_k, new.contrast) == (4, 5, 2.0)
 
 
 def test_more_neighbours_than_train_images_uses_them_all(neighbours):
@@ -174,3 +175,33 @@ def test_consensus_in_chunks_equals_one_image_at_a_time(neighbours, monkeypatch)
         alone = reranker.consensus(FEATURES[image:image + 1], [found])[0]
         np.testing.assert_allclose(together[image], alone, rtol=1e-12)
     assert len(together[3]) == 0 and together[0].max() > 0
+
+
+def test_contrast_demotes_the_caption_that_also_fits_the_other_photos(neighbours):
+    vocab = Vocabulary.build(DOGS + BIKES + BEACH, 1, 10)
+    common = Caption(ids(vocab, "a dog runs on the grass"), -1.0)  # shares "a", "on", "the" with all
+    particular = Caption(ids(vocab, "the dog is running fast"), -1.0)
+    candidates = [[(common, -0.5), (particular, -0.5)]]
+    new = FEATURES[4:5]
+    plain = ConsensusReranker(neighbours, k=2, weight=0.0).rerank(new, candidates, vocab)[0]
+    assert [c for c, _, _ in plain] == [common, particular]
+    contrasted = ConsensusReranker(neighbours, k=2, weight=0.0, contrast=3.0)
+    ranked = contrasted.rerank(new, candidates, vocab)[0]
+    assert [c for c, _, _ in ranked] == [particular, common]
+    texts = [["the", "dog", "is", "running", "fast"]]
+    near, far = contrasted.consensus(new, [texts])[0][0], contrasted.generic([texts])[0][0]
+    assert ranked[0][2] == pytest.approx(near - 3.0 * far)  # the consensus shown is net of the contrast
+
+
+def test_generic_images_are_the_same_random_train_images_for_every_photo(neighbours, monkeypatch):
+    import pipeline.consensus
+
+    texts = [[c.split() for c in DOGS], [c.split() for c in BIKES]]
+    every = ConsensusReranker(neighbours, k=4, weight=0.0)  # 4 train images, under GENERIC_IMAGES
+    assert every.generic_rows.tolist() == [0, 1, 2, 3]
+    for got, want in zip(every.generic(texts), every.consensus(FEATURES[:2], texts)):  # k = 4: all of them
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    monkeypatch.setattr(pipeline.consensus, "GENERIC_IMAGES", 2)
+    two = ConsensusReranker(neighbours, k=2, weight=0.0, seed=5)
+    assert len(set(two.generic_rows)) == 2
+    assert two.generic_rows.tolist() == ConsensusReranker(neighbours, k=3, weight=1.0, seed=5).generic_rows.tolist()

@@ -78,7 +78,8 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     texts = {mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in MODES}
     references = [[r.split() for r in refs[n]] for n in test_images]
     metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size,
-                     "consensus_neighbours": cfg.consensus_neighbours, "consensus_samples": cfg.consensus_samples}
+                     "consensus_neighbours": cfg.consensus_neighbours, "consensus_samples": cfg.consensus_samples,
+                     "consensus_contrast": cfg.consensus_contrast}
     for mode in MODES:
         log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])

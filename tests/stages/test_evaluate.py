@@ -73,6 +73,7 @@ def test_beam_captions_are_chosen_by_consensus_among_beam_and_sampled_candidates
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     assert cfg.consensus_neighbours > 0 and metrics["consensus_neighbours"] == cfg.consensus_neighbours
     assert cfg.consensus_samples > 0 and metrics["consensus_samples"] == cfg.consensus_samples
+    assert metrics["consensus_contrast"] == cfg.consensus_contrast
     table = pd.read_parquet(paths.TEST_CAPTIONS)
     vocab = Vocabulary.load(paths.VOCAB)
     images, features, _ = read_features(paths.features_file("xception"))
