@@ -33,12 +33,17 @@ def test_scores_equal_pycocoevalcap_cider_d(captions):
     np.testing.assert_allclose(mine, coco_cider(REFERENCES, captions), rtol=1e-12, atol=1e-12)
 
 
-def test_random_captions_match_pycocoevalcap():
-    rng = np.random.default_rng(0)
+def random_corpus(seed: int, images: int, captions: int, longest: int) -> tuple[list, list]:
+    """(references: 1-5 random captions per image, captions of 0..longest-1 random words)."""
+    rng = np.random.default_rng(seed)
     words = "a dog cat runs on the grass man in red shirt jumps over water two".split()
     references = [[list(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 6))]
-                  for _ in range(60)]
-    captions = [list(rng.choice(words, rng.integers(0, 14))) for _ in range(60)]
+                  for _ in range(images)]
+    return references, [list(rng.choice(words, rng.integers(0, longest))) for _ in range(captions)]
+
+
+def test_random_captions_match_pycocoevalcap():
+    references, captions = random_corpus(0, 60, 60, 14)
     captions[5] = references[5][0]
     np.testing.assert_allclose(CiderD(references).score(captions, range(60)),
                                coco_cider(references, captions), rtol=1e-10, atol=1e-12)
@@ -57,11 +62,8 @@ def test_a_caption_is_scored_against_its_own_image_with_fixed_document_frequenci
 
 
 def test_pairs_score_each_caption_against_several_images_as_score_does():
+    references, captions = random_corpus(1, 20, 7, 10)
     rng = np.random.default_rng(1)
-    words = "a dog cat runs on the grass man in red shirt jumps over water two".split()
-    references = [[list(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 6))]
-                  for _ in range(20)]
-    captions = [list(rng.choice(words, rng.integers(0, 10))) for _ in range(7)]
     cider = CiderD(references)
     caption_of = rng.integers(0, 7, size=50)
     images = rng.integers(0, 20, size=50)
