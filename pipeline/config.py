@@ -196,8 +196,15 @@ class EvaluateSettings(_Section):
     consensus_top_k: int = Field(ge=0)
     # - this x the agreement with 100 random train images' captions (generic captions lose)
     consensus_contrast: float = Field(ge=0)
+    # closer neighbours count more: weight exp(this x (cosine - the nearest one's)); 0 = all alike
+    consensus_sharpness: float = Field(ge=0, le=1000)
     batch_size: int = Field(ge=1)
     gallery_size: int = Field(ge=0)
+
+    def decoding(self) -> dict:
+        """How a caption is chosen: what the registered model carries, so that it captions as
+        ``evaluate`` scored (batch and gallery sizes are this stage's own business)."""
+        return self.model_dump(exclude={"batch_size", "gallery_size"})
 
     @model_validator(mode="after")
     def _samples_that_differ(self) -> "EvaluateSettings":

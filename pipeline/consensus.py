@@ -14,6 +14,10 @@ widens it: that many captions sampled per image (among each step's ``consensus_t
 words, scored by the decoder as beam candidates are) join the pool, so a caption with a word
 the beam never proposes can win when the neighbours' captions use it.
 
+The neighbours count alike, or with ``consensus_sharpness`` > 0 the closer ones count more: a
+neighbour's weight is exp(sharpness x (its cosine similarity - the nearest one's)), so the
+caption is judged mostly by the photos most like this one.
+
 Consensus favours what many people write, and the safest such caption fits any photo ("a dog
 runs through the grass"), so rerankers narrow the vocabulary. ``consensus_contrast`` subtracts
 that much of a candidate's agreement with the captions of 100 random train images (the same
@@ -107,11 +111,14 @@ class ConsensusReranker:
     the same caption every time, alone or in any batch."""
 
     def __init__(self, neighbours: Neighbours, k: int, weight: float, samples: int = 0, top_k: int = 0,
-                 contrast: float = 0.0, seed: int = 0):
+                 contrast: float = 0.0, sharpness: float = 0.0, seed: int = 0):
         if k < 1:
             raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
+        if not 0 <= sharpness < np.inf:
+            raise ValueError(f"consensus sharpness must be finite and >= 0, got {sharpness}")
         self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
         self.samples, self.top_k, self.contrast, self.seed = samples, top_k, contrast, seed
+        self.sharpness = sharpness
         # the same random train images for every photo: what a caption that fits any photo matches
         self.generic_rows = np.sort(np.random.default_rng(seed).choice(
             len(neighbours.features), min(GENERIC_IMAGES, len(neighbours.features)), replace=False))
@@ -121,15 +128,20 @@ class ConsensusReranker:
 
     @classmethod
     def from_settings(cls, neighbours: Neighbours, decoding: Mapping) -> "ConsensusReranker":
-        """From the ``evaluate.consensus_*`` values (``EvaluateSettings.model_dump()``, or the
+        """From the ``evaluate.consensus_*`` values (``EvaluateSettings.decoding()``, or the
         decoding settings a registered model carries; one registered before sampling existed
-        has no consensus_samples: none; nor consensus_contrast: 0)."""
+        has no consensus_samples: none; nor consensus_contrast or consensus_sharpness: 0)."""
         return cls(neighbours, decoding["consensus_neighbours"], decoding["consensus_weight"],
                    decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0),
-                   decoding.get("consensus_contrast", 0.0))
+                   decoding.get("consensus_contrast", 0.0), decoding.get("consensus_sharpness", 0.0))
 
     def nearest(self, features: np.ndarray) -> np.ndarray:
         """(N, k) rows of the most similar train images, most similar first."""
+        return self._neighbourhood(features)[0]
+
+    def _neighbourhood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``nearest`` and each neighbour's weight: 1, or with ``sharpness`` exp(sharpness x
+        (its similarity - the nearest one's)), in (0, 1]."""
         features = np.asarray(features, np.float32)
         if features.ndim != 2 or features.shape[1] != self.neighbours.features.shape[1]:
             raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
@@ -137,33 +149,48 @@ class ConsensusReranker:
         sims = unit_rows(features) @ self.neighbours.features.T
         top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1)
+        rows = np.take_along_axis(top, order, axis=1)
+        closeness = np.take_along_axis(sims, rows, axis=1).astype(np.float64)
+        return rows, np.exp(self.sharpness * (closeness - closeness[:, :1]))
 
     def consensus(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
         """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
-        of its neighbours (the mean over those references, each weighing the same)."""
-        return self._agreement(captions, self.nearest(features))
+        of its neighbours (the mean over those references, each weighing the same, or with
+        ``sharpness`` each neighbour's references weighing its closeness)."""
+        return self._agreement(captions, self._neighbourhood(features))[0]
 
     def generic(self, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
         """Per image, the same for the captions of ``GENERIC_IMAGES`` random train images, the
         same ones for every photo: high for a caption that fits any photo."""
-        return self._agreement(captions, np.broadcast_to(self.generic_rows, (len(captions), len(self.generic_rows))))
+        return self._agreement(captions, self._generic(len(captions)))[0]
 
-    def _agreement(self, captions: Sequence[Sequence[list[str]]], rows: np.ndarray) -> list[np.ndarray]:
-        """Each image's captions against the references of its train images ``rows[i]``."""
-        counts = self.ref_counts[rows]
-        out = [np.zeros(len(found)) for found in captions]
+    def _generic(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.broadcast_to(self.generic_rows, (n, len(self.generic_rows)))
+        return rows, np.ones(rows.shape)
+
+    def _agreement(self, captions: Sequence[Sequence[list[str]]],
+                   *groups: tuple[np.ndarray, np.ndarray]) -> list[list[np.ndarray]]:
+        """Per group of train images (``groups[g]``: image i's rows and their weights), each
+        image's captions against those images' references. The groups are scored in one pass,
+        so a caption's n-grams are counted once however many groups it is compared with."""
+        widths = [g[0].shape[1] for g in groups]
+        rows = np.concatenate([g[0] for g in groups], axis=1)
+        # every reference of an image weighs the image's weight
+        counts = self.ref_counts[rows] * np.concatenate([g[1] for g in groups], axis=1)
+        out = [[np.zeros(len(found)) for found in captions] for _ in groups]
         for lo in range(0, len(captions), CHUNK_IMAGES):  # bounded memory: pairs x reference n-grams
             flat = [(i, j) for i in range(lo, min(lo + CHUNK_IMAGES, len(captions))) for j in range(len(captions[i]))]
             if not flat:
                 continue
-            # a caption's mean over the images' references = the images' CIDEr-D (each a mean
-            # over its own references) weighted by their reference counts
             width = rows.shape[1]
             scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), width),
                                             np.concatenate([rows[i] for i, _ in flat])).reshape(len(flat), width)
-            for (i, j), row in zip(flat, scored):
-                out[i][j] = row @ counts[i] / counts[i].sum()
+            # a caption's (weighted) mean over a group's references = the images' CIDEr-D (each a
+            # mean over its own references) weighted by their reference counts (x their weights)
+            for g, (start, stop) in enumerate(zip(np.cumsum([0, *widths[:-1]]), np.cumsum(widths))):
+                for (i, j), row in zip(flat, scored[:, start:stop]):
+                    weights = counts[i, start:stop]
+                    out[g][i][j] = row @ weights / weights.sum()
         return out
 
     def widen(self, models: StepModels, features: np.ndarray, vocab: Vocabulary, candidates: list[Ranked], *,
@@ -193,9 +220,11 @@ class ConsensusReranker:
         consensus + weight x decoder score; with ``contrast`` > 0 the consensus is net of
         contrast x ``generic``, so that a caption that fits any photo loses to one that fits this."""
         texts = [[vocab.decode(c.tokens).split() for c, _ in found] for found in candidates]
-        agreed = self.consensus(features, texts)
         if self.contrast:
-            agreed = [near - self.contrast * far for near, far in zip(agreed, self.generic(texts))]
+            near, far = self._agreement(texts, self._neighbourhood(features), self._generic(len(texts)))
+            agreed = [n - self.contrast * f for n, f in zip(near, far)]
+        else:
+            agreed = self.consensus(features, texts)
         out = []
         for found, cons in zip(candidates, agreed):
             total = [c + self.weight * s for (_, s), c in zip(found, cons)]

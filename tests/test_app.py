@@ -155,6 +155,8 @@ def test_the_page_in_a_browser(store, tmp_path):
             drop({"shapes-1.jpg": (images["shapes-1.jpg"], "image/jpeg")})
             expect(page.locator(".card .caption")).to_have_count(1, timeout=120_000)
             expect(page.locator(".card .candidate")).to_have_count(3)
+            # the model reranks by consensus: each candidate says why it stands where it does
+            expect(page.locator(".card .candidate").first).to_contain_text("agreement")
             drop({"notes.txt": (b"not a photo", "text/plain")})
             expect(page.locator(".card .error")).to_contain_text("notes.txt", timeout=120_000)
             page.locator("#picker").set_input_files([  # the file picker, two at once

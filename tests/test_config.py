@@ -107,3 +107,11 @@ def test_consensus_samples_need_a_choice_of_words_and_a_consensus_to_rank_them()
     off = parse_settings(tiny_params(**{"evaluate.consensus_samples": 0, "evaluate.consensus_top_k": 1,
                                         "evaluate.consensus_neighbours": 0}))
     assert off.evaluate.consensus_samples == 0
+
+
+def test_decoding_settings_hold_every_evaluate_key_that_chooses_a_caption():
+    # register stores these with the model: a new evaluate.* key reaches the served model by itself
+    evaluate = load_settings(PROJECT / "params.yaml").evaluate
+    decoding = evaluate.decoding()
+    assert set(decoding) == set(type(evaluate).model_fields) - {"batch_size", "gallery_size"}
+    assert decoding["consensus_contrast"] == evaluate.consensus_contrast

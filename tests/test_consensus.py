@@ -71,6 +71,26 @@ def test_consensus_is_cider_d_against_all_the_neighbours_captions(neighbours):
     assert two.consensus(new, [[caption]])[0][0] == pytest.approx((3 * per_image[0] + 2 * per_image[1]) / 5)
 
 
+def test_sharpness_lets_the_closer_neighbours_count_more(neighbours):
+    caption = "a brown dog running in a field".split()
+    new = FEATURES[4:5]
+    per_image = CiderD(neighbours.references).score([caption, caption], [2, 3])  # dog1 (nearer), dog2
+    unit = new[0] / np.linalg.norm(new[0])
+    gap = unit @ neighbours.features[3] - unit @ neighbours.features[2]  # dog2's similarity - dog1's, < 0
+    sharp = ConsensusReranker(neighbours, k=2, weight=0.0, sharpness=20.0)
+    weights = np.array([3, 2 * np.exp(20.0 * gap)])  # each image's references x its weight
+    assert sharp.consensus(new, [[caption]])[0][0] == pytest.approx(weights @ per_image / weights.sum())
+    # very sharp: only the nearest image counts (a photo like dog1: dog2 is 0.01 less similar)
+    nearest_only = ConsensusReranker(neighbours, k=2, weight=0.0, sharpness=1000.0)
+    assert nearest_only.consensus(FEATURES[2:3], [[caption]])[0][0] == pytest.approx(per_image[0], rel=1e-3)
+    # 0: every reference alike, as without sharpness
+    alike = ConsensusReranker(neighbours, k=2, weight=0.0, sharpness=0.0)
+    assert alike.consensus(new, [[caption]])[0][0] == pytest.approx((3 * per_image[0] + 2 * per_image[1]) / 5)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="sharpness"):
+            ConsensusReranker(neighbours, k=2, weight=0.0, sharpness=bad)
+
+
 def test_rerank_prefers_the_candidate_the_neighbours_agree_with(neighbours):
     vocab = Vocabulary.build(["a dog runs on the grass", "a man rides a bike"], 1, 10)
     likely = Caption(ids(vocab, "a man rides a bike"), -2.0)  # what the decoder likes best
@@ -133,11 +153,11 @@ def test_ranked_candidates_pick_by_consensus_among_beam_and_samples(neighbours, 
 
 def test_settings_of_a_model_registered_before_sampling_mean_no_samples_and_no_contrast(neighbours):
     old = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5})
-    assert (old.k, old.weight, old.samples, old.contrast) == (3, 0.5, 0, 0.0)
+    assert (old.k, old.weight, old.samples, old.contrast, old.sharpness) == (3, 0.5, 0, 0.0, 0.0)
     new = ConsensusReranker.from_settings(neighbours, {"consensus_neighbours": 3, "consensus_weight": 0.5,
                                                        "consensus_samples": 4, "consensus_top_k": 5,
-                                                       "consensus_contrast": 2.0})
-    assert (new.samples, new.top_k, new.contrast) == (4, 5, 2.0)
+                                                       "consensus_contrast": 2.0, "consensus_sharpness": 8.0})
+    assert (new.samples, new.top_k, new.contrast, new.sharpness) == (4, 5, 2.0, 8.0)
 
 
 def test_more_neighbours_than_train_images_uses_them_all(neighbours):

@@ -64,7 +64,7 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     reranker = None
     if cfg.consensus_neighbours:
         reranker = ConsensusReranker.from_settings(
-            neighbours or Neighbours.from_split(captions, "train", images, features), cfg.model_dump())
+            neighbours or Neighbours.from_split(captions, "train", images, features), cfg.decoding())
     log.info("decoding %d test images (greedy, beam-%d%s, image-blind baseline)", len(test_images),
              cfg.beam_size, f" reranked by consensus with {reranker.k} train images" if reranker else "")
     decoded = {

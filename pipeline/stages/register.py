@@ -88,10 +88,7 @@ def log_caption_model(settings: Settings, model_dir: Path):
     config = model_dir / CONFIG_NAME
     config.write_text(json.dumps({
         "backbone": spec.to_dict(),
-        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty,
-                     "no_repeat_ngram": ev.no_repeat_ngram, "consensus_neighbours": ev.consensus_neighbours,
-                     "consensus_weight": ev.consensus_weight, "consensus_samples": ev.consensus_samples,
-                     "consensus_top_k": ev.consensus_top_k, "consensus_contrast": ev.consensus_contrast},
+        "decoding": ev.decoding(),
         "limits": settings.serving.model_dump()}))
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
