@@ -196,7 +196,7 @@ def main() -> None:
         f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams, "
         f"consensus reranking with {e.consensus_neighbours} train images (weight {e.consensus_weight}) of the "
         f"beam's candidates and {e.consensus_samples} samples per image (top-{e.consensus_top_k}), "
-        f"contrast {e.consensus_contrast}",
+        f"contrast {e.consensus_contrast}, sharpness {e.consensus_sharpness}",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 
 

@@ -165,10 +165,11 @@ def embedder(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
 
     def embed(batch_uint8: np.ndarray) -> np.ndarray:
+        # oneDNN computes a batch's last image (and a batch of one) through other kernels, whose
+        # last bits differ on some CPUs (on an AVX2-only AMD EPYC: the last image of every batch):
+        # a copy of the last image goes last, so every real image is computed alike
         n = len(batch_uint8)
-        if n == 1:  # oneDNN runs a batch of one through other kernels, whose last bits differ
-            batch_uint8 = np.concatenate([batch_uint8, batch_uint8])
-        return infer(preprocess(batch_uint8)).numpy()[:n]
+        return infer(preprocess(np.concatenate([batch_uint8, batch_uint8[-1:]]))).numpy()[:n]
 
     return embed
 
