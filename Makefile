@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 # Runs the whole pipeline on the embedded synthetic dataset (offline), then captions a few test images.
 run: $(STAMP)
 	$(BIN)/dvc repro
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m pipeline.ops.run_summary
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
@@ -62,13 +62,13 @@ bench-team: $(STAMP)
 
 # Airflow 3 standalone on http://127.0.0.1:8080 with this project's DAG (Ctrl-C stops it all).
 airflow: $(STAMP)
-	$(BIN)/python -m pipeline.services airflow
+	$(BIN)/python -m pipeline.ops.launchers airflow
 
 # The team stack without Docker: Airflow with Celery workers (each in its own clone) on the
 # local Postgres + Redis, MLflow server with a Postgres store (Ctrl-C stops it all).
 WORKERS ?= 2
 team: $(STAMP)
-	$(BIN)/python -m pipeline.services team --workers $(WORKERS)
+	$(BIN)/python -m pipeline.ops.launchers team --workers $(WORKERS)
 
 # The caption web app on http://127.0.0.1:8000 over models:/<register.model_name>@champion,
 # swapping in a new champion without a restart (POLL seconds between checks).
@@ -78,7 +78,7 @@ app: $(STAMP)
 
 # MLflow UI / tracking server on http://127.0.0.1:5000 over the project's store.
 ui: $(STAMP)
-	$(BIN)/python -m pipeline.services ui
+	$(BIN)/python -m pipeline.ops.launchers ui
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline dags tests benchmarks

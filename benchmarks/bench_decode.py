@@ -25,15 +25,15 @@ def main() -> None:
     args = parser.parse_args()
     import keras
 
-    from pipeline.decoding import beam_search, greedy, one_at_a_time_greedy
-    from pipeline.model import (
+    from pipeline.captioning.decoder import (
         DecoderConfig,
         StepModels,
         build_decoder,
         decoding_models,
         ensemble_decoder,
     )
-    from pipeline.text import SPECIAL_TOKENS, Vocabulary
+    from pipeline.captioning.decoding import beam_search, greedy, one_at_a_time_greedy
+    from pipeline.captioning.vocabulary import SPECIAL_TOKENS, Vocabulary
 
     keras.utils.set_random_seed(0)
     vocab = Vocabulary(SPECIAL_TOKENS + tuple(f"w{i}" for i in range(args.vocab - 4)), max_length=20)

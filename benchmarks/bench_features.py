@@ -25,8 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, append_report  # noqa: E402
 from pipeline import cpu as cpu_info  # noqa: E402
-from pipeline.backbone import BackboneFolder, BackboneSpec, build, load_image, preprocess  # noqa: E402
-from pipeline.features_file import read_features  # noqa: E402
+from pipeline.captioning.backbone import BackboneFolder, BackboneSpec, build, load_image, preprocess  # noqa: E402
+from pipeline.data.features_file import read_features  # noqa: E402
 from pipeline.stages.backbone import save_backbone  # noqa: E402
 from pipeline.stages.features import extract_features  # noqa: E402
 

@@ -34,8 +34,8 @@ REAL = PROJECT.parent / "shared" / "flickr8k_real"
 def load_captions(data: Path, min_tokens: int, max_tokens: int):
     """Cleaned train + dev captions in the stages' layout (image, split, caption_idx,
     caption_raw, caption), with the count of lines dropped and why."""
-    from pipeline.flickr8k import parse_token_file, read_split_list
-    from pipeline.text import clean_caption
+    from pipeline.data.caption_text import clean_caption
+    from pipeline.data.flickr8k import parse_token_file, read_split_list
 
     token_file = next(data.glob("*.token*.txt"))
     rows = parse_token_file(token_file)
@@ -69,8 +69,8 @@ def override(raw: dict, assignments: list[str]) -> dict:
 
 def load_members(folders: list[Path]):
     """The decoders saved in ``folders`` (``--save``) and their vocabulary, which must be one."""
-    from pipeline.model import load_decoder, members_of
-    from pipeline.text import Vocabulary
+    from pipeline.captioning.decoder import load_decoder, members_of
+    from pipeline.captioning.vocabulary import Vocabulary
 
     texts = {(folder / "vocab.json").read_text() for folder in folders}
     if len(texts) > 1:
@@ -115,11 +115,11 @@ def main() -> None:
     import pandas as pd
     import yaml
 
+    from pipeline.captioning.decoder import decoding_models, ensemble_decoder, members_of
+    from pipeline.captioning.decoding import beam_search
+    from pipeline.captioning.self_critical import fine_tune
     from pipeline.config import parse_settings
-    from pipeline.decoding import beam_search
-    from pipeline.features_file import read_features, row_index, rows_of
-    from pipeline.model import decoding_models, ensemble_decoder, members_of
-    from pipeline.self_critical import fine_tune
+    from pipeline.data.features_file import read_features, row_index, rows_of
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import references_of, train_decoder
 

@@ -1,4 +1,4 @@
-"""One DAG run on the native team stack (`python -m pipeline.services team`) with 1 and with 2
+"""One DAG run on the native team stack (`python -m pipeline.ops.launchers team`) with 1 and with 2
 Celery workers, on the synthetic default dataset (or --images N), triggered through the REST
 API. Needs the local Postgres and Redis. Figures only: on 2 cores two workers share the same
 CPU, so the point is that the same run is correct at scale, not faster.

@@ -4,7 +4,7 @@ Same synthetic Flickr-sized data for both: captions of 8-16 words (Zipf-distribu
 a 3,000-word vocabulary), 2048-d image features, 256 units, batch 64.
 (a) tutorial: "merge" model (image Dense + LSTM over the prefix, added, Dense softmax),
     one training sample per caption prefix;
-(b) ours: pipeline.model.build_decoder + CaptionTrainer, one sample per caption; the
+(b) ours: pipeline.captioning.decoder.build_decoder + CaptionTrainer, one sample per caption; the
     classifier runs on real (non-pad) positions only.
 Reported: seconds per epoch and the ratio a/b. Target >= 4x.
 """
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     import keras
 
-    from pipeline.model import DecoderConfig, build_decoder, make_trainer
+    from pipeline.captioning.decoder import DecoderConfig, build_decoder, make_trainer
 
     max_len = 18
     features, captions = synthetic_corpus(args.images, args.vocab, max_len - 2)

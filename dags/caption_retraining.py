@@ -3,7 +3,7 @@
 
 Runs the captioner's DVC pipeline, one task per stage of `dvc.yaml` as DVC resolves it
 (download, validate, backbone, one `features-<i>` task per feature shard, merge_features,
-train, evaluate, register). Each task runs `python -m pipeline.task_runner <stage>`, i.e.
+train, evaluate, register). Each task runs `python -m pipeline.ops.task_runner <stage>`, i.e.
 `dvc repro --single-item <stage>` in the worker's copy of the project: Airflow owns order,
 retries and scheduling, DVC owns caching (an unchanged stage is skipped in seconds).
 
@@ -33,7 +33,8 @@ from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import Asset, Param, dag
 
 from pipeline.config import load_settings
-from pipeline.dvc_graph import handover_env, stage_command, stage_graph, task_id, task_queues
+from pipeline.ops.airflow_tasks import handover_env, stage_command, task_id, task_queues
+from pipeline.ops.dvc_graph import stage_graph
 
 PROJECT_DIR = Path(os.environ.get("CAPTIONER_PROJECT_DIR", Path(__file__).resolve().parents[1]))
 VENV_BIN = os.path.dirname(sys.executable)  # dvc and the stages' python come from this env

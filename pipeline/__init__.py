@@ -1,3 +1,12 @@
-"""captioner: Flickr8k image captioning as a reproducible pipeline."""
+"""captioner: Flickr8k image captioning as a reproducible DVC / Airflow / MLflow pipeline.
 
-__version__ = "0.1.0"
+Rooms by job, layered top to bottom (a module imports only from its own room or below; the
+import-linter contract in pyproject.toml checks it in the test suite):
+
+    cli                         `captioner ...`: dispatches to the rooms below
+    stages | app | ops          the DVC stages; the web app; launchers, the team stack, Airflow tasks
+    registry                    MLflow tracking, the champion, the pyfunc model
+    captioning                  vocabulary, CNN backbone, decoder, decoding, reranking, metrics
+    data                        archives, dataset layouts, parsers, images, validation rules
+    config paths atomic cpu logs    the ground floor: settings, locations, atomic writes, the machine
+"""

@@ -16,8 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_settings
-from .serving import MAX_BEAM  # the served model's own bound: one rule in one place
+from pipeline.config import ConfigError, load_settings
+from pipeline.logs import setup_logging
+from pipeline.registry.pyfunc_model import (
+    MAX_BEAM,  # the served model's own bound: one rule in one place
+)
 
 
 def _model_name() -> str:
@@ -38,7 +41,7 @@ def _use_tracking_uri(uri: str | None) -> None:
         mlflow.set_tracking_uri(uri)
         return
     try:
-        from .tracking import tracking_uri
+        from pipeline.registry.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(load_settings()))
     except ConfigError:
@@ -82,7 +85,7 @@ def caption(args: argparse.Namespace) -> int:
     import mlflow  # noqa: I001
     import pandas as pd
 
-    from . import quiet_tensorflow  # noqa: F401
+    from pipeline import quiet_tensorflow  # noqa: F401
 
     _use_tracking_uri(args.tracking_uri)
     try:
@@ -130,17 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.command == "app":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("mlflow", "alembic", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging()
         if args.poll_seconds <= 0:
             parser.error("--poll-seconds must be positive")
-        from . import quiet_tensorflow  # noqa: F401
-        from .app import serve
+        from pipeline import quiet_tensorflow  # noqa: F401
+        from pipeline.app.routes import serve
 
         _use_tracking_uri(args.tracking_uri)
         sys.exit(serve(args.model_name or _model_name(), args.alias, args.host, args.port, args.poll_seconds))
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     args.model = args.model or _default_model()
     sys.exit(caption(args))
 

@@ -187,7 +187,7 @@ class EvaluateSettings(_Section):
     length_penalty: float = Field(ge=0, le=3)
     no_repeat_ngram: int = Field(ge=0, le=10)
     # beam candidates reranked by agreement with the captions of this many similar train images
-    # (pipeline/consensus.py); 0 = the decoder's own ranking
+    # (pipeline/captioning/consensus.py); 0 = the decoder's own ranking
     consensus_neighbours: int = Field(ge=0, le=1000)
     consensus_weight: float = Field(ge=0)  # x the decoder's length-normalised log-prob
     # captions sampled per image (among each step's consensus_top_k likeliest words; 0 = the

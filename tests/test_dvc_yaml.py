@@ -17,8 +17,10 @@ from tests.helpers import PROJECT
 # shared CLI wrapper, the typed params loader (params are tracked by DVC themselves), file
 # locations (mirrored by dvc.yaml's own paths), the atomic-write helper, the quiet TF import.
 ALLOWED = {"pipeline/__init__.py", "pipeline/stages/__init__.py", "pipeline/stages/_cli.py",
-           "pipeline/config.py", "pipeline/paths.py", "pipeline/atomic.py",
-           "pipeline/quiet_tensorflow.py"}
+           "pipeline/config.py", "pipeline/paths.py", "pipeline/atomic.py", "pipeline/logs.py",
+           "pipeline/captioning/quiet_tensorflow.py",
+           # subpackage markers: docstrings only
+           *(f"pipeline/{room}/__init__.py" for room in ("data", "captioning", "registry", "ops", "app"))}
 
 
 def _module_file(module: str, root: Path) -> str | None:
@@ -92,8 +94,8 @@ def test_stage_deps_cover_every_module_it_imports(name):
 
 def test_the_check_notices_a_missing_dep():
     register = dict(stages()["register"])
-    register["deps"] = [d for d in register["deps"] if d != "pipeline/images.py"]
-    assert missing_deps(register) == {"pipeline/images.py"}  # served model decodes images
+    register["deps"] = [d for d in register["deps"] if d != "pipeline/data/images.py"]
+    assert missing_deps(register) == {"pipeline/data/images.py"}  # served model decodes images
 
 
 @pytest.mark.parametrize("name", list(stages()))

@@ -9,7 +9,6 @@ so ``finally`` blocks run: a stage that saves partial work (features) keeps it.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -17,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import ConfigError, load_settings
+from pipeline.config import ConfigError, load_settings
+from pipeline.logs import setup_logging
 
 # MLflow prints a progress bar per logged artifact: noise in a stage log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -45,13 +45,6 @@ def require(*files: Path) -> None:
     for file in files:
         if not Path(file).exists():
             raise StageError(f"{file} not found: run the earlier stages first (dvc repro)")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("great_expectations", "urllib3", "alembic", "mlflow", "git", "h5py", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _interrupt(signum, frame):

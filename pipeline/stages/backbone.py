@@ -17,14 +17,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import cpu, paths
-from ..atomic import atomic_dir
-from ..backbone import BackboneError, BackboneFolder, BackboneSpec, build, load_image, to_tflite
-from ..config import Settings
-from ..images import ImageError
-from ._cli import reported, require, stage_main
+from pipeline import cpu, paths
+from pipeline.atomic import atomic_dir
+from pipeline.captioning.backbone import (
+    BackboneError,
+    BackboneFolder,
+    BackboneSpec,
+    build,
+    load_image,
+    to_tflite,
+)
+from pipeline.config import Settings
+from pipeline.data.images import ImageError
+from pipeline.stages._cli import reported, require, stage_main
 
-log = logging.getLogger("pipeline.backbone")
+log = logging.getLogger("pipeline.captioning.backbone")
 
 
 def calibration_set(captions: pd.DataFrame, image_dir: Path, spec: BackboneSpec, count: int,

@@ -15,12 +15,18 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .. import paths
-from ..archives import DownloadError, UnsafeArchiveError, check_zip, download, safe_extract
-from ..config import Settings
-from ..layout import LayoutError, normalise
-from ..synthetic import write_dataset
-from ._cli import StageError, stage_main
+from pipeline import paths
+from pipeline.config import Settings
+from pipeline.data.archives import (
+    DownloadError,
+    UnsafeArchiveError,
+    check_zip,
+    download,
+    safe_extract,
+)
+from pipeline.data.dataset_layout import LayoutError, normalise
+from pipeline.data.synthetic import write_dataset
+from pipeline.stages._cli import StageError, stage_main
 
 log = logging.getLogger("pipeline.download")
 

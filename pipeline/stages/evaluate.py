@@ -8,7 +8,7 @@ captions of similar train images, ``models/neighbours.npz``) and
 image (image-blind), which shows what the image adds.
 The registry's current champion (if any, and if it loads) captions the same test images in
 the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
-(``pipeline/comparison.py``), so ``register`` judges them on the same images. A champion that
+(``pipeline/captioning/comparison.py``), so ``register`` judges them on the same images. A champion that
 cannot be loaded is recorded (``eval.json`` ``champion.status``), never fatal.
 Also writes ``reports/test_captions.parquet`` and ``reports/gallery.html``, and logs all of it
 to the training run in MLflow.
@@ -21,20 +21,20 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .. import paths
-from ..atomic import write_json, write_parquet, write_text
-from ..champion import caption_with_champion
-from ..comparison import per_image_scores
-from ..config import EvaluateSettings, Settings
-from ..consensus import ConsensusReranker, Neighbours, ranked_candidates
-from ..decoding import beam_search, greedy
-from ..features_file import read_features, row_index, rows_of
-from ..gallery import render
-from ..metrics import JavaMissingError, caption_health, score
-from ..model import StepModels, decoding_models, load_decoder
-from ..text import Vocabulary
-from ..tracking import flatten, resume_run, setup
-from ._cli import reported, require, stage_main
+from pipeline import paths
+from pipeline.atomic import write_json, write_parquet, write_text
+from pipeline.captioning.comparison import per_image_scores
+from pipeline.captioning.consensus import ConsensusReranker, Neighbours, ranked_candidates
+from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
+from pipeline.captioning.decoding import beam_search, greedy
+from pipeline.captioning.gallery import render
+from pipeline.captioning.metrics import JavaMissingError, caption_health, score
+from pipeline.captioning.vocabulary import Vocabulary
+from pipeline.config import EvaluateSettings, Settings
+from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.registry.champion import caption_with_champion
+from pipeline.registry.tracking import flatten, resume_run, setup
+from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.evaluate")
 MODES = ("greedy", "beam", "baseline")
@@ -109,7 +109,7 @@ def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) ->
     on the test images of ``table``, in the mode of register.metric."""
     from mlflow import MlflowClient
 
-    from ..metrics import score
+    from pipeline.captioning.metrics import score
 
     mode = settings.registry.mode
     beam = settings.evaluate.beam_size if mode == "beam" else 1

@@ -3,7 +3,7 @@
 ``python -m pipeline.stages.features --shard I`` embeds the images with
 ``shard_of(name, N) == I`` (N = len(features.shards)) with the CNN saved by the ``backbone``
 stage, into ``data/features/shards/<backbone>-<I>.parquet`` (format of
-``pipeline/features_file.py``); ``merge_features`` joins the shards. Shards are independent
+``pipeline/data/features_file.py``); ``merge_features`` joins the shards. Shards are independent
 DVC stages, so Airflow runs them in parallel, on different workers.
 
 Each batch is decoded and resized by a thread pool, then embedded (``_image_batches`` says
@@ -29,13 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .. import cpu, paths
-from ..atomic import write_text
-from ..backbone import BackboneError, BackboneFolder, BackboneSpec
-from ..config import Settings
-from ..features_file import embedding_table, shard_of, sorted_by_image, write_table
-from ..images import CORRUPT, ImageError, load_rgb
-from ._cli import StageError, reported, require, stage_main
+from pipeline import cpu, paths
+from pipeline.atomic import write_text
+from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec
+from pipeline.config import Settings
+from pipeline.data.features_file import embedding_table, shard_of, sorted_by_image, write_table
+from pipeline.data.images import CORRUPT, ImageError, load_rgb
+from pipeline.stages._cli import StageError, reported, require, stage_main
 
 log = logging.getLogger("pipeline.features")
 

@@ -17,10 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import paths
-from ..config import Settings
-from ..features_file import shard_of, sorted_by_image, write_table
-from ._cli import reported, require, stage_main
+from pipeline import paths
+from pipeline.config import Settings
+from pipeline.data.features_file import shard_of, sorted_by_image, write_table
+from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.merge_features")
 

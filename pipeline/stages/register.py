@@ -3,14 +3,14 @@
 
 ``evaluate`` scored the new model and the champion image by image
 (``reports/test_scores.parquet``). A seeded paired bootstrap over those images (1,000
-resamples, ``pipeline/comparison.py``) gives the difference in ``register.metric`` with a 95%
+resamples, ``pipeline/captioning/comparison.py``) gives the difference in ``register.metric`` with a 95%
 interval; the new model is promoted when the interval's lower bound is above
 ``register.min_improvement``, or when there is no champion, or when the champion could not be
 loaded (it is then reported and replaced). Otherwise the new version gets ``challenger``.
 Decision, both scores, the interval and versions go to ``reports/registry.json``, to
 model-version tags and to the MLflow run.
 
-The model is logged as models-from-code (``pipeline/caption_model_code.py``): nothing pickled.
+The model is logged as models-from-code (``pipeline/registry/pyfunc_model_code.py``): nothing pickled.
 """
 
 from __future__ import annotations
@@ -25,18 +25,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import paths
-from ..atomic import write_json
-from ..backbone import BackboneFolder
-from ..champion import ALIAS, current_version
-from ..comparison import paired_bootstrap
-from ..config import Settings
-from ..tracking import resume_run, tracking_uri
-from ._cli import reported, require, stage_main
+from pipeline import paths
+from pipeline.atomic import write_json
+from pipeline.captioning.backbone import BackboneFolder
+from pipeline.config import Settings
+from pipeline.registry.champion import ALIAS, current_version, judge
+from pipeline.registry.tracking import resume_run, tracking_uri
+from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.register")
 ARTIFACT_NAME = "caption_model"
-MODEL_CODE = Path(__file__).resolve().parents[1] / "caption_model_code.py"
 
 
 def metric_value(metrics: dict, mode: str, key: str) -> float:
@@ -48,39 +46,18 @@ def metric_value(metrics: dict, mode: str, key: str) -> float:
                          f"(modes {[k for k in metrics if isinstance(metrics[k], dict)]})") from None
 
 
-def judge(scores: pd.DataFrame, evaluated: dict, current: str | None, metric: str, mode: str,
-          key: str, min_improvement: float) -> tuple[str, str, dict | None]:
-    """Pure core: (decision, why, comparison). ``evaluated`` is eval.json's champion entry,
-    ``current`` the version holding the alias now."""
-    if current is None:
-        return "promoted", "there was no champion", None
-    if evaluated.get("version") != current:
-        raise ValueError(
-            f"the champion is v{current} but evaluate compared against "
-            f"{'v' + str(evaluated.get('version')) if evaluated.get('version') else 'no champion'}; "
-            "run `dvc repro -f evaluate register` to compare with the current one")
-    if evaluated["status"] == "unloadable":
-        return "promoted", f"champion v{current} could not be loaded ({evaluated['error']}); replaced", None
-    both = scores[scores["mode"] == mode]
-    candidate = both[both["model"] == "candidate"].set_index("image")
-    champion = both[both["model"] == "champion"].set_index("image").loc[candidate.index]
-    comparison = paired_bootstrap(candidate.reset_index(), champion.reset_index(), key)
-    comparison["min_improvement"] = min_improvement
-    if comparison["ci95_low"] > min_improvement:
-        return "promoted", (f"{metric} +{comparison['difference']:.4f} on the same "
-                            f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
-                            f"{comparison['ci95_high']:.4f}] above {min_improvement}"), comparison
-    return "kept_champion", (f"{metric} {comparison['difference']:+.4f} on the same "
-                             f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
-                             f"{comparison['ci95_high']:.4f}] does not clear {min_improvement}"), comparison
-
-
 def log_caption_model(settings: Settings, model_dir: Path):
     """Log the pyfunc model (models-from-code) into the active run and register it."""
     import mlflow
 
-    from ..serving import CONFIG_NAME, pip_requirements, signature_and_example
-    from ..synthetic import make_scene
+    from pipeline.data.synthetic import make_scene
+    from pipeline.registry.pyfunc_model import (
+        CONFIG_NAME,
+        MODEL_CODE,
+        PACKAGE_DIR,
+        pip_requirements,
+        signature_and_example,
+    )
 
     backbone = BackboneFolder(paths.backbone_dir(settings.features.backbone))
     spec = backbone.spec()
@@ -100,7 +77,7 @@ def log_caption_model(settings: Settings, model_dir: Path):
                    # the served model reranks its beam as evaluate did
                    **({"neighbours": str(paths.NEIGHBOURS)} if ev.consensus_neighbours else {})},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
-        code_paths=[str(MODEL_CODE.parent)],
+        code_paths=[str(PACKAGE_DIR)],
         registered_model_name=settings.registry.model_name)
 
 

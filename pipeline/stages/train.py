@@ -3,7 +3,7 @@
 Teacher forcing over whole captions (one example per caption), masked cross-entropy with
 label smoothing, the learning rate cut when dev loss stalls, early stopping on dev loss with
 the best weights restored, fixed seeds. Then, when ``train.self_critical.epochs`` > 0,
-self-critical fine-tuning on CIDEr-D (``pipeline/self_critical.py``), keeping the weights of
+self-critical fine-tuning on CIDEr-D (``pipeline/captioning/self_critical.py``), keeping the weights of
 the best dev CIDEr-D. ``train.ensemble: K`` repeats both with seeds seed..seed+K-1 and saves
 the K decoders as one ensemble model.
 
@@ -12,7 +12,7 @@ the same thing, the decoder that evaluate and register take: a separate stage wo
 second decoder file and every later stage would have to choose between the two. Caption rows only
 hold an index into the feature table, so memory is bounded by that table, not by the number
 of captions. ``models/neighbours.npz`` holds the train images' features and captions, which
-evaluate and the served model compare photos with (consensus reranking, ``pipeline/consensus.py``).
+evaluate and the served model compare photos with (consensus reranking, ``pipeline/captioning/consensus.py``).
 Everything is logged to an MLflow run whose id goes to models/train_run.json.
 """
 
@@ -24,14 +24,22 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .. import paths
-from ..atomic import atomic_path, write_text
-from ..config import Settings, TrainSettings
-from ..consensus import Neighbours
-from ..features_file import read_features, row_index, rows_of
-from ..text import Vocabulary, references_by_image
-from ..tracking import data_identity, flatten, log_training_data, run_name, run_ref, setup
-from ._cli import reported, require, stage_main
+from pipeline import paths
+from pipeline.atomic import atomic_path, write_text
+from pipeline.captioning.consensus import Neighbours
+from pipeline.captioning.vocabulary import Vocabulary
+from pipeline.config import Settings, TrainSettings
+from pipeline.data.caption_text import references_by_image
+from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.registry.tracking import (
+    data_identity,
+    flatten,
+    log_training_data,
+    run_name,
+    run_ref,
+    setup,
+)
+from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.train")
 
@@ -100,8 +108,13 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     empty or a captioned image has no features."""
     import keras
 
-    from ..model import DecoderConfig, build_decoder, ensemble_decoder, make_trainer
-    from ..self_critical import HISTORY_COLUMNS, fine_tune
+    from pipeline.captioning.decoder import (
+        DecoderConfig,
+        build_decoder,
+        ensemble_decoder,
+        make_trainer,
+    )
+    from pipeline.captioning.self_critical import HISTORY_COLUMNS, fine_tune
 
     train_captions = captions.loc[captions["split"] == "train", "caption"]
     if train_captions.empty or not (captions["split"] == "dev").any():

@@ -2,7 +2,7 @@
 
 Every caption line read ends up either in ``captions.parquet`` or, with a ``reason`` (and a
 ``detail``), in ``rejects.parquet``: kept + rejected == non-blank lines of the caption file,
-counted apart from the parser. The rules and their reasons live in ``pipeline/expectations.py``
+counted apart from the parser. The rules and their reasons live in ``pipeline/data/validation_rules.py``
 (a Great Expectations suite); per-expectation results go to ``reports/validation.json``.
 
 The stage fails (exit 1) when a structural expectation fails or when the counted rejects
@@ -22,10 +22,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .. import paths
-from ..atomic import write_json, write_parquet
-from ..config import Settings, ValidateSettings
-from ..expectations import (
+from pipeline import paths
+from pipeline.atomic import write_json, write_parquet
+from pipeline.config import Settings, ValidateSettings
+from pipeline.data.flickr8k import SPLITS, count_caption_lines, read_captions, read_splits
+from pipeline.data.images import check_image
+from pipeline.data.validation_rules import (
     CAPTION_RULES,
     RuleContext,
     SuiteRunner,
@@ -36,9 +38,7 @@ from ..expectations import (
     row_checks,
     split_checks,
 )
-from ..flickr8k import SPLITS, count_caption_lines, read_captions, read_splits
-from ..images import check_image
-from ._cli import StageError, reported, stage_main
+from pipeline.stages._cli import StageError, reported, stage_main
 
 log = logging.getLogger("pipeline.validate")
 

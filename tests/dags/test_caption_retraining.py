@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dvc_graph import stage_graph, task_id
+from pipeline.ops.airflow_tasks import task_id
+from pipeline.ops.dvc_graph import stage_graph
 from tests.helpers import PROJECT, git_project, jpeg_bytes, sh, write_flickr_dataset, write_params
 
 

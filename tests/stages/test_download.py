@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline import paths
-from pipeline.flickr8k import read_splits
+from pipeline.data.flickr8k import read_splits
 from pipeline.stages import download
 from pipeline.stages._cli import StageError
 from tests.helpers import jpeg_bytes, tiny_settings, zip_bytes

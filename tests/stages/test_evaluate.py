@@ -42,10 +42,10 @@ def test_test_captions_and_gallery(in_trained):
 
 def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
     """Decoding and scoring a real test split takes minutes: the stage says what it is doing."""
-    from pipeline.features_file import read_features
-    from pipeline.model import StepModels, load_decoder
+    from pipeline.captioning.decoder import StepModels, load_decoder
+    from pipeline.captioning.vocabulary import Vocabulary
+    from pipeline.data.features_file import read_features
     from pipeline.stages import evaluate
-    from pipeline.text import Vocabulary
 
     _, settings = in_trained
     caplog.set_level(logging.INFO, logger="pipeline.evaluate")
@@ -62,11 +62,11 @@ def test_beam_captions_are_chosen_by_consensus_among_beam_and_sampled_candidates
     """With consensus on (the default), each beam caption is one of the decoder's beam
     candidates or of its seeded samples, the one that agrees best with the captions of similar
     train images (+ weight x the decoder's score)."""
-    from pipeline.consensus import ConsensusReranker, Neighbours
-    from pipeline.decoding import beam_candidates
-    from pipeline.features_file import read_features, row_index, rows_of
-    from pipeline.model import decoding_models, load_decoder
-    from pipeline.text import Vocabulary
+    from pipeline.captioning.consensus import ConsensusReranker, Neighbours
+    from pipeline.captioning.decoder import decoding_models, load_decoder
+    from pipeline.captioning.decoding import beam_candidates
+    from pipeline.captioning.vocabulary import Vocabulary
+    from pipeline.data.features_file import read_features, row_index, rows_of
 
     _, settings = in_trained
     cfg = settings.evaluate

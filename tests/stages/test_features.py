@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import paths
-from pipeline.backbone import BackboneError, BackboneFolder, BackboneSpec, build
-from pipeline.features_file import read_features
+from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec, build
+from pipeline.data.features_file import read_features
 from pipeline.stages import backbone, download, features, merge_features, validate
 from pipeline.stages._cli import StageError
 from tests.helpers import PROJECT, run_features, tiny_settings, write_params

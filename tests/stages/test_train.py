@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 
 from pipeline import paths
-from pipeline.text import Vocabulary
+from pipeline.captioning.vocabulary import Vocabulary
 
 
 def test_vocabulary_comes_from_the_train_split_only(in_trained):
@@ -54,7 +54,7 @@ def test_an_ensemble_is_trained_saved_and_evaluated_as_one_model(trained_project
     evaluate decodes with averaged log-probs; MLflow keeps each member's curves apart."""
     import shutil
 
-    from pipeline.model import decoding_models, load_decoder, members_of
+    from pipeline.captioning.decoder import decoding_models, load_decoder, members_of
     from pipeline.stages import evaluate, train
     from tests.helpers import tiny_settings
 
@@ -84,7 +84,7 @@ def test_an_ensemble_is_trained_saved_and_evaluated_as_one_model(trained_project
 
 
 def test_the_train_images_and_their_captions_are_saved_for_consensus(in_trained):
-    from pipeline.consensus import Neighbours
+    from pipeline.captioning.consensus import Neighbours
 
     neighbours = Neighbours.load(paths.NEIGHBOURS)
     captions = pd.read_parquet(paths.CAPTIONS)

@@ -1,0 +1,7 @@
+"""The app room: ``captioner app``, the web page and JSON API over the registry's champion.
+
+Holds: the hot-swap holder that follows the champion alias (``hot_swap``), the FastAPI routes
+and upload limits (``routes``) and the static page (``static/index.html``).
+
+May import: ``pipeline.registry``, ``pipeline.captioning``, ``pipeline.data`` and the ground floor.
+"""

@@ -1,0 +1,95 @@
+"""The champion as the app serves it: the version the alias points at, swapped in without a restart.
+
+``ChampionHolder.refresh()`` reads ``models:/<name>@<alias>``; when the alias moved it loads the
+new version in the calling thread and swaps it in with one reference assignment, so a request
+in flight finishes on the version it started with. A version that fails to load is logged and
+the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pipeline.registry.pyfunc_model import CaptionModel
+
+log = logging.getLogger("pipeline.app")
+SCORES = ("beam_bleu4", "beam_meteor", "beam_rouge_l", "beam_cider")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version and what the page header says about it."""
+
+    model: CaptionModel
+    info: dict
+
+
+@dataclass
+class ChampionHolder:
+    """The version the alias points at, swapped in atomically (one reference assignment)."""
+
+    name: str
+    alias: str = "champion"
+    current: Served | None = None
+    last_error: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def refresh(self) -> bool:
+        """Load the alias's version if it moved; True when a new version was swapped in. A
+        version that cannot be loaded is logged and remembered; the old one keeps serving."""
+        from mlflow import MlflowClient
+
+        with self._lock:  # one load at a time (the poller and a first request may race)
+            client = MlflowClient()
+            try:
+                version = client.get_model_version_by_alias(self.name, self.alias)
+            except Exception as err:  # MlflowException: no such model/alias; connection errors
+                self.last_error = f"cannot read {self.name}@{self.alias}: {str(err).splitlines()[0]}"
+                log.warning("%s", self.last_error)
+                return False
+            number = str(version.version)  # an int from some MLflow calls, a str from others
+            if self.current and self.current.info["version"] == number:
+                return False
+            if self.last_error.startswith(f"v{number} "):
+                return False  # failed before; retrying a broken version every poll would only spin
+            try:
+                served = load_version(client, self.name, version)
+            except Exception as err:
+                self.last_error = f"v{version.version} failed to load: {type(err).__name__}: {str(err)[:300]}"
+                log.error("%s; still serving %s", self.last_error,
+                          f"v{self.current.info['version']}" if self.current else "nothing")
+                return False
+            old = self.current.info["version"] if self.current else None
+            self.current = served
+            self.last_error = ""
+            log.info("now serving %s v%s (was %s)", self.name, version.version, f"v{old}" if old else "none")
+            return True
+
+    def poll(self, seconds: float, stop: threading.Event) -> None:
+        while not stop.wait(seconds):
+            try:
+                self.refresh()
+            except Exception:  # the poller must outlive any one bad check
+                log.exception("checking %s@%s failed", self.name, self.alias)
+
+
+def load_version(client, name: str, version) -> Served:
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
+    if not hasattr(model, "caption_images"):
+        raise TypeError("not a captioner model (no caption_images)")
+    run = client.get_run(version.run_id) if version.run_id else None
+    metrics = run.data.metrics if run else {}
+    tags = version.tags or {}
+    promoted = tags.get("promoted_at") or dt.datetime.fromtimestamp(
+        version.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds")
+    info = {"name": name, "version": str(version.version), "run_id": version.run_id, "promoted_at": promoted,
+            "decision": tags.get("decision", ""), "scores": {k: round(metrics[k], 4) for k in SCORES if k in metrics},
+            "limits": model.limits, "beam_size": model.decoding["beam_size"]}
+    return Served(model, info)
+
+

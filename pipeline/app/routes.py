@@ -1,0 +1,156 @@
+"""``captioner app``: a caption web page and JSON API over the registry's champion.
+
+It loads ``models:/<name>@<alias>`` from the tracking server, checks the alias every
+``poll_seconds`` and, when it moves, loads the new version in the background and swaps it in:
+requests in flight finish on the version they started with, and a version that fails to load is
+logged while the old one keeps serving. Routes:
+
+* ``GET /``: the page (drop or pick photos; caption, the other beam candidates, time taken);
+* ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file;
+* ``GET /api/model``: the version in use; ``GET /healthz``.
+"""
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pipeline.app.hot_swap import ChampionHolder, Served
+
+log = logging.getLogger("pipeline.app")
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+class BodyLimit:
+    """ASGI middleware: refuse an upload larger than the served model's limits allow (HTTP 413)
+    before it is parsed, whether or not it declares its length: the multipart parser would
+    otherwise spool any size to disk first."""
+
+    def __init__(self, app, champion: ChampionHolder):
+        self.app, self.champion = app, champion
+
+    def limit(self) -> int:
+        served = self.champion.current
+        limits = served.info["limits"] if served else {"max_rows": 1, "max_image_bytes": 1 << 20}
+        return limits["max_rows"] * (limits["max_image_bytes"] + 65_536)  # + multipart headers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._refuse(send, limit)
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # answer now; the app sees a client that went away
+                refused = True
+                await self._refuse(send, limit)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    @staticmethod
+    async def _refuse(send, limit: int) -> None:
+        body = json.dumps({"detail": f"request body over {limit} bytes (files per request x bytes per image)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(champion: ChampionHolder, poll_seconds: float):
+    """The FastAPI app; the poller runs while the app does."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, HTTPException, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        stop = threading.Event()
+        if champion.current is None:
+            await run_in_threadpool(champion.refresh)
+        poller = threading.Thread(target=champion.poll, args=(poll_seconds, stop), daemon=True, name="champion-poll")
+        poller.start()
+        yield
+        stop.set()
+        poller.join(timeout=poll_seconds + 5)
+
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, champion=champion)
+
+    def serving() -> Served:
+        served = champion.current  # this request keeps this version, whatever the poller does
+        if served is None:
+            raise HTTPException(503, f"no model loaded yet: {champion.last_error or 'loading'}")
+        return served
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz():
+        served = champion.current
+        if served is None:
+            return JSONResponse({"status": "loading", "error": champion.last_error}, status_code=503)
+        return {"status": "ok", "version": served.info["version"]}
+
+    @app.get("/api/model")
+    def model_info():
+        served = serving()
+        return {**served.info, "alias": champion.alias, "poll_seconds": poll_seconds,
+                "last_error": champion.last_error}
+
+    @app.post("/api/caption")
+    def caption(file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+        served = serving()
+        limits = served.model.limits
+        if len(file) > limits["max_rows"]:
+            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {limits['max_rows']}")
+        start = time.perf_counter()
+        datas, errors = [], []
+        for upload in file:
+            data = upload.file.read(limits["max_image_bytes"] + 1)  # never more than the limit + 1
+            if len(data) > limits["max_image_bytes"]:
+                errors.append(f"image is over the limit of {limits['max_image_bytes']:,} bytes")
+                data = b""
+            else:
+                errors.append("")
+            datas.append(data)
+        readable = [i for i, e in enumerate(errors) if not e]
+        results = [{"caption": "", "candidates": [], "error": e} for e in errors]
+        for i, result in zip(readable, served.model.caption_images([datas[i] for i in readable])):
+            results[i] = result
+        took_ms = (time.perf_counter() - start) * 1000
+        return {"model": {"name": served.info["name"], "version": served.info["version"]},
+                "ms": round(took_ms, 1),
+                "results": [{"filename": u.filename, **r} for u, r in zip(file, results)]}
+
+    return app
+
+
+def serve(name: str, alias: str, host: str, port: int, poll_seconds: float) -> int:
+    import uvicorn
+
+    champion = ChampionHolder(name, alias)
+    if not champion.refresh():
+        log.error("cannot start: %s", champion.last_error)
+        return 2
+    log.info("serving %s v%s on http://%s:%d (checking @%s every %g s)", name,
+             champion.current.info["version"], host, port, alias, poll_seconds)
+    uvicorn.run(create_app(champion, poll_seconds), host=host, port=port, log_level="warning")
+    return 0

@@ -1,0 +1,252 @@
+"""Consensus reranking of beam candidates by the captions of similar train images.
+
+Beam search ranks its candidates by the decoder's own probability, which favours safe, generic
+sentences. Here each candidate is also scored by how well it agrees with what people wrote for
+the ``neighbours`` train images closest to the photo (cosine similarity of the CNN feature
+vectors): its CIDEr-D against all of their reference captions, with the train split's
+document frequencies. The final ranking is ``consensus + weight x (log-prob / length **
+length_penalty)``: the candidates still come from the decoder, the neighbours only choose among
+them (Devlin et al. 2015, "Exploring nearest neighbor approaches for image captioning", used
+their consensus to pick a caption; Mao et al. and others rerank a beam with it).
+
+A beam's candidates differ in a word or two, so the choice is narrow. ``consensus_samples``
+widens it: that many captions sampled per image (among each step's ``consensus_top_k`` likeliest
+words, scored by the decoder as beam candidates are) join the pool, so a caption with a word
+the beam never proposes can win when the neighbours' captions use it.
+
+The neighbours count alike, or with ``consensus_sharpness`` > 0 the closer ones count more: a
+neighbour's weight is exp(sharpness x (its cosine similarity - the nearest one's)), so the
+caption is judged mostly by the photos most like this one.
+
+Consensus favours what many people write, and the safest such caption fits any photo ("a dog
+runs through the grass"), so rerankers narrow the vocabulary. ``consensus_contrast`` subtracts
+that much of a candidate's agreement with the captions of 100 random train images (the same
+for every photo) from its agreement with the neighbours: a discriminative score in the spirit
+of Luo et al. 2018 ("Discriminability objective for training descriptive captions").
+
+The train images' unit-length feature vectors and their reference captions are one file
+(``models/neighbours.npz``, written by ``train``), which the registered model carries, so the
+served model ranks exactly as ``evaluate`` scored it.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.captioning.cider import CiderD
+from pipeline.captioning.decoder import StepModels
+from pipeline.captioning.decoding import Caption, beam_candidates, sample_candidates
+from pipeline.captioning.vocabulary import Vocabulary
+from pipeline.data.caption_text import references_by_image
+from pipeline.data.features_file import row_index, rows_of
+
+Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
+CHUNK_IMAGES = 64  # images whose candidates are scored together (x k neighbours x their n-grams)
+GENERIC_IMAGES = 100  # random train images a caption is contrasted with (consensus_contrast)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The train images a photo is compared with: unit-length features (M, D) and, per image,
+    its tokenised reference captions."""
+
+    features: np.ndarray
+    references: list[list[list[str]]]
+
+    @classmethod
+    def from_split(cls, captions: pd.DataFrame, split: str, images: list[str],
+                   features: np.ndarray) -> "Neighbours":
+        """The images of ``split`` in ``captions`` (columns image, split, caption) with their
+        rows of ``features`` (rows named by ``images``)."""
+        names, references = references_by_image(captions, split)
+        if not names:
+            raise ValueError(f"no captions in the {split} split to compare photos with")
+        vectors = features[rows_of(row_index(images), names)].astype(np.float32)
+        return cls(unit_rows(vectors), references)
+
+    def save(self, path: Path | str) -> None:
+        """One .npz, loadable without pickle: features, every caption as text, and the image
+        (row of features) each caption belongs to."""
+        owner = np.repeat(np.arange(len(self.references)), [len(r) for r in self.references])
+        texts = np.array([" ".join(c) for refs in self.references for c in refs], dtype=np.str_)
+        with open(path, "wb") as out:
+            np.savez_compressed(out, features=self.features.astype(np.float16), captions=texts, owner=owner)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Neighbours":
+        """ValueError naming the file when it is not one ``save`` wrote (truncated, foreign)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                features, texts, owner = data["features"].astype(np.float32), data["captions"], data["owner"]
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a neighbours file ({type(err).__name__}: {err}); "
+                             "run the train stage again (dvc repro train)") from None
+        if features.ndim != 2 or owner.ndim != 1 or len(owner) != len(texts) or (
+                len(owner) and (owner.min() < 0 or owner.max() >= len(features))):
+            raise ValueError(f"{path}: captions and features do not match (a truncated or foreign file?)")
+        references: list[list[list[str]]] = [[] for _ in range(len(features))]
+        for text, row in zip(texts.tolist(), owner.tolist()):
+            references[row].append(text.split())
+        if any(not refs for refs in references):
+            raise ValueError(f"{path}: an image without captions (a truncated or foreign file?)")
+        return cls(features, references)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+class ConsensusReranker:
+    """``rerank(features, candidates, vocab)``: each image's candidates ordered by consensus with
+    its ``k`` nearest train images plus ``weight`` x the decoder's score. With ``samples`` > 0,
+    ``widen`` adds that many captions sampled among each step's ``top_k`` likeliest words to the
+    beam's candidates first: words the beam never proposes get a chance when the neighbours'
+    captions use them. Sampling is seeded (``seed`` and each image's features), so an image gets
+    the same caption every time, alone or in any batch."""
+
+    def __init__(self, neighbours: Neighbours, k: int, weight: float, samples: int = 0, top_k: int = 0,
+                 contrast: float = 0.0, sharpness: float = 0.0, seed: int = 0):
+        if k < 1:
+            raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
+        if not 0 <= sharpness < np.inf:
+            raise ValueError(f"consensus sharpness must be finite and >= 0, got {sharpness}")
+        self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
+        self.samples, self.top_k, self.contrast, self.seed = samples, top_k, contrast, seed
+        self.sharpness = sharpness
+        # the same random train images for every photo: what a caption that fits any photo matches
+        self.generic_rows = np.sort(np.random.default_rng(seed).choice(
+            len(neighbours.features), min(GENERIC_IMAGES, len(neighbours.features)), replace=False))
+        # built once: the train references' n-gram vectors and document frequencies
+        self.cider = CiderD(neighbours.references)
+        self.ref_counts = np.array([len(r) for r in neighbours.references], dtype=np.float64)
+
+    @classmethod
+    def from_settings(cls, neighbours: Neighbours, decoding: Mapping) -> "ConsensusReranker":
+        """From the ``evaluate.consensus_*`` values (``EvaluateSettings.decoding()``, or the
+        decoding settings a registered model carries; one registered before sampling existed
+        has no consensus_samples: none; nor consensus_contrast or consensus_sharpness: 0)."""
+        return cls(neighbours, decoding["consensus_neighbours"], decoding["consensus_weight"],
+                   decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0),
+                   decoding.get("consensus_contrast", 0.0), decoding.get("consensus_sharpness", 0.0))
+
+    def nearest(self, features: np.ndarray) -> np.ndarray:
+        """(N, k) rows of the most similar train images, most similar first."""
+        return self._neighbourhood(features)[0]
+
+    def _neighbourhood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``nearest`` and each neighbour's weight: 1, or with ``sharpness`` exp(sharpness x
+        (its similarity - the nearest one's)), in (0, 1]."""
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or features.shape[1] != self.neighbours.features.shape[1]:
+            raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
+                             f"{self.neighbours.features.shape[1]}-d features (another backbone?)")
+        sims = unit_rows(features) @ self.neighbours.features.T
+        top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        rows = np.take_along_axis(top, order, axis=1)
+        closeness = np.take_along_axis(sims, rows, axis=1).astype(np.float64)
+        return rows, np.exp(self.sharpness * (closeness - closeness[:, :1]))
+
+    def consensus(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
+        """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
+        of its neighbours (the mean over those references, each weighing the same, or with
+        ``sharpness`` each neighbour's references weighing its closeness)."""
+        return self._agreement(captions, self._neighbourhood(features))[0]
+
+    def generic(self, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
+        """Per image, the same for the captions of ``GENERIC_IMAGES`` random train images, the
+        same ones for every photo: high for a caption that fits any photo."""
+        return self._agreement(captions, self._generic(len(captions)))[0]
+
+    def _generic(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.broadcast_to(self.generic_rows, (n, len(self.generic_rows)))
+        return rows, np.ones(rows.shape)
+
+    def _agreement(self, captions: Sequence[Sequence[list[str]]],
+                   *groups: tuple[np.ndarray, np.ndarray]) -> list[list[np.ndarray]]:
+        """Per group of train images (``groups[g]``: image i's rows and their weights), each
+        image's captions against those images' references. The groups are scored in one pass,
+        so a caption's n-grams are counted once however many groups it is compared with."""
+        widths = [g[0].shape[1] for g in groups]
+        rows = np.concatenate([g[0] for g in groups], axis=1)
+        # every reference of an image weighs the image's weight
+        counts = self.ref_counts[rows] * np.concatenate([g[1] for g in groups], axis=1)
+        out = [[np.zeros(len(found)) for found in captions] for _ in groups]
+        for lo in range(0, len(captions), CHUNK_IMAGES):  # bounded memory: pairs x reference n-grams
+            flat = [(i, j) for i in range(lo, min(lo + CHUNK_IMAGES, len(captions))) for j in range(len(captions[i]))]
+            if not flat:
+                continue
+            width = rows.shape[1]
+            scored = self.cider.score_pairs([captions[i][j] for i, j in flat], np.repeat(np.arange(len(flat)), width),
+                                            np.concatenate([rows[i] for i, _ in flat])).reshape(len(flat), width)
+            # a caption's (weighted) mean over a group's references = the images' CIDEr-D (each a
+            # mean over its own references) weighted by their reference counts (x their weights)
+            for g, (start, stop) in enumerate(zip(np.cumsum([0, *widths[:-1]]), np.cumsum(widths))):
+                for (i, j), row in zip(flat, scored[:, start:stop]):
+                    weights = counts[i, start:stop]
+                    out[g][i][j] = row @ weights / weights.sum()
+        return out
+
+    def widen(self, models: StepModels, features: np.ndarray, vocab: Vocabulary, candidates: list[Ranked], *,
+              length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
+              progress: str | None = None) -> list[Ranked]:
+        """Each image's ``candidates`` followed by its sampled captions that are not among them
+        yet (none when ``samples`` is 0), scored as beam candidates are."""
+        if not self.samples:
+            return candidates
+        drawn = sample_candidates(models, features, vocab, samples=self.samples, seed=self.seed,
+                                  top_k=self.top_k, length_penalty=length_penalty,
+                                  no_repeat_ngram=no_repeat_ngram, batch_size=batch_size, progress=progress)
+        out = []
+        for found, extra in zip(candidates, drawn):
+            seen = {tuple(c.tokens) for c, _ in found}
+            pool = list(found)
+            for caption, normalised in extra:
+                if tuple(caption.tokens) not in seen:
+                    seen.add(tuple(caption.tokens))
+                    pool.append((caption, normalised))
+            out.append(pool)
+        return out
+
+    def rerank(self, features: np.ndarray, candidates: list[Ranked],
+               vocab: Vocabulary) -> list[list[tuple[Caption, float, float]]]:
+        """Each image's candidates as (caption, decoder score, consensus), best first by
+        consensus + weight x decoder score; with ``contrast`` > 0 the consensus is net of
+        contrast x ``generic``, so that a caption that fits any photo loses to one that fits this."""
+        texts = [[vocab.decode(c.tokens).split() for c, _ in found] for found in candidates]
+        if self.contrast:
+            near, far = self._agreement(texts, self._neighbourhood(features), self._generic(len(texts)))
+            agreed = [n - self.contrast * f for n, f in zip(near, far)]
+        else:
+            agreed = self.consensus(features, texts)
+        out = []
+        for found, cons in zip(candidates, agreed):
+            total = [c + self.weight * s for (_, s), c in zip(found, cons)]
+            order = sorted(range(len(found)), key=lambda j: -total[j])  # stable on ties
+            out.append([(found[j][0], found[j][1], float(cons[j])) for j in order])
+        return out
+
+
+def ranked_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int,
+                      length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
+                      reranker: ConsensusReranker | None = None,
+                      progress: bool = False) -> list[list[tuple]]:
+    """Each image's candidate captions, best first: the beam's as (caption, length-normalised
+    score), or with a ``reranker`` the beam's and the sampled ones as (caption, score,
+    consensus) in its order. The one way ``evaluate`` and the served model pick a beam caption."""
+    found = beam_candidates(models, features, vocab, beam_size=beam_size, length_penalty=length_penalty,
+                            no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
+                            progress=f"beam-{beam_size}" if progress else None)
+    if reranker is None:
+        return found
+    pool = reranker.widen(models, features, vocab, found, length_penalty=length_penalty,
+                          no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
+                          progress=f"{reranker.samples} samples" if progress and reranker.samples else None)
+    return reranker.rerank(features, pool, vocab)

@@ -1,0 +1,281 @@
+"""The caption decoder: an LSTM language model conditioned on the image feature vector.
+
+Image injection, both ways at once:
+  * the normalised, projected image sets the LSTM's initial state (h0, c0), so the very
+    first word already depends on the picture ("init-inject");
+  * the same projection is added to every LSTM output before the word classifier
+    ("merge"), so the image is not forgotten over a long caption.
+Init-inject alone tends to drift back to the language prior after a few words; merge alone
+cannot steer the first word. Using both costs two small Dense layers.
+
+The image input is normalised with train-split statistics (a Normalization layer adapted
+in ``build_decoder``): random-init CNN features are ~1e-5 in scale and would otherwise
+not train (DESIGN §9).
+
+Training (``CaptionTrainer``) computes the word classifier only at real (non-pad) target
+positions, gathered with a boolean mask, so the loss is exactly the mean cross-entropy over
+real tokens and no time is spent on padding: with Flickr8k's
+~11-word captions padded to 24, that halves the cost of the largest layer. The embedding
+does not use ``mask_zero``, so no implicit Keras mask is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+# isort: off
+from pipeline.captioning import quiet_tensorflow  # noqa: F401  (must come before keras)
+import keras  # noqa: E402
+from keras import layers, ops  # noqa: E402
+# isort: on
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and variance of the train features, the variance floored at 1e-4 of
+    the median variance: a dimension that is (nearly) constant on the train split, such as a
+    ReLU unit never active there, must not blow up when it is non-zero on a new image."""
+    features = np.asarray(features, dtype=np.float64)
+    variance = features.var(axis=0)
+    floor = max(float(np.median(variance)) * 1e-4, 1e-30)
+    return features.mean(axis=0).astype("float32"), np.maximum(variance, floor).astype("float32")
+
+
+class Layer:
+    """The decoder's layer names: the training graph is built with them and the inference
+    halves (``StepModels``) pick the trained layers out by them, so they live here only."""
+
+    IMAGE_NORM = "image_norm"
+    IMAGE_DROPOUT = "image_dropout"
+    IMAGE_PROJ = "image_proj"
+    INIT_H = "init_h"
+    INIT_C = "init_c"
+    EMBEDDING = "embedding"
+    EMBEDDING_DROPOUT = "embedding_dropout"
+    LSTM = "lstm"
+    MERGE = "merge"
+    HIDDEN = "hidden"
+    HIDDEN_DROPOUT = "hidden_dropout"
+    LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int
+    sequence_length: int
+    embedding_dim: int = 128
+    units: int = 256
+    dropout: float = 0.3
+
+
+def build_decoder(cfg: DecoderConfig, train_features: np.ndarray | None = None) -> keras.Model:
+    """Training model: (image (N, D), input ids (N, T)) -> logits (N, T, V)."""
+    image = keras.Input((cfg.feature_dim,), name="image")
+    tokens = keras.Input((cfg.sequence_length,), dtype="int32", name="tokens")
+    if train_features is not None:
+        mean, variance = feature_statistics(train_features)
+        norm = layers.Normalization(mean=mean, variance=variance, name=Layer.IMAGE_NORM)
+    else:  # loading a saved model restores the statistics; build with neutral ones
+        norm = layers.Normalization(name=Layer.IMAGE_NORM)
+        norm.build((None, cfg.feature_dim))
+    img = layers.Dropout(cfg.dropout, name=Layer.IMAGE_DROPOUT)(norm(image))
+    img = layers.Dense(cfg.units, activation="relu", name=Layer.IMAGE_PROJ)(img)
+    h0 = layers.Dense(cfg.units, activation="tanh", name=Layer.INIT_H)(img)
+    c0 = layers.Dense(cfg.units, name=Layer.INIT_C)(img)
+    emb = layers.Embedding(cfg.vocab_size, cfg.embedding_dim, name=Layer.EMBEDDING)(tokens)
+    emb = layers.Dropout(cfg.dropout, name=Layer.EMBEDDING_DROPOUT)(emb)
+    seq, _, _ = layers.LSTM(cfg.units, return_sequences=True, return_state=True, name=Layer.LSTM)(
+        emb, initial_state=[h0, c0])
+    merged = layers.Add(name=Layer.MERGE)([seq, ops.expand_dims(img, 1)])
+    hidden = layers.Dense(cfg.units, activation="relu", name=Layer.HIDDEN)(merged)
+    hidden = layers.Dropout(cfg.dropout, name=Layer.HIDDEN_DROPOUT)(hidden)
+    logits = layers.Dense(cfg.vocab_size, name=Layer.LOGITS)(hidden)
+    return keras.Model([image, tokens], logits, name="caption_decoder")
+
+
+@dataclass
+class StepModels:
+    """Inference halves of a trained decoder, sharing its weights, behind a cell-independent API:
+
+    encode(features (N, D)) -> state, an opaque list of (N, ...) arrays
+    step(tokens (N, 1), state) -> (log-probs (N, V), state)
+
+    Decoding only repeats, reorders (``[x[rows] for x in state]``) and passes the state on, so
+    greedy, beam search and ensembles work for any cell (here the state is image projection,
+    h, c of an LSTM).
+    """
+
+    encoder: keras.Model
+    stepper: keras.Model
+
+    @classmethod
+    def from_decoder(cls, decoder: keras.Model) -> "StepModels":
+        get = decoder.get_layer
+        units = get(Layer.LSTM).units
+        image = keras.Input((get(Layer.IMAGE_NORM).input.shape[-1],))
+        img = get(Layer.IMAGE_PROJ)(get(Layer.IMAGE_NORM)(image))
+        encoder = keras.Model(image, [img, get(Layer.INIT_H)(img), get(Layer.INIT_C)(img)])
+
+        token = keras.Input((1,), dtype="int32")
+        img_in, h_in, c_in = (keras.Input((units,)) for _ in range(3))
+        seq, h, c = get(Layer.LSTM)(get(Layer.EMBEDDING)(token), initial_state=[h_in, c_in])
+        hidden = get(Layer.HIDDEN)(get(Layer.MERGE)([seq, ops.expand_dims(img_in, 1)]))
+        log_probs = ops.log_softmax(get(Layer.LOGITS)(hidden)[:, 0, :], axis=-1)
+        stepper = keras.Model([token, img_in, h_in, c_in], [log_probs, h, c])
+        return cls(encoder, stepper)
+
+    def encode(self, features: np.ndarray) -> list[np.ndarray]:
+        return _run(self.encoder, features)
+
+    def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        img, h, c = state
+        log_probs, h, c = _run(self.stepper, [tokens, img, h, c])
+        return log_probs, [img, h, c]
+
+
+@dataclass
+class EnsembleSteps:
+    """K decoders decoding as one: the state is the members' states laid end to end and each
+    step's log-probs are the mean of the members' (their geometric-mean distribution, up to
+    normalisation). Same API as ``StepModels``, so greedy and beam search take either."""
+
+    members: list[StepModels]
+
+    def __post_init__(self) -> None:
+        self._widths: list[int] = []
+
+    def encode(self, features: np.ndarray) -> list[np.ndarray]:
+        states = [member.encode(features) for member in self.members]
+        self._widths = [len(state) for state in states]
+        return [x for state in states for x in state]
+
+    def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        log_probs, new_state, at = [], [], 0
+        for member, width in zip(self.members, self._widths):
+            lp, member_state = member.step(tokens, state[at:at + width])
+            log_probs.append(lp)
+            new_state += member_state
+            at += width
+        return np.mean(log_probs, axis=0), new_state
+
+
+ENSEMBLE_MEMBER = "member_"
+
+
+def ensemble_decoder(members: list[keras.Model]) -> keras.Model:
+    """One Keras model holding K trained decoders (saved and loaded as one file, so evaluate,
+    register and serving handle an ensemble like a single decoder): (image, tokens) -> the mean
+    of the members' per-token log-probs."""
+    image = keras.Input(members[0].inputs[0].shape[1:], name="image")
+    tokens = keras.Input(members[0].inputs[1].shape[1:], dtype="int32", name="tokens")
+    log_probs = [ops.log_softmax(keras.Model(m.inputs, m.output, name=f"{ENSEMBLE_MEMBER}{k}")([image, tokens]))
+                 for k, m in enumerate(members)]
+    return keras.Model([image, tokens], ops.mean(ops.stack(log_probs), axis=0), name="caption_ensemble")
+
+
+def members_of(decoder: keras.Model) -> list[keras.Model]:
+    """The decoders inside an ensemble, or [decoder] for a single one."""
+    nested = [layer for layer in decoder.layers
+              if isinstance(layer, keras.Model) and layer.name.startswith(ENSEMBLE_MEMBER)]
+    return nested or [decoder]
+
+
+def decoding_models(decoder: keras.Model) -> "StepModels | EnsembleSteps":
+    """What greedy and beam search run: the inference halves of a decoder or of every member."""
+    members = members_of(decoder)
+    if len(members) == 1:
+        return StepModels.from_decoder(members[0])
+    return EnsembleSteps([StepModels.from_decoder(m) for m in members])
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _run(model: keras.Model, inputs) -> list[np.ndarray]:
+    """One call of an inference half as a traced graph: an eager Keras call costs milliseconds of
+    Python per step, which made beam search for one image 8x slower (68 vs 8 ms, units 256).
+    Traced once per model for any batch size (an input signature with a free batch dimension),
+    so greedy, beam search and sampling at their own batch sizes never retrace."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        import tensorflow as tf
+
+        specs = [tf.TensorSpec((None, *x.shape[1:]), x.dtype) for x in model.inputs]
+        fn = _COMPILED[model] = tf.function(
+            lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), input_signature=specs)
+    return [np.asarray(x) for x in fn(*(inputs if isinstance(inputs, list) else [inputs]))]
+
+
+class CaptionTrainer(keras.Model):
+    """Fits a decoder built by ``build_decoder``; ``fit`` reports the masked token loss.
+
+    Everything up to the last hidden layer runs on the padded batch (B, T, U); the classifier
+    and the loss run only on the real positions (N_real, U). Requires the TensorFlow backend.
+    """
+
+    def __init__(self, decoder: keras.Model, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.decoder = decoder
+        self.label_smoothing = label_smoothing
+        self.body = keras.Model(decoder.inputs, decoder.get_layer(Layer.HIDDEN_DROPOUT).output)
+        self.head = decoder.get_layer(Layer.LOGITS)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, inputs, training=False):
+        return self.decoder(inputs, training=training)
+
+    def token_log_probs(self, inputs, targets, training: bool):
+        """(log p of every real target token (N_real,), log-softmax rows (N_real, V), the
+        (B, T) mask of real positions), the classifier run on the real positions only."""
+        import tensorflow as tf
+
+        hidden = self.body(inputs, training=training)  # (B, T, U)
+        real = tf.not_equal(targets, 0)  # <pad> = 0
+        log_softmax = tf.nn.log_softmax(self.head(tf.boolean_mask(hidden, real)))  # (N_real, V)
+        picked = tf.gather(log_softmax, tf.boolean_mask(targets, real), batch_dims=1)
+        return picked, log_softmax, real
+
+    def masked_loss(self, inputs, targets, training: bool, smoothing: float = 0.0):
+        """Mean cross-entropy over real tokens; with ``smoothing`` e, the target is (1 - e) on the
+        true word plus e spread evenly over the vocabulary (label smoothing)."""
+        import tensorflow as tf
+
+        picked, log_softmax, _ = self.token_log_probs(inputs, targets, training)
+        per_token = -picked
+        if smoothing:
+            per_token = (1 - smoothing) * per_token - smoothing * tf.reduce_mean(log_softmax, axis=-1)
+        return tf.reduce_mean(per_token)
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        inputs, targets = data
+        variables = self.decoder.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self.masked_loss(inputs, targets, training=True, smoothing=self.label_smoothing)
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        # dev loss stays the plain cross-entropy, comparable whatever the smoothing
+        inputs, targets = data
+        self.loss_tracker.update_state(self.masked_loss(inputs, targets, training=False))
+        return {"loss": self.loss_tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+
+def make_trainer(decoder: keras.Model, learning_rate: float, label_smoothing: float = 0.0) -> CaptionTrainer:
+    trainer = CaptionTrainer(decoder, label_smoothing)
+    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0))
+    return trainer
+
+
+def load_decoder(path) -> keras.Model:
+    return keras.models.load_model(path)

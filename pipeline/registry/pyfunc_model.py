@@ -1,0 +1,208 @@
+"""The model downstream apps use: an ``mlflow.pyfunc`` model, image in -> caption out.
+
+It bundles the exact CNN weights the features were computed with, the decoder and the
+vocabulary, so ``models:/<name>@champion`` captions a raw image with no other files. It is
+logged as *models-from-code* (``pipeline/registry/pyfunc_model_code.py`` names this class), so loading
+it runs this package's code and unpickles nothing.
+
+Input: a DataFrame with a column ``image``. Each value is
+  * ``str``: base64 image data or a ``data:image/...;base64,`` URL: what a REST call carries.
+    Never a path: a server must not open files a caller names, and a string that is not valid
+    base64 image data gets the same error whether or not such a file exists;
+  * ``bytes``: the raw file content (Python callers);
+  * ``pathlib.Path``: a local file, read here. Only Python callers on their own machine can
+    send one (JSON has no such type), so this is the explicit opt-in for paths.
+Output: columns ``caption`` and ``error``; a row whose image is unusable (not base64, too many
+bytes or pixels, not an image) gets an empty caption and a one-line reason, the other rows are
+captioned. Images are decoded and embedded ``batch_size`` at a time, so memory stays bounded.
+
+Request-level errors (too many rows, a bad ``beam_size``) raise an MlflowException with
+INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``, with no stack trace.
+Param ``beam_size``: 1 (greedy) .. 10; absent means the model's default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+CONFIG_NAME = "caption_config.json"
+# run by MLflow when the model loads (models-from-code); the whole `pipeline` package travels with
+# the model as its code, so a champion captions with the code it was registered with
+MODEL_CODE = Path(__file__).with_name("pyfunc_model_code.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+MAX_BEAM = 10
+NOT_BASE64 = "not base64 image data: send the file's bytes base64-encoded, or a data: URL"
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\r\n]*={0,2}\s*$")
+
+
+def image_bytes(value, max_bytes: int) -> bytes:
+    """Raw bytes of one input value (see the module docstring); ValueError with the reason."""
+    if isinstance(value, Path):
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        if value.stat().st_size > max_bytes:
+            raise ValueError(f"image is {value.stat().st_size:,} bytes, above the limit of {max_bytes:,}")
+        return value.read_bytes()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:
+            header, text = text.split(",", 1)
+            if not header.endswith(";base64"):
+                raise ValueError(NOT_BASE64)
+        # Refuse before decoding when the text alone is too long (3 bytes per 4 characters).
+        if len(text) * 3 // 4 > max_bytes + 3:
+            raise ValueError(f"image is about {len(text) * 3 // 4:,} bytes, above the limit of {max_bytes:,}")
+        if not text or not _BASE64.match(text):
+            raise ValueError(NOT_BASE64)
+        try:
+            data = base64.b64decode(text, validate=False)
+        except (binascii.Error, ValueError):
+            raise ValueError(NOT_BASE64) from None
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}: send base64 text")
+    if len(data) > max_bytes:
+        raise ValueError(f"image is {len(data):,} bytes, above the limit of {max_bytes:,}")
+    if not data:
+        raise ValueError("empty image data (0 bytes)")
+    return data
+
+
+def request_error(message: str) -> Exception:
+    """An error about the whole request: HTTP 400 with this one-line message, no stack trace."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def beam_param(params: dict | None, default: int) -> int:
+    value = (params or {}).get("beam_size")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BEAM:
+        raise request_error(f"beam_size must be an integer from 1 to {MAX_BEAM} (1 = greedy), got {value!r}")
+    return int(value)
+
+
+class CaptionModel(mlflow.pyfunc.PythonModel):
+    """pyfunc model: backbone + decoder + vocabulary + decoding settings + input limits."""
+
+    def load_context(self, context) -> None:
+        from pipeline.captioning.backbone import BackboneFolder
+        from pipeline.captioning.decoder import decoding_models, load_decoder
+        from pipeline.captioning.vocabulary import Vocabulary
+
+        config = json.loads(Path(context.artifacts["config"]).read_text())
+        backbone = BackboneFolder(Path(context.artifacts["backbone"]))
+        self.spec = backbone.spec()
+        self.decoding = config["decoding"]
+        self.limits = config["limits"]
+        self.embed = backbone.embedder(fallback_to_keras=True)
+        self.models = decoding_models(load_decoder(context.artifacts["decoder"]))
+        self.vocab = Vocabulary.load(context.artifacts["vocab"])
+        self.reranker = None  # models registered before consensus reranking have no neighbours
+        if self.decoding.get("consensus_neighbours") and "neighbours" in context.artifacts:
+            from pipeline.captioning.consensus import ConsensusReranker, Neighbours
+
+            self.reranker = ConsensusReranker.from_settings(Neighbours.load(context.artifacts["neighbours"]),
+                                                            self.decoding)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run the CNN and the decoding of both modes (with sampling and reranking) once on a
+        blank image: the first call builds TensorFlow's kernels (about a second), which belongs
+        to the load, not to the first request a user sends."""
+        from pipeline.captioning.consensus import ranked_candidates
+        from pipeline.captioning.decoding import greedy
+
+        size = self.spec.image_size
+        feats = self.embed(np.zeros((1, size, size, 3), np.uint8))
+        greedy(self.models, feats, self.vocab)
+        ranked_candidates(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"],
+                          length_penalty=self.decoding["length_penalty"],
+                          no_repeat_ngram=self.decoding["no_repeat_ngram"], reranker=self.reranker)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise request_error("input needs a column 'image' (base64 image data)")
+        results = self.caption_images(model_input["image"].tolist(), beam_param(params, self.decoding["beam_size"]))
+        return pd.DataFrame({"caption": [r["caption"] for r in results], "error": [r["error"] for r in results]})
+
+    def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
+        """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error"}, with the
+        same limits and per-row errors as ``predict`` (apps call this to show the other beam
+        candidates, ``beam_size`` of them; ``score`` is the length-normalised log-probability; a
+        model that reranks by consensus adds ``consensus``, the CIDEr-D against similar train
+        images' captions, and lists the best by consensus + consensus_weight x score, sampled
+        captions among them when it samples)."""
+        beam = beam_param({"beam_size": beam_size}, self.decoding["beam_size"])
+        rows, limit = len(values), self.limits["max_rows"]
+        if rows > limit:
+            raise request_error(f"too many rows: {rows} in one request, the limit is {limit}")
+        results = [{"caption": "", "candidates": [], "error": ""} for _ in values]
+        step = self.limits["batch_size"]
+        for lo in range(0, rows, step):
+            self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam)
+        return results
+
+    def _caption_batch(self, values: list, results: list[dict], beam: int) -> None:
+        from pipeline.captioning.backbone import load_image
+        from pipeline.captioning.consensus import ranked_candidates
+        from pipeline.captioning.decoding import greedy
+
+        pixels, ok = [], []
+        for value, result in zip(values, results):
+            try:
+                data = image_bytes(value, self.limits["max_image_bytes"])
+                pixels.append(load_image(data, self.spec, self.limits["max_image_pixels"]))
+                ok.append(result)
+            except ValueError as err:  # ImageError is a ValueError; one bad image must not sink the batch
+                result["error"] = str(err).splitlines()[0]
+        if not pixels:
+            return
+        feats = self.embed(np.stack(pixels))
+        ngram = self.decoding["no_repeat_ngram"]
+        if beam == 1:
+            found = [[(c, c.log_prob)] for c in greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram)]
+        else:
+            found = ranked_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
+                                      length_penalty=self.decoding["length_penalty"], reranker=self.reranker)
+        for result, ranked in zip(ok, found):
+            result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
+                                     **({"consensus": round(rest[0], 4)} if rest else {})}
+                                    for c, score, *rest in ranked[:beam]]  # samples that lost are noise
+            result["caption"] = result["candidates"][0]["caption"]
+
+
+def signature_and_example(example_image: bytes):
+    """Signature (image: base64 text, bytes or Path -> caption, error; param beam_size) and an
+    input example carrying one small base64 JPEG."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image")]),
+        outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]),
+        params=ParamSchema([ParamSpec("beam_size", "long", None)]),
+    )
+    example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
+    return signature, example
+
+
+def pip_requirements() -> list[str]:
+    """Explicit pins: inferred ones add unrelated packages and miss pillow (DESIGN §7)."""
+    from importlib.metadata import version
+
+    names = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "h5py", "pyarrow",
+             "ai-edge-litert"]
+    return [f"{n}=={version(n)}" for n in names]

@@ -1,0 +1,200 @@
+"""`captioner app`: the JSON API over the registry's champion (FastAPI's TestClient, a real
+MLflow registry), the hot swap when the alias moves, and the page in a real browser (Debian
+chromium via Playwright) whose screenshot the README shows (docs/app.png)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.app.hot_swap import ChampionHolder
+from pipeline.app.routes import create_app
+from tests.helpers import PROJECT, chromium, free_port, tiny_params, wait_for_http
+
+NAME = "flickr8k-captioner"
+
+
+@pytest.fixture
+def store(registered, tmp_path, monkeypatch):
+    """A copy of the session's registry (version 1 = champion), so tests may move the alias."""
+    root, _, _ = registered
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy)
+    monkeypatch.chdir(copy)
+    uri = f"sqlite:///{copy}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return copy
+
+
+def new_version(client: MlflowClient, source_version: str = "1", source: str | None = None) -> str:
+    """Register another version (the same model files unless ``source`` says otherwise)."""
+    base = client.get_model_version(NAME, source_version)
+    return client.create_model_version(NAME, source or base.source, run_id=base.run_id).version
+
+
+def photo(index: int = 0) -> bytes:
+    """One of the synthetic dataset's photos (the kind of image the model was trained on)."""
+    return sorted(Path("data/raw/synthetic/Images").glob("*.jpg"))[index].read_bytes()  # cwd: the store
+
+
+@pytest.fixture
+def api(store):
+    from fastapi.testclient import TestClient
+
+    champion = ChampionHolder(NAME)
+    with TestClient(create_app(champion, poll_seconds=3600)) as client:
+        yield client, champion
+
+
+def test_a_jpeg_gets_a_caption_and_the_other_candidates(api):
+    client, _ = api
+    response = client.post("/api/caption", files=[("file", ("photo.jpg", photo(), "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (result,) = body["results"]
+    assert result["filename"] == "photo.jpg" and result["error"] == ""
+    assert result["caption"] and result["caption"] == result["candidates"][0]["caption"]
+    assert len(result["candidates"]) == 3  # the model's beam size, sampled candidates included
+    weight = tiny_params()["evaluate"]["consensus_weight"]
+    totals = [c["consensus"] + weight * c["score"] for c in result["candidates"]]
+    assert all(a >= b - 1e-3 for a, b in zip(totals, totals[1:]))  # best first, as reranked (4 decimals)
+    assert body["model"] == {"name": NAME, "version": "1"} and body["ms"] > 0
+
+
+def test_bad_files_get_their_own_error_and_good_ones_still_a_caption(api):
+    client, _ = api
+    files = [("file", ("notes.txt", b"just some text", "text/plain")),
+             ("file", ("a.jpg", photo(1), "image/jpeg")),
+             ("file", ("empty.jpg", b"", "image/jpeg")),
+             ("file", ("huge.jpg", b"\xff" * 200_001, "image/jpeg"))]
+    results = client.post("/api/caption", files=files).json()["results"]
+    assert "not a recognised image" in results[0]["error"] or "cannot" in results[0]["error"]
+    assert results[1]["caption"] and not results[1]["error"]
+    assert "empty" in results[2]["error"]
+    assert "over the limit of 200,000 bytes" in results[3]["error"]
+
+
+def test_too_many_files_is_a_400_and_no_file_a_422(api):
+    client, _ = api
+    files = [("file", (f"{i}.jpg", photo(i), "image/jpeg")) for i in range(5)]  # limit 4
+    response = client.post("/api/caption", files=files)
+    assert response.status_code == 400 and "limit is 4" in response.json()["detail"]
+    assert client.post("/api/caption").status_code == 422
+
+
+def test_model_info_and_health(api):
+    client, _ = api
+    info = client.get("/api/model").json()
+    assert info["name"] == NAME and info["version"] == "1" and info["alias"] == "champion"
+    assert info["promoted_at"] and "beam_bleu4" in info["scores"]
+    assert client.get("/healthz").json() == {"status": "ok", "version": "1"}
+    assert "Drop photos here" in client.get("/").text
+
+
+def test_a_promoted_version_is_swapped_in_and_a_broken_one_is_not(api, tmp_path):
+    client, champion = api
+    registry = MlflowClient()
+    in_flight = champion.current  # a request that started before the swap keeps this one
+    registry.set_registered_model_alias(NAME, "champion", new_version(registry))
+    assert champion.refresh()
+    assert client.get("/api/model").json()["version"] == "2"
+    assert in_flight.model.caption_images([photo()])[0]["caption"]
+    damaged = tmp_path / "damaged_model"  # a version whose files are not a loadable model
+    damaged.mkdir()
+    (damaged / "MLmodel").write_text("flavors: [not, a, model\n")
+    broken = new_version(registry, source=str(damaged))
+    registry.set_registered_model_alias(NAME, "champion", broken)
+    assert not champion.refresh()
+    info = client.get("/api/model").json()
+    assert info["version"] == "2" and info["last_error"].startswith(f"v{broken} failed to load")
+    files = [("file", ("photo.jpg", photo(), "image/jpeg"))]
+    assert client.post("/api/caption", files=files).json()["model"]["version"] == "2"
+
+
+@pytest.mark.timeout(1200)
+def test_the_page_in_a_browser(store, tmp_path):
+    """Drop a JPEG, a text file and two photos on the page; promote another version and see the
+    header change within the polling interval, with no restart. Saves docs/app.png."""
+    from playwright.sync_api import expect, sync_playwright
+
+    browser_path = chromium()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
+    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port),
+                            "--poll-seconds", "1"], cwd=store, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    images = {name: photo(i) for i, name in enumerate(["shapes-1.jpg", "shapes-2.jpg", "shapes-3.jpg"])}
+    try:
+        wait_for_http(f"{url}/healthz", app, 480, "captioner app")  # ~15 s on a quiet machine
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 820})
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("version 1", timeout=60_000)
+
+            def drop(files: dict[str, tuple[bytes, str]]) -> None:
+                """A real drop event carrying File objects, as a user's drag from the desktop."""
+                payload = {n: (list(data), mime) for n, (data, mime) in files.items()}
+                page.evaluate("""(files) => {
+                    const dt = new DataTransfer();
+                    for (const [name, [bytes, mime]] of Object.entries(files))
+                        dt.items.add(new File([new Uint8Array(bytes)], name, {type: mime}));
+                    const zone = document.getElementById('drop');
+                    zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+                }""", payload)
+
+            drop({"shapes-1.jpg": (images["shapes-1.jpg"], "image/jpeg")})
+            expect(page.locator(".card .caption")).to_have_count(1, timeout=120_000)
+            expect(page.locator(".card .candidate")).to_have_count(3)
+            # the model reranks by consensus: each candidate says why it stands where it does
+            expect(page.locator(".card .candidate").first).to_contain_text("agreement")
+            drop({"notes.txt": (b"not a photo", "text/plain")})
+            expect(page.locator(".card .error")).to_contain_text("notes.txt", timeout=120_000)
+            page.locator("#picker").set_input_files([  # the file picker, two at once
+                {"name": n, "mimeType": "image/jpeg", "buffer": images[n]} for n in ("shapes-2.jpg", "shapes-3.jpg")])
+            expect(page.locator(".card .caption")).to_have_count(3, timeout=120_000)
+
+            registry = MlflowClient()
+            registry.set_registered_model_alias(NAME, "champion", new_version(registry))
+            promoted = time.monotonic()
+            expect(page.locator("#model")).to_contain_text("version 2", timeout=120_000)
+            swap_s = time.monotonic() - promoted
+            expect(page.locator("#swapped")).to_contain_text("was 1")
+            drop({"shapes-1.jpg": (images["shapes-1.jpg"], "image/jpeg")})
+            expect(page.locator(".card .meta").first).to_contain_text("model version 2", timeout=120_000)
+            docs = PROJECT / "docs"
+            docs.mkdir(exist_ok=True)
+            page.screenshot(path=str(docs / "app.png"))
+            browser.close()
+        assert app.poll() is None  # no restart
+        print(f"new champion shown {swap_s:.1f} s after promotion")
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)
+
+
+def test_an_oversized_upload_is_refused_before_it_is_parsed(api):
+    client, _ = api
+    limit = 4 * (200_000 + 65_536)  # max_rows x (max_image_bytes + headers)
+    response = client.post("/api/caption", files=[("file", ("big.jpg", b"\xff" * (limit + 1), "image/jpeg"))])
+    assert response.status_code == 413 and "request body over" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the body is counted as it streams
+        yield (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+        for _ in range(limit // 65_536 + 2):
+            yield b"x" * 65_536
+    response = client.post("/api/caption", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=zzz"})
+    assert response.status_code == 413
+    assert client.get("/healthz").status_code == 200

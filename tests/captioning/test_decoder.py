@@ -1,0 +1,128 @@
+import keras
+import numpy as np
+
+from pipeline.captioning.decoder import (
+    DecoderConfig,
+    EnsembleSteps,
+    StepModels,
+    build_decoder,
+    decoding_models,
+    ensemble_decoder,
+    feature_statistics,
+    load_decoder,
+    make_trainer,
+    members_of,
+)
+
+
+def masked_mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Reference: mean negative log-likelihood over real (non-pad) target tokens only."""
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    real = np.argwhere(targets != 0)
+    return float(-np.mean([log_probs[b, t, targets[b, t]] for b, t in real]))
+
+
+def test_trainer_loss_is_the_mean_over_real_tokens_and_ignores_padding():
+    """The trainer's loss (classifier run on real positions only) equals the mean over real
+    tokens of the full padded logits; what sits in padded positions changes nothing; and
+    fitting lowers it."""
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=9, feature_dim=5, sequence_length=4, embedding_dim=4, units=6, dropout=0)
+    model = build_decoder(cfg, np.random.default_rng(3).normal(size=(8, 5)).astype("float32"))
+    trainer = make_trainer(model, 3e-2)
+    image = np.random.default_rng(1).normal(size=(2, 5)).astype("float32")
+    tokens = np.array([[1, 5, 6, 0], [1, 7, 0, 0]], "int32")
+    targets = np.array([[5, 6, 2, 0], [7, 2, 0, 0]], "int32")  # 0 = <pad>
+    reported = trainer.evaluate([image, tokens], targets, batch_size=2, verbose=0)
+    expected = masked_mean_nll(np.asarray(model([image, tokens])), targets)
+    np.testing.assert_allclose(reported, expected, rtol=1e-5)
+    assert not np.isclose(reported, masked_mean_nll(np.asarray(model([image, tokens])),
+                                                   np.where(targets == 0, 3, targets)))  # pads would count
+    junk = np.where(tokens == 0, 8, tokens).astype("int32")  # garbage after the caption ends
+    np.testing.assert_allclose(trainer.evaluate([image, junk], targets, batch_size=2, verbose=0),
+                               reported, rtol=1e-5)
+    trainer.fit([image, tokens], targets, batch_size=2, epochs=20, verbose=0)
+    assert trainer.evaluate([image, tokens], targets, batch_size=2, verbose=0) < reported / 2
+
+
+def test_feature_statistics_floor_constant_dimensions():
+    feats = np.random.default_rng(0).normal(1e-5, 4e-5, size=(50, 4))
+    feats[:, 2] = 0.0  # a unit never active on the train split
+    mean, variance = feature_statistics(feats)
+    assert variance[2] > 0 and variance[2] >= np.median(feats.var(axis=0)) * 1e-4 * 0.999
+    np.testing.assert_allclose(variance[[0, 1, 3]], feats.var(axis=0)[[0, 1, 3]], rtol=1e-5)
+    np.testing.assert_allclose(mean, feats.mean(axis=0), rtol=1e-5, atol=1e-12)
+
+
+def test_step_models_reproduce_the_teacher_forced_logits():
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=11, feature_dim=7, sequence_length=5, embedding_dim=4, units=8, dropout=0.2)
+    rng = np.random.default_rng(2)
+    decoder = build_decoder(cfg, rng.normal(size=(10, 7)).astype("float32"))
+    image = rng.normal(size=(3, 7)).astype("float32")
+    tokens = rng.integers(1, 11, size=(3, 5)).astype("int32")
+    full = keras.ops.log_softmax(decoder([image, tokens], training=False), axis=-1).numpy()
+    steps = StepModels.from_decoder(decoder)
+    state = steps.encode(image)
+    for t in range(5):
+        lp, state = steps.step(tokens[:, t:t + 1], state)
+        np.testing.assert_allclose(lp, full[:, t], atol=1e-5)
+
+
+def test_label_smoothing_spreads_the_target_over_the_vocabulary():
+    """Smoothed loss = (1 - e) x cross-entropy + e x mean over words of -log p, at real tokens."""
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=9, feature_dim=5, sequence_length=4, embedding_dim=4, units=6, dropout=0)
+    model = build_decoder(cfg, np.random.default_rng(3).normal(size=(8, 5)).astype("float32"))
+    image = np.random.default_rng(1).normal(size=(2, 5)).astype("float32")
+    tokens = np.array([[1, 5, 6, 0], [1, 7, 0, 0]], "int32")
+    targets = np.array([[5, 6, 2, 0], [7, 2, 0, 0]], "int32")
+    logits = np.asarray(model([image, tokens]))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    real = np.argwhere(targets != 0)
+    uniform = float(np.mean([-log_probs[b, t].mean() for b, t in real]))
+    trainer = make_trainer(model, 1e-3, label_smoothing=0.2)
+    got = float(trainer.masked_loss((image, tokens), targets, training=False, smoothing=0.2))
+    np.testing.assert_allclose(got, 0.8 * masked_mean_nll(logits, targets) + 0.2 * uniform, rtol=1e-5)
+    # dev loss (test_step) stays plain cross-entropy, comparable across smoothing settings
+    np.testing.assert_allclose(trainer.evaluate([image, tokens], targets, batch_size=2, verbose=0),
+                               masked_mean_nll(logits, targets), rtol=1e-5)
+
+
+def two_decoders():
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=12, feature_dim=6, sequence_length=7, embedding_dim=8, units=16, dropout=0)
+    rng = np.random.default_rng(5)
+    return [build_decoder(cfg, rng.normal(size=(20, 6)).astype("float32")) for _ in range(2)]
+
+
+def test_an_ensemble_of_copies_decodes_exactly_as_the_model():
+    from pipeline.captioning.decoding import beam_search, greedy
+    from pipeline.captioning.vocabulary import Vocabulary
+
+    decoder, _ = two_decoders()
+    vocab = Vocabulary(("<pad>", "<start>", "<end>", "<unk>", *"abcdefgh"), 6)
+    features = np.random.default_rng(1).normal(size=(9, 6)).astype("float32")
+    alone, three = decoding_models(decoder), decoding_models(ensemble_decoder([decoder] * 3))
+    assert isinstance(three, EnsembleSteps) and len(three.members) == 3
+    for decode in (greedy, beam_search):
+        want, got = decode(alone, features, vocab), decode(three, features, vocab)
+        assert [c.tokens for c in got] == [c.tokens for c in want]
+        np.testing.assert_allclose([c.log_prob for c in got], [c.log_prob for c in want], rtol=1e-5)
+
+
+def test_an_ensemble_averages_its_members_and_survives_save_and_load(tmp_path):
+    first, second = two_decoders()
+    ensemble = ensemble_decoder([first, second])
+    image = np.random.default_rng(2).normal(size=(3, 6)).astype("float32")
+    tokens = np.random.default_rng(3).integers(1, 12, size=(3, 7)).astype("int32")
+    members = [keras.ops.log_softmax(m([image, tokens]), axis=-1).numpy() for m in (first, second)]
+    np.testing.assert_allclose(ensemble([image, tokens]).numpy(), np.mean(members, axis=0), atol=1e-6)
+    ensemble.save(tmp_path / "decoder.keras")
+    loaded = load_decoder(tmp_path / "decoder.keras")
+    assert len(members_of(loaded)) == 2 and members_of(first) == [first]
+    np.testing.assert_allclose(loaded([image, tokens]).numpy(), ensemble([image, tokens]).numpy(), atol=1e-6)
+    steps = decoding_models(loaded)  # step by step, the mean of the members' log-probs
+    state = steps.encode(image)
+    log_probs, state = steps.step(tokens[:, :1], state)
+    np.testing.assert_allclose(log_probs, np.mean([m[:, 0] for m in members], axis=0), atol=1e-5)
