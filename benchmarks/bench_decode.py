@@ -32,7 +32,7 @@ def main() -> None:
         decoding_models,
         ensemble_decoder,
     )
-    from pipeline.captioning.decoding import beam_search, greedy, one_at_a_time_greedy
+    from pipeline.captioning.decoding import beam_search, greedy
     from pipeline.captioning.vocabulary import SPECIAL_TOKENS, Vocabulary
 
     keras.utils.set_random_seed(0)
@@ -40,21 +40,25 @@ def main() -> None:
     feats = np.random.default_rng(0).normal(size=(args.images, 2048)).astype("float32")
     decoder = build_decoder(DecoderConfig(vocab.size, 2048, vocab.sequence_length, 256, 256, 0.0), feats)
     models = StepModels.from_decoder(decoder)
-    greedy(models, feats[:4], vocab)  # warm-up
-    one_at_a_time_greedy(models, feats[:2], vocab)
+    plain = dict(no_repeat_ngram=0)
+    beam3 = dict(beam_size=3, length_penalty=0.7, no_repeat_ngram=0, batch_size=128)
+    greedy(models, feats[:4], vocab, **plain, batch_size=4)  # warm-up
+
+    def one_at_a_time():  # the tutorial way: one image and one word per model call
+        return [greedy(models, feats[i:i + 1], vocab, **plain, batch_size=1)[0] for i in range(len(feats))]
 
     with Timer() as loop:
-        looped = one_at_a_time_greedy(models, feats, vocab)
+        looped = one_at_a_time()
     with Timer() as batched:
-        fast = greedy(models, feats, vocab, batch_size=256)
+        fast = greedy(models, feats, vocab, **plain, batch_size=256)
     with Timer() as beam:
-        beam_search(models, feats, vocab, beam_size=3, batch_size=128)
+        beam_search(models, feats, vocab, **beam3)
     members = [decoder] + [build_decoder(DecoderConfig(vocab.size, 2048, vocab.sequence_length, 256, 256, 0.0), feats)
                            for _ in range(2)]
     ensemble = decoding_models(ensemble_decoder(members))
-    beam_search(ensemble, feats[:4], vocab, beam_size=3)  # warm-up
+    beam_search(ensemble, feats[:4], vocab, **beam3)  # warm-up
     with Timer() as ensemble_beam:
-        beam_search(ensemble, feats, vocab, beam_size=3, batch_size=128)
+        beam_search(ensemble, feats, vocab, **beam3)
     same = sum(a.tokens == b.tokens for a, b in zip(looped, fast))
     n = args.images
     append_report("Decoding (bench_decode.py)", [

@@ -103,8 +103,8 @@ def main() -> None:
                         help="override a train.* / evaluate.* / validate.* param for this run")
     parser.add_argument("--label", default="params.yaml", help="what this run is, for the report")
     parser.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="also score beam search with these evaluate.* values, e.g. "
-                             "beam_size=5,length_penalty=1.0 (repeatable; same trained decoder)")
+                        help="also score beam search with these decoding.* values, e.g. "
+                             "beam_size=5,consensus.weight=0.5 (repeatable; same trained decoder)")
     parser.add_argument("--save", type=Path, help="write the trained decoder.keras and vocab.json here")
     parser.add_argument("--load", type=Path, action="append",
                         help="skip training: score decoder.keras + vocab.json from here; repeated, the "
@@ -118,7 +118,7 @@ def main() -> None:
     from pipeline.captioning.decoder import decoding_models, ensemble_decoder, members_of
     from pipeline.captioning.decoding import beam_search
     from pipeline.captioning.self_critical import fine_tune
-    from pipeline.config import parse_settings
+    from pipeline.config import DecodingSettings, parse_settings
     from pipeline.data.features_file import read_features, row_index, rows_of
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import references_of, train_decoder
@@ -154,7 +154,7 @@ def main() -> None:
     scored = captions.assign(split=captions["split"].replace({"dev": "test"}))
     start = time.perf_counter()
     models = decoding_models(decoder)
-    metrics, _ = evaluate_model(models, vocab, scored, images, features, settings.evaluate)
+    metrics, _ = evaluate_model(models, vocab, scored, images, features, settings.decoding)
     eval_minutes = (time.perf_counter() - start) / 60
 
     keys = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
@@ -166,8 +166,7 @@ def main() -> None:
                      f"{h['distinct_words']} distinct words, {h['repeated_bigram_share']:.1%} repeat a bigram, "
                      f"{h['unk_share']:.1%} with <unk>, length {h['mean_length']:.1f} vs {h['reference_mean_length']:.1f}"))
     for spec in args.decode:
-        values = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in spec.split(","))}
-        variant = settings.evaluate.model_copy(update=values)
+        variant = DecodingSettings.model_validate(override(settings.decoding.model_dump(), spec.split(",")))
         found, _ = evaluate_model(models, vocab, scored, images, features, variant)
         h = found[HEALTH]["beam"]
         rows.append((f"beam, {spec}", " / ".join(f"{found['beam'][k]:.3f}" for k in keys)
@@ -179,11 +178,12 @@ def main() -> None:
         dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
         for name, candidate in (("1 member", decoding_models(members[0])), (f"{len(members)} members", models)):
             start = time.perf_counter()
-            beam_search(candidate, dev_features, vocab, beam_size=settings.evaluate.beam_size,
-                        length_penalty=settings.evaluate.length_penalty,
-                        no_repeat_ngram=settings.evaluate.no_repeat_ngram, batch_size=settings.evaluate.batch_size)
+            d = settings.decoding
+            beam_search(candidate, dev_features, vocab, beam_size=d.beam_size, length_penalty=d.length_penalty,
+                        no_repeat_ngram=d.no_repeat_ngram, batch_size=d.batch_size)
             rows.append((f"batched beam decoding, {name}", f"{len(dev_features) / (time.perf_counter() - start):.0f} img/s"))
-    t, e = settings.train, settings.evaluate
+    t, e = settings.train, settings.decoding
+    c = e.consensus
     append_report(f"Caption quality on real Flickr8k dev (bench_quality.py, {args.label})", rows, [
         f"rows: BLEU-1 / BLEU-2 / BLEU-3 / BLEU-4 / METEOR / ROUGE-L / CIDEr on the {metrics['n_images']} dev "
         f"images; train on {int((captions['split'] == 'train').sum())} train captions",
@@ -194,9 +194,9 @@ def main() -> None:
         f"{t.self_critical.samples} samples x {t.self_critical.batch_images} images, top-k {t.self_critical.top_k}, "
         f"{t.self_critical.baseline} baseline); "
         f"beam {e.beam_size}, length penalty {e.length_penalty}, no-repeat {e.no_repeat_ngram}-grams, "
-        f"consensus reranking with {e.consensus_neighbours} train images (weight {e.consensus_weight}) of the "
-        f"beam's candidates and {e.consensus_samples} samples per image (top-{e.consensus_top_k}), "
-        f"contrast {e.consensus_contrast}, sharpness {e.consensus_sharpness}",
+        f"consensus reranking with {c.neighbours} train images (weight {c.weight}) of the "
+        f"beam's candidates and {c.samples} samples per image (top-{c.top_k}), "
+        f"contrast {c.contrast}, sharpness {c.sharpness}",
         f"overrides: {', '.join(args.assignments) or 'none'}; dev also drives early stopping, as in the train stage"])
 
 

@@ -18,20 +18,18 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_settings
 from pipeline.logs import setup_logging
+from pipeline.registry.champion import ALIAS
 from pipeline.registry.pyfunc_model import (
     MAX_BEAM,  # the served model's own bound: one rule in one place
 )
 
 
-def _model_name() -> str:
+def _model_name() -> str | None:
+    """register.model_name from ./params.yaml; None outside the project."""
     try:
         return load_settings().registry.model_name
     except ConfigError:
-        return "flickr8k-captioner"
-
-
-def _default_model() -> str:
-    return f"models:/{_model_name()}@champion"
+        return None
 
 
 def _use_tracking_uri(uri: str | None) -> None:
@@ -85,7 +83,7 @@ def caption(args: argparse.Namespace) -> int:
     import mlflow  # noqa: I001
     import pandas as pd
 
-    from pipeline import quiet_tensorflow  # noqa: F401
+    from pipeline.captioning import quiet_tensorflow  # noqa: F401
 
     _use_tracking_uri(args.tracking_uri)
     try:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     app.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     app.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
-    app.add_argument("--alias", default="champion", help="alias to follow (default: champion)")
+    app.add_argument("--alias", default=ALIAS, help=f"alias to follow (default: {ALIAS})")
     app.add_argument("--poll-seconds", type=float, default=10.0,
                      help="how often to check the alias (default: 10)")
     app.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
@@ -136,13 +134,22 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging()
         if args.poll_seconds <= 0:
             parser.error("--poll-seconds must be positive")
-        from pipeline import quiet_tensorflow  # noqa: F401
         from pipeline.app.routes import serve
+        from pipeline.captioning import quiet_tensorflow  # noqa: F401
 
+        name = args.model_name or _model_name()
+        if name is None:
+            parser.error("no params.yaml here to read register.model_name from: run from the project root "
+                         "or pass --model-name")
         _use_tracking_uri(args.tracking_uri)
-        sys.exit(serve(args.model_name or _model_name(), args.alias, args.host, args.port, args.poll_seconds))
+        sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds))
     setup_logging(level=logging.WARNING)
-    args.model = args.model or _default_model()
+    if args.model is None:
+        name = _model_name()
+        if name is None:
+            parser.error("no params.yaml here to read register.model_name from: run from the project root "
+                         "or pass --model models:/<name>@champion")
+        args.model = f"models:/{name}@{ALIAS}"
     sys.exit(caption(args))
 
 

@@ -182,39 +182,68 @@ class TrainSettings(_Section):
     seed: int
 
 
-class EvaluateSettings(_Section):
-    beam_size: int = Field(ge=1, le=20)
-    length_penalty: float = Field(ge=0, le=3)
-    no_repeat_ngram: int = Field(ge=0, le=10)
-    # beam candidates reranked by agreement with the captions of this many similar train images
-    # (pipeline/captioning/consensus.py); 0 = the decoder's own ranking
-    consensus_neighbours: int = Field(ge=0, le=1000)
-    consensus_weight: float = Field(ge=0)  # x the decoder's length-normalised log-prob
-    # captions sampled per image (among each step's consensus_top_k likeliest words; 0 = the
-    # whole softmax) and reranked with the beam's; 0 = the beam's candidates only
-    consensus_samples: int = Field(ge=0, le=100)
-    consensus_top_k: int = Field(ge=0)
-    # - this x the agreement with 100 random train images' captions (generic captions lose)
-    consensus_contrast: float = Field(ge=0)
-    # closer neighbours count more: weight exp(this x (cosine - the nearest one's)); 0 = all alike
-    consensus_sharpness: float = Field(ge=0, le=1000)
-    batch_size: int = Field(ge=1)
-    gallery_size: int = Field(ge=0)
+class ConsensusSettings(_Section):
+    """Reranking a beam by agreement with the captions of similar train images
+    (``pipeline/captioning/consensus.py``)."""
 
-    def decoding(self) -> dict:
-        """How a caption is chosen: what the registered model carries, so that it captions as
-        ``evaluate`` scored (batch and gallery sizes are this stage's own business)."""
-        return self.model_dump(exclude={"batch_size", "gallery_size"})
+    neighbours: int = Field(ge=0, le=1000)  # similar train images compared with; 0 = off
+    weight: float = Field(ge=0)  # x the decoder's length-normalised log-prob
+    # captions sampled per image (among each step's top_k likeliest words; 0 = the whole
+    # softmax) and reranked with the beam's; 0 = the beam's candidates only
+    samples: int = Field(ge=0, le=100)
+    top_k: int = Field(ge=0)
+    # - this x the agreement with 100 random train images' captions (generic captions lose)
+    contrast: float = Field(ge=0)
+    # closer neighbours count more: weight exp(this x (cosine - the nearest one's)); 0 = all alike
+    sharpness: float = Field(ge=0, le=1000)
+    seed: int  # of the sampled captions (with each image's features: the same photo, the same caption)
 
     @model_validator(mode="after")
-    def _samples_that_differ(self) -> "EvaluateSettings":
-        if self.consensus_samples and self.consensus_top_k == 1:
-            raise ValueError("consensus_top_k: 1 samples the greedy caption every time: use 0 (whole "
-                             "softmax) or k >= 2")
-        if self.consensus_samples and not self.consensus_neighbours:
-            raise ValueError("consensus_samples needs consensus_neighbours > 0: samples are only "
-                             "ranked by consensus")
+    def _samples_that_differ(self) -> "ConsensusSettings":
+        if self.samples and self.top_k == 1:
+            raise ValueError("top_k: 1 samples the greedy caption every time: use 0 (whole softmax) or k >= 2")
+        if self.samples and not self.neighbours:
+            raise ValueError("samples need neighbours > 0: samples are only ranked by consensus")
         return self
+
+
+class DecodingSettings(_Section):
+    """How a caption is chosen: one object, read by evaluate, stored as it is in the registered
+    model, and read back by the served model, the app, search and alt text."""
+
+    beam_size: int = Field(ge=1, le=20)  # 1 = greedy
+    length_penalty: float = Field(ge=0, le=3)  # beam ranks logp / length ** this
+    no_repeat_ngram: int = Field(ge=0, le=10)  # 0 = off
+    batch_size: int = Field(ge=1)  # images decoded together
+    consensus: ConsensusSettings
+
+    def with_beam(self, beam_size: int) -> "DecodingSettings":
+        """The same settings with another beam size (a request's own; 1 = greedy)."""
+        return self.model_copy(update={"beam_size": beam_size})
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> "DecodingSettings":
+        """The settings a registered model carries. A model registered before this section
+        existed carries flat ``evaluate.*`` keys (``consensus_neighbours`` ...), and the oldest
+        ones fewer of them: each missing key gets the value that model captioned with (no
+        samples, no contrast, no sharpness; no consensus at all; batches of 128, seed 0). The one
+        place old keys are mapped."""
+        if "consensus" in stored:
+            return cls.model_validate(stored)
+        legacy = {"consensus_neighbours": 0, "consensus_weight": 0.0, "consensus_samples": 0,
+                  "consensus_top_k": 0, "consensus_contrast": 0.0, "consensus_sharpness": 0.0}
+        old = {**legacy, **stored}
+        return cls.model_validate({
+            "beam_size": old["beam_size"], "length_penalty": float(old["length_penalty"]),
+            "no_repeat_ngram": old["no_repeat_ngram"], "batch_size": 128,
+            "consensus": {"neighbours": old["consensus_neighbours"], "weight": float(old["consensus_weight"]),
+                          "samples": old["consensus_samples"], "top_k": old["consensus_top_k"],
+                          "contrast": float(old["consensus_contrast"]),
+                          "sharpness": float(old["consensus_sharpness"]), "seed": 0}})
+
+
+class EvaluateSettings(_Section):
+    gallery_size: int = Field(ge=0)  # test images shown in reports/gallery.html
 
 
 class RegisterSettings(_Section):
@@ -249,6 +278,7 @@ class Settings(_Section):
     validate_: ValidateSettings = Field(alias="validate")
     features: FeaturesSettings
     train: TrainSettings
+    decoding: DecodingSettings
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
     serving: ServingSettings

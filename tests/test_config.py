@@ -1,6 +1,12 @@
 import pytest
 
-from pipeline.config import ConfigError, load_settings, parse_settings
+from pipeline.config import (
+    ConfigError,
+    ConsensusSettings,
+    DecodingSettings,
+    load_settings,
+    parse_settings,
+)
 from tests.helpers import PROJECT, tiny_params
 
 
@@ -41,7 +47,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_types_are_strict():
-    for key, value in (("train.epochs", True), ("train.units", "64"), ("evaluate.beam_size", 2.0)):
+    for key, value in (("train.epochs", True), ("train.units", "64"), ("decoding.beam_size", 2.0)):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_settings(tiny_params(**{key: value}))
 
@@ -100,18 +106,34 @@ def test_self_critical_sample_baseline_needs_other_samples():
 
 
 def test_consensus_samples_need_a_choice_of_words_and_a_consensus_to_rank_them():
-    with pytest.raises(ConfigError, match=r"evaluate.*consensus_top_k: 1 samples the greedy caption"):
-        parse_settings(tiny_params(**{"evaluate.consensus_samples": 4, "evaluate.consensus_top_k": 1}))
-    with pytest.raises(ConfigError, match=r"evaluate.*consensus_samples needs consensus_neighbours > 0"):
-        parse_settings(tiny_params(**{"evaluate.consensus_samples": 4, "evaluate.consensus_neighbours": 0}))
-    off = parse_settings(tiny_params(**{"evaluate.consensus_samples": 0, "evaluate.consensus_top_k": 1,
-                                        "evaluate.consensus_neighbours": 0}))
-    assert off.evaluate.consensus_samples == 0
+    with pytest.raises(ConfigError, match=r"decoding.consensus.*top_k: 1 samples the greedy caption"):
+        parse_settings(tiny_params(**{"decoding.consensus.samples": 4, "decoding.consensus.top_k": 1}))
+    with pytest.raises(ConfigError, match=r"decoding.consensus.*samples need neighbours > 0"):
+        parse_settings(tiny_params(**{"decoding.consensus.samples": 4, "decoding.consensus.neighbours": 0}))
+    off = parse_settings(tiny_params(**{"decoding.consensus.samples": 0, "decoding.consensus.top_k": 1,
+                                        "decoding.consensus.neighbours": 0}))
+    assert off.decoding.consensus.samples == 0
 
 
-def test_decoding_settings_hold_every_evaluate_key_that_chooses_a_caption():
-    # register stores these with the model: a new evaluate.* key reaches the served model by itself
-    evaluate = load_settings(PROJECT / "params.yaml").evaluate
-    decoding = evaluate.decoding()
-    assert set(decoding) == set(type(evaluate).model_fields) - {"batch_size", "gallery_size"}
-    assert decoding["consensus_contrast"] == evaluate.consensus_contrast
+def test_decoding_settings_are_stored_and_read_back_as_the_same_object():
+    """register stores the decoding section as it is; the served model reads it back typed."""
+    import json
+
+    decoding = parse_settings(tiny_params()).decoding
+    assert DecodingSettings.from_stored(json.loads(json.dumps(decoding.model_dump()))) == decoding
+    assert decoding.with_beam(1).beam_size == 1 and decoding.with_beam(1).consensus == decoding.consensus
+
+
+def test_decoding_keys_of_models_registered_before_the_decoding_section_are_mapped_once():
+    oldest = {"beam_size": 3, "length_penalty": 0.7, "no_repeat_ngram": 3}  # before consensus
+    before_sampling = {**oldest, "consensus_neighbours": 25, "consensus_weight": 0.25}
+    last_flat = {**before_sampling, "consensus_samples": 10, "consensus_top_k": 5, "consensus_contrast": 2.5,
+                 "consensus_sharpness": 20.0}
+    assert DecodingSettings.from_stored(oldest).consensus.neighbours == 0
+    mapped = DecodingSettings.from_stored(before_sampling)
+    assert (mapped.consensus.neighbours, mapped.consensus.weight, mapped.consensus.samples) == (25, 0.25, 0)
+    assert (mapped.consensus.contrast, mapped.consensus.sharpness) == (0.0, 0.0)
+    latest = DecodingSettings.from_stored(last_flat)
+    assert (latest.beam_size, latest.length_penalty, latest.no_repeat_ngram) == (3, 0.7, 3)
+    assert latest.consensus == ConsensusSettings(neighbours=25, weight=0.25, samples=10, top_k=5, contrast=2.5,
+                                                 sharpness=20.0, seed=0)

@@ -89,7 +89,7 @@ def load_version(client, name: str, version) -> Served:
         version.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds")
     info = {"name": name, "version": str(version.version), "run_id": version.run_id, "promoted_at": promoted,
             "decision": tags.get("decision", ""), "scores": {k: round(metrics[k], 4) for k in SCORES if k in metrics},
-            "limits": model.limits, "beam_size": model.decoding["beam_size"]}
+            "limits": model.limits.model_dump(), "beam_size": model.decoding.beam_size}
     return Served(model, info)
 
 

@@ -20,6 +20,7 @@ from pipeline.app.hot_swap import ChampionHolder, Served
 
 log = logging.getLogger("pipeline.app")
 PAGE = Path(__file__).with_name("static") / "index.html"
+NO_MODEL_BODY_LIMIT = 1 << 20  # bytes of a POST before any model is loaded (all get 503)
 
 
 class BodyLimit:
@@ -32,8 +33,10 @@ class BodyLimit:
 
     def limit(self) -> int:
         served = self.champion.current
-        limits = served.info["limits"] if served else {"max_rows": 1, "max_image_bytes": 1 << 20}
-        return limits["max_rows"] * (limits["max_image_bytes"] + 65_536)  # + multipart headers
+        if served is None:  # every upload is refused (503) until a model is loaded
+            return NO_MODEL_BODY_LIMIT
+        limits = served.model.limits
+        return limits.max_rows * (limits.max_image_bytes + 65_536)  # + multipart headers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -119,22 +122,12 @@ def create_app(champion: ChampionHolder, poll_seconds: float):
     def caption(file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
         served = serving()
         limits = served.model.limits
-        if len(file) > limits["max_rows"]:
-            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {limits['max_rows']}")
+        if len(file) > limits.max_rows:
+            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {limits.max_rows}")
         start = time.perf_counter()
-        datas, errors = [], []
-        for upload in file:
-            data = upload.file.read(limits["max_image_bytes"] + 1)  # never more than the limit + 1
-            if len(data) > limits["max_image_bytes"]:
-                errors.append(f"image is over the limit of {limits['max_image_bytes']:,} bytes")
-                data = b""
-            else:
-                errors.append("")
-            datas.append(data)
-        readable = [i for i, e in enumerate(errors) if not e]
-        results = [{"caption": "", "candidates": [], "error": e} for e in errors]
-        for i, result in zip(readable, served.model.caption_images([datas[i] for i in readable])):
-            results[i] = result
+        # never more than the limit + 1 bytes of a file: enough for the model to say it is too large
+        datas = [upload.file.read(limits.max_image_bytes + 1) for upload in file]
+        results = served.model.caption_images(datas)
         took_ms = (time.perf_counter() - start) * 1000
         return {"model": {"name": served.info["name"], "version": served.info["version"]},
                 "ms": round(took_ms, 1),

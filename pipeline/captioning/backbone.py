@@ -45,15 +45,18 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    name: str = "xception"
-    weights: str = "none"
-    image_size: int = 299
-    seed: int = 7
+    """The exact CNN: made from ``features`` params by ``from_settings`` (the one place its values
+    come from) or read back from a backbone folder's spec.json."""
+
+    name: str
+    weights: str  # imagenet | none | a weights file
+    image_size: int
+    seed: int
     # float32 (exact) | bfloat16 (keras runtime only: faster on CPUs with AVX512-BF16 or AMX,
     # slower elsewhere; embeddings differ slightly, so features and serving must agree: they
     # share this spec through the backbone folder)
-    precision: str = "float32"
-    runtime: str = "keras"  # keras | tflite | tflite_int8
+    precision: str
+    runtime: str  # keras | tflite | tflite_int8
 
     @classmethod
     def from_settings(cls, cfg: FeaturesSettings, cpu_flags: frozenset[str] | None = None) -> "BackboneSpec":

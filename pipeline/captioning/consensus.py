@@ -9,17 +9,17 @@ length_penalty)``: the candidates still come from the decoder, the neighbours on
 them (Devlin et al. 2015, "Exploring nearest neighbor approaches for image captioning", used
 their consensus to pick a caption; Mao et al. and others rerank a beam with it).
 
-A beam's candidates differ in a word or two, so the choice is narrow. ``consensus_samples``
-widens it: that many captions sampled per image (among each step's ``consensus_top_k`` likeliest
+A beam's candidates differ in a word or two, so the choice is narrow. ``consensus.samples``
+widens it: that many captions sampled per image (among each step's ``consensus.top_k`` likeliest
 words, scored by the decoder as beam candidates are) join the pool, so a caption with a word
 the beam never proposes can win when the neighbours' captions use it.
 
-The neighbours count alike, or with ``consensus_sharpness`` > 0 the closer ones count more: a
+The neighbours count alike, or with ``consensus.sharpness`` > 0 the closer ones count more: a
 neighbour's weight is exp(sharpness x (its cosine similarity - the nearest one's)), so the
 caption is judged mostly by the photos most like this one.
 
 Consensus favours what many people write, and the safest such caption fits any photo ("a dog
-runs through the grass"), so rerankers narrow the vocabulary. ``consensus_contrast`` subtracts
+runs through the grass"), so rerankers narrow the vocabulary. ``consensus.contrast`` subtracts
 that much of a candidate's agreement with the captions of 100 random train images (the same
 for every photo) from its agreement with the neighbours: a discriminative score in the spirit
 of Luo et al. 2018 ("Discriminability objective for training descriptive captions").
@@ -32,7 +32,7 @@ served model ranks exactly as ``evaluate`` scored it.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +40,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.captioning.cider import CiderD
-from pipeline.captioning.decoder import StepModels
-from pipeline.captioning.decoding import Caption, beam_candidates, sample_candidates
-from pipeline.captioning.vocabulary import Vocabulary
+from pipeline.config import ConsensusSettings
 from pipeline.data.caption_text import references_by_image
 from pipeline.data.features_file import row_index, rows_of
 
-Ranked = list[tuple[Caption, float]]  # beam_candidates' (caption, length-normalised log-prob)
 CHUNK_IMAGES = 64  # images whose candidates are scored together (x k neighbours x their n-grams)
-GENERIC_IMAGES = 100  # random train images a caption is contrasted with (consensus_contrast)
+GENERIC_IMAGES = 100  # random train images a caption is contrasted with (consensus.contrast)
 
 
 @dataclass(frozen=True)
@@ -103,46 +100,28 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-class ConsensusReranker:
-    """``rerank(features, candidates, vocab)``: each image's candidates ordered by consensus with
-    its ``k`` nearest train images plus ``weight`` x the decoder's score. With ``samples`` > 0,
-    ``widen`` adds that many captions sampled among each step's ``top_k`` likeliest words to the
-    beam's candidates first: words the beam never proposes get a chance when the neighbours'
-    captions use them. Sampling is seeded (``seed`` and each image's features), so an image gets
-    the same caption every time, alone or in any batch."""
+class ConsensusScorer:
+    """``score(features, captions)``: each image's captions scored by their CIDEr-D against the
+    references of its ``settings.neighbours`` nearest train images (optionally weighted by
+    closeness), net of ``settings.contrast`` x their agreement with the generic images'."""
 
-    def __init__(self, neighbours: Neighbours, k: int, weight: float, samples: int = 0, top_k: int = 0,
-                 contrast: float = 0.0, sharpness: float = 0.0, seed: int = 0):
-        if k < 1:
-            raise ValueError(f"consensus needs at least 1 neighbour, got {k}")
-        if not 0 <= sharpness < np.inf:
-            raise ValueError(f"consensus sharpness must be finite and >= 0, got {sharpness}")
-        self.neighbours, self.k, self.weight = neighbours, min(k, len(neighbours.features)), weight
-        self.samples, self.top_k, self.contrast, self.seed = samples, top_k, contrast, seed
-        self.sharpness = sharpness
+    def __init__(self, neighbours: Neighbours, settings: ConsensusSettings):
+        if settings.neighbours < 1:
+            raise ValueError(f"consensus needs at least 1 neighbour, got {settings.neighbours}")
+        if not 0 <= settings.sharpness < np.inf:
+            raise ValueError(f"consensus sharpness must be finite and >= 0, got {settings.sharpness}")
+        self.neighbours, self.settings = neighbours, settings
+        self.k = min(settings.neighbours, len(neighbours.features))
         # the same random train images for every photo: what a caption that fits any photo matches
-        self.generic_rows = np.sort(np.random.default_rng(seed).choice(
+        self.generic_rows = np.sort(np.random.default_rng(settings.seed).choice(
             len(neighbours.features), min(GENERIC_IMAGES, len(neighbours.features)), replace=False))
         # built once: the train references' n-gram vectors and document frequencies
         self.cider = CiderD(neighbours.references)
         self.ref_counts = np.array([len(r) for r in neighbours.references], dtype=np.float64)
 
-    @classmethod
-    def from_settings(cls, neighbours: Neighbours, decoding: Mapping) -> "ConsensusReranker":
-        """From the ``evaluate.consensus_*`` values (``EvaluateSettings.decoding()``, or the
-        decoding settings a registered model carries; one registered before sampling existed
-        has no consensus_samples: none; nor consensus_contrast or consensus_sharpness: 0)."""
-        return cls(neighbours, decoding["consensus_neighbours"], decoding["consensus_weight"],
-                   decoding.get("consensus_samples", 0), decoding.get("consensus_top_k", 0),
-                   decoding.get("consensus_contrast", 0.0), decoding.get("consensus_sharpness", 0.0))
-
-    def nearest(self, features: np.ndarray) -> np.ndarray:
-        """(N, k) rows of the most similar train images, most similar first."""
-        return self._neighbourhood(features)[0]
-
     def _neighbourhood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``nearest`` and each neighbour's weight: 1, or with ``sharpness`` exp(sharpness x
-        (its similarity - the nearest one's)), in (0, 1]."""
+        """(N, k) rows of the most similar train images, most similar first, and each one's
+        weight: 1, or with ``sharpness`` exp(sharpness x (its similarity - the nearest one's))."""
         features = np.asarray(features, np.float32)
         if features.ndim != 2 or features.shape[1] != self.neighbours.features.shape[1]:
             raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
@@ -152,18 +131,7 @@ class ConsensusReranker:
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         rows = np.take_along_axis(top, order, axis=1)
         closeness = np.take_along_axis(sims, rows, axis=1).astype(np.float64)
-        return rows, np.exp(self.sharpness * (closeness - closeness[:, :1]))
-
-    def consensus(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
-        """Per image, the CIDEr-D of each of its ``captions`` against all reference captions
-        of its neighbours (the mean over those references, each weighing the same, or with
-        ``sharpness`` each neighbour's references weighing its closeness)."""
-        return self._agreement(captions, self._neighbourhood(features))[0]
-
-    def generic(self, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
-        """Per image, the same for the captions of ``GENERIC_IMAGES`` random train images, the
-        same ones for every photo: high for a caption that fits any photo."""
-        return self._agreement(captions, self._generic(len(captions)))[0]
+        return rows, np.exp(self.settings.sharpness * (closeness - closeness[:, :1]))
 
     def _generic(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.broadcast_to(self.generic_rows, (n, len(self.generic_rows)))
@@ -194,59 +162,13 @@ class ConsensusReranker:
                     out[g][i][j] = row @ weights / weights.sum()
         return out
 
-    def widen(self, models: StepModels, features: np.ndarray, vocab: Vocabulary, candidates: list[Ranked], *,
-              length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
-              progress: str | None = None) -> list[Ranked]:
-        """Each image's ``candidates`` followed by its sampled captions that are not among them
-        yet (none when ``samples`` is 0), scored as beam candidates are."""
-        if not self.samples:
-            return candidates
-        drawn = sample_candidates(models, features, vocab, samples=self.samples, seed=self.seed,
-                                  top_k=self.top_k, length_penalty=length_penalty,
-                                  no_repeat_ngram=no_repeat_ngram, batch_size=batch_size, progress=progress)
-        out = []
-        for found, extra in zip(candidates, drawn):
-            seen = {tuple(c.tokens) for c, _ in found}
-            pool = list(found)
-            for caption, normalised in extra:
-                if tuple(caption.tokens) not in seen:
-                    seen.add(tuple(caption.tokens))
-                    pool.append((caption, normalised))
-            out.append(pool)
-        return out
-
-    def rerank(self, features: np.ndarray, candidates: list[Ranked],
-               vocab: Vocabulary) -> list[list[tuple[Caption, float, float]]]:
-        """Each image's candidates as (caption, decoder score, consensus), best first by
-        consensus + weight x decoder score; with ``contrast`` > 0 the consensus is net of
-        contrast x ``generic``, so that a caption that fits any photo loses to one that fits this."""
-        texts = [[vocab.decode(c.tokens).split() for c, _ in found] for found in candidates]
-        if self.contrast:
-            near, far = self._agreement(texts, self._neighbourhood(features), self._generic(len(texts)))
-            agreed = [n - self.contrast * f for n, f in zip(near, far)]
-        else:
-            agreed = self.consensus(features, texts)
-        out = []
-        for found, cons in zip(candidates, agreed):
-            total = [c + self.weight * s for (_, s), c in zip(found, cons)]
-            order = sorted(range(len(found)), key=lambda j: -total[j])  # stable on ties
-            out.append([(found[j][0], found[j][1], float(cons[j])) for j in order])
-        return out
-
-
-def ranked_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int,
-                      length_penalty: float, no_repeat_ngram: int, batch_size: int = 128,
-                      reranker: ConsensusReranker | None = None,
-                      progress: bool = False) -> list[list[tuple]]:
-    """Each image's candidate captions, best first: the beam's as (caption, length-normalised
-    score), or with a ``reranker`` the beam's and the sampled ones as (caption, score,
-    consensus) in its order. The one way ``evaluate`` and the served model pick a beam caption."""
-    found = beam_candidates(models, features, vocab, beam_size=beam_size, length_penalty=length_penalty,
-                            no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
-                            progress=f"beam-{beam_size}" if progress else None)
-    if reranker is None:
-        return found
-    pool = reranker.widen(models, features, vocab, found, length_penalty=length_penalty,
-                          no_repeat_ngram=no_repeat_ngram, batch_size=batch_size,
-                          progress=f"{reranker.samples} samples" if progress and reranker.samples else None)
-    return reranker.rerank(features, pool, vocab)
+    def score(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
+        """Per image, the consensus of each of its ``captions`` (lists of words): the CIDEr-D
+        against all reference captions of its neighbours (the mean over those references, each
+        weighing the same, or with ``sharpness`` each neighbour's weighing its closeness), minus
+        ``contrast`` x the same against the generic images' references."""
+        near = self._neighbourhood(features)
+        if not self.settings.contrast:
+            return self._agreement(captions, near)[0]
+        close, generic = self._agreement(captions, near, self._generic(len(captions)))
+        return [c - self.settings.contrast * g for c, g in zip(close, generic)]

@@ -10,7 +10,7 @@ cannot steer the first word. Using both costs two small Dense layers.
 
 The image input is normalised with train-split statistics (a Normalization layer adapted
 in ``build_decoder``): random-init CNN features are ~1e-5 in scale and would otherwise
-not train (DESIGN §9).
+not train.
 
 Training (``CaptionTrainer``) computes the word classifier only at real (non-pad) target
 positions, gathered with a boolean mask, so the loss is exactly the mean cross-entropy over
@@ -66,9 +66,9 @@ class DecoderConfig:
     vocab_size: int
     feature_dim: int
     sequence_length: int
-    embedding_dim: int = 128
-    units: int = 256
-    dropout: float = 0.3
+    embedding_dim: int
+    units: int
+    dropout: float
 
 
 def build_decoder(cfg: DecoderConfig, train_features: np.ndarray | None = None) -> keras.Model:

@@ -78,7 +78,7 @@ def _batches(n: int, batch_size: int, progress: str | None):
 
 
 def greedy(models: StepModels, features: np.ndarray, vocab: Vocabulary, *,
-           no_repeat_ngram: int = 0, batch_size: int = 256, progress: str | None = None) -> list[Caption]:
+           no_repeat_ngram: int, batch_size: int, progress: str | None = None) -> list[Caption]:
     """Most likely next word at every step, for all images of a batch at once."""
     out: list[Caption] = []
     for lo in _batches(len(features), batch_size, progress):
@@ -106,9 +106,9 @@ def greedy(models: StepModels, features: np.ndarray, vocab: Vocabulary, *,
     return out
 
 
-def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int = 3,
-                length_penalty: float = 0.7, no_repeat_ngram: int = 0,
-                batch_size: int = 128, progress: str | None = None) -> list[Caption]:
+def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int,
+                length_penalty: float, no_repeat_ngram: int, batch_size: int,
+                progress: str | None = None) -> list[Caption]:
     """Beam search with ``beam_size`` hypotheses per image, all images of a batch together
     (rows = images x beams); the best finished caption of each image."""
     return [found[0][0] for found in beam_candidates(
@@ -116,8 +116,8 @@ def beam_search(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, 
         no_repeat_ngram=no_repeat_ngram, batch_size=batch_size, progress=progress)]
 
 
-def beam_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int = 3,
-                    length_penalty: float = 0.7, no_repeat_ngram: int = 0, batch_size: int = 128,
+def beam_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, beam_size: int,
+                    length_penalty: float, no_repeat_ngram: int, batch_size: int,
                     progress: str | None = None) -> list[list[tuple[Caption, float]]]:
     """Like ``beam_search``, but every finished hypothesis of each image as (caption,
     length-normalised score), best first (what an app shows as the other candidates)."""
@@ -187,8 +187,8 @@ def top_k_only(log_probs: np.ndarray, k: int) -> np.ndarray:
 
 
 def sample(models: StepModels, features: np.ndarray, vocab: Vocabulary,
-           rng: np.random.Generator | Sequence[np.random.Generator], top_k: int = 0,
-           no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator | Sequence[np.random.Generator], *, top_k: int,
+           no_repeat_ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """One caption sampled per row of ``features``: (ids (N, max_length + 1), <end> included and
     <pad> after it; log-probs (N,), summed like beam search's scores). Words are drawn from the
     softmax (restricted to the ``top_k`` most likely words of each step when top_k > 0) with the
@@ -238,8 +238,7 @@ def image_rng(seed: int, feature: np.ndarray) -> np.random.Generator:
 
 
 def sample_candidates(models: StepModels, features: np.ndarray, vocab: Vocabulary, *, samples: int,
-                      seed: int = 0, top_k: int = 0, length_penalty: float = 0.7,
-                      no_repeat_ngram: int = 0, batch_size: int = 128,
+                      seed: int, top_k: int, length_penalty: float, no_repeat_ngram: int, batch_size: int,
                       progress: str | None = None) -> list[list[tuple[Caption, float]]]:
     """``samples`` sampled captions per image as (caption, length-normalised score), scored the way
     ``beam_candidates`` scores its own (so the two can be pooled), in the order drawn; the same
@@ -249,15 +248,11 @@ def sample_candidates(models: StepModels, features: np.ndarray, vocab: Vocabular
     for lo in _batches(len(features), per_batch, progress):
         feats = features[lo:lo + per_batch]
         ids, log_probs = sample(models, np.repeat(feats, samples, axis=0), vocab,
-                                [image_rng(seed, f) for f in feats], top_k, no_repeat_ngram)
+                                [image_rng(seed, f) for f in feats], top_k=top_k,
+                                no_repeat_ngram=no_repeat_ngram)
         drawn = []
         for row, log_prob in zip(ids, log_probs):
             tokens = [int(t) for t in row[: int(np.argmax(row == vocab.end_id))]]  # <end> is always drawn
             drawn.append((Caption(tokens, float(log_prob)), float(log_prob) / (len(tokens) + 1) ** length_penalty))
         out += [drawn[i:i + samples] for i in range(0, len(drawn), samples)]
     return out
-
-
-def one_at_a_time_greedy(models: StepModels, features: np.ndarray, vocab: Vocabulary) -> list[Caption]:
-    """The tutorial way, one image and one word per model call (benchmark baseline)."""
-    return [greedy(models, features[i:i + 1], vocab, batch_size=1)[0] for i in range(len(features))]

@@ -32,6 +32,8 @@ from pipeline.config import SelfCriticalSettings
 log = logging.getLogger("pipeline.captioning.self_critical")
 
 HISTORY_COLUMNS = ["epoch", "sample_reward", "greedy_reward", "dev_cider"]
+# dev images captioned per greedy call when scoring an epoch: memory only (captions do not depend on it)
+DEV_BATCH = 256
 
 
 def words_of(ids: np.ndarray, vocab: Vocabulary) -> list[list[str]]:
@@ -96,7 +98,7 @@ def fine_tune(decoder, vocab: Vocabulary, features: np.ndarray, train_rows: np.n
     dev_features = features[dev_rows]
 
     def dev_cider() -> float:
-        captions = greedy(models, dev_features, vocab)
+        captions = greedy(models, dev_features, vocab, no_repeat_ngram=0, batch_size=DEV_BATCH)
         return float(dev_reward.score([[vocab.words[i] for i in c.tokens] for c in captions],
                                       range(len(dev_rows))).mean())
 
@@ -112,10 +114,11 @@ def fine_tune(decoder, vocab: Vocabulary, features: np.ndarray, train_rows: np.n
                        unit="batch", leave=False):
             images = order[lo:lo + cfg.batch_images]
             feats = features[train_rows[images]]
-            greedy_ids = [c.tokens for c in greedy(models, feats, vocab)]
+            greedy_ids = [c.tokens for c in greedy(models, feats, vocab, no_repeat_ngram=0,
+                                                   batch_size=len(feats))]
             greedy_scores = reward.score([[vocab.words[i] for i in t] for t in greedy_ids], images)
             repeated = np.repeat(feats, k, axis=0)
-            ids, _ = sample(models, repeated, vocab, rng, cfg.top_k)
+            ids, _ = sample(models, repeated, vocab, rng, top_k=cfg.top_k, no_repeat_ngram=0)
             scores = reward.score(words_of(ids, vocab), np.repeat(images, k))
             advantage = (scores - baseline(scores, greedy_scores, k, cfg.baseline)).astype("float32")
             update(repeated, *teacher_forcing(ids, vocab), advantage)

@@ -95,9 +95,6 @@ class Vocabulary:
     def to_text(self) -> str:
         return json.dumps(self.to_json(), indent=1)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_text(), encoding="utf-8")
-
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
         data = json.loads(Path(path).read_text(encoding="utf-8"))

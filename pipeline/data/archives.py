@@ -103,8 +103,8 @@ def _cached(dest: Path, url: str, sha256: str | None, check) -> bool:
     return True
 
 
-def download(url: str, dest: Path, *, sha256: str | None = None, check=None, timeout: float = 60,
-             retries: int = 5, backoff_s: float = 1.0, progress: bool = True) -> Path:
+def download(url: str, dest: Path, *, timeout: float, retries: int, sha256: str | None = None, check=None,
+             backoff_s: float = 1.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest``, resuming ``dest.part`` with HTTP Range after a cut.
 
     ``dest`` only appears once the whole body arrived and passed its checks: the size the

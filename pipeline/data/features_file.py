@@ -27,13 +27,12 @@ def shard_of(image: str, shards: int) -> int:
     return int.from_bytes(hashlib.sha256(image.encode()).digest()[:8], "big") % shards
 
 
-def embedding_table(images: list[str], embeddings: np.ndarray, metadata: dict | None = None) -> pa.Table:
+def embedding_table(images: list[str], embeddings: np.ndarray) -> pa.Table:
     """Names and an (N, D) matrix -> an Arrow table in the features format."""
     dim = embeddings.shape[1]
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-    table = pa.table({"image": pa.array(images, pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
-    return table.replace_schema_metadata(metadata) if metadata else table
+    return pa.table({"image": pa.array(images, pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
 
 
 def sorted_by_image(table: pa.Table) -> pa.Table:

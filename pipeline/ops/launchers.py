@@ -20,11 +20,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_settings
-from pipeline.ops.processes import healthy, stop_group
+from pipeline.ops.processes import healthy, stop_group, wait_until_healthy
 from pipeline.registry.tracking import tracking_uri
 
 PROJECT = Path.cwd()
@@ -50,15 +49,11 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     print(f"{name}: starting (pid {proc.pid}); waiting for {health_url}", flush=True)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while not healthy(health_url):
-            if proc.poll() is not None:
-                print(f"{name}: exited with status {proc.returncode} before it was ready", file=sys.stderr)
-                return proc.returncode or 1
-            if time.monotonic() > deadline:
-                print(f"{name}: not healthy after {start_timeout_s:.0f} s; stopping", file=sys.stderr)
-                return 1
-            time.sleep(1)
+        try:
+            wait_until_healthy(name, proc, health_url, start_timeout_s)
+        except RuntimeError as err:
+            print(f"{err}; stopping", file=sys.stderr)
+            return proc.returncode or 1
         print(f"{name}: ready at {base_url}{ready_note} (Ctrl-C stops it)", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
@@ -69,17 +64,28 @@ def supervise(name: str, cmd: list[str], env: dict, base_url: str, health_path: 
         print(f"{name}: stopped", flush=True)
 
 
+# Task instances Airflow runs at once, standalone, in the team stack and in compose alike:
+# `airflow standalone` starts 32 worker processes by default (5 GB).
+PARALLELISM = "4"
+
+
+def airflow_environment(home: Path, port: int, project: Path, venv_bin: Path) -> dict[str, str]:
+    """What every Airflow process of this project sees, standalone or in the team stack: its home,
+    the DAGs of ``project``, the API on 127.0.0.1:``port``, and this environment's bin first on PATH."""
+    return {**os.environ, "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": PARALLELISM,
+            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "CAPTIONER_PROJECT_DIR": str(project),
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+
+
 def airflow(port: int) -> int:
     home = PROJECT / "airflow_home"
     home.mkdir(exist_ok=True)
-    env = {**os.environ, "AIRFLOW_HOME": str(home),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__PARALLELISM": "4",  # standalone starts 32 workers (5 GB) by default
-           "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "CAPTIONER_PROJECT_DIR": str(PROJECT),
-           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env = airflow_environment(home, port, PROJECT, VENV_BIN)
     note = f"; login: admin, password in {home}/simple_auth_manager_passwords.json.generated"
     return supervise("airflow", [str(VENV_BIN / "airflow"), "standalone"], env,
                      f"http://127.0.0.1:{port}", "/api/v2/monitor/health", note)
@@ -91,8 +97,11 @@ TRAINING_VIEW = "workflowType=machine_learning"
 def ui(port: int) -> int:
     try:
         uri = tracking_uri(load_settings())
-    except ConfigError:
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    except ConfigError as err:
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            print(f"mlflow: {err}; run from the project root or set MLFLOW_TRACKING_URI", file=sys.stderr)
+            return 1
+        uri = os.environ["MLFLOW_TRACKING_URI"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # 0.5 GB instead of 2 GB
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", uri,

@@ -19,6 +19,18 @@ def healthy(url: str) -> bool:
         return False
 
 
+def wait_until_healthy(name: str, proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Poll ``url`` (every second, at most ``timeout_s``) until it answers; RuntimeError when
+    ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not healthy(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} not healthy at {url} after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def group_members(pgid: int) -> list:
     """Live (non-zombie) processes of a process group."""
     import psutil

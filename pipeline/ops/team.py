@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.ops.processes import healthy, stop_group
+from pipeline.ops.launchers import PARALLELISM, airflow_environment
+from pipeline.ops.processes import healthy, stop_group, wait_until_healthy
 
 # Shared with docker-compose.yml (x-airflow-common environment and service commands).
 AIRFLOW_SETTINGS = {
     "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
     "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
-    "AIRFLOW__CORE__PARALLELISM": "8",
+    "AIRFLOW__CORE__PARALLELISM": PARALLELISM,
     # one task at a time per worker: a worker is one project folder, i.e. one DVC workspace;
     # add workers (machines) to run more tasks at once
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
@@ -127,20 +128,15 @@ def _secret(home: Path) -> str:
 
 def airflow_env(cfg: TeamConfig, venv_bin: Path) -> dict[str, str]:
     return {
-        **os.environ, **AIRFLOW_SETTINGS,
-        "AIRFLOW_HOME": str(cfg.home / "airflow"),
+        **airflow_environment(cfg.home / "airflow", cfg.airflow_port, cfg.project, venv_bin),
+        **AIRFLOW_SETTINGS,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": cfg.airflow_db,
         "AIRFLOW__CELERY__BROKER_URL": cfg.broker,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend(cfg.airflow_db),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(cfg.project / "dags"),
-        "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(cfg.airflow_port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{cfg.airflow_url}/execution/",
         "AIRFLOW__API_AUTH__JWT_SECRET": _secret(cfg.home),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": os.environ.get("CAPTIONER_AIRFLOW_USERS", "admin:admin"),
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
-        "CAPTIONER_PROJECT_DIR": str(cfg.project),
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
-        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
     }
 
 
@@ -191,14 +187,10 @@ class Processes:
 
 
 def wait_healthy(procs: Processes, name: str, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not healthy(url):
-        if procs.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} exited with status {procs.procs[name].returncode} before it was "
-                               "ready; see its log")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} not healthy at {url} after {timeout_s:.0f} s; see its log")
-        time.sleep(1)
+    try:
+        wait_until_healthy(name, procs.procs[name], url, timeout_s)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}; see its log") from None
 
 
 def run_team(cfg: TeamConfig, venv_bin: Path, start_timeout_s: float = 600) -> int:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
-from pipeline.captioning.comparison import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def caption_with_champion(client, model_name: str, images: list[Path], beam_size
                     model_name, message)
         return ChampionRun(version, "unloadable", message)
     run = ChampionRun(version, "scored")
-    limits = getattr(model.unwrap_python_model(), "limits", None) or {}
-    chunk = max(1, min(chunk, int(limits.get("max_rows", chunk))))
+    limits = model.unwrap_python_model().limits  # a dict in models registered before typed settings
+    chunk = max(1, min(chunk, limits["max_rows"] if isinstance(limits, dict) else limits.max_rows))
     try:
         for lo in range(0, len(images), chunk):
             batch = pd.DataFrame({"image": [p.read_bytes() for p in images[lo:lo + chunk]]})
@@ -78,17 +79,22 @@ def caption_with_champion(client, model_name: str, images: list[Path], beam_size
     return run
 
 
-def judge(scores: pd.DataFrame, evaluated: dict, current: str | None, metric: str, mode: str,
+def judge(scores: "pd.DataFrame", evaluated: dict, current: str | None, metric: str, mode: str,
           key: str, min_improvement: float) -> tuple[str, str, dict | None]:
-    """Pure core: (decision, why, comparison). ``evaluated`` is eval.json's champion entry,
-    ``current`` the version holding the alias now."""
+    """The paired decision (pure): (decision, why, comparison). ``scores`` are evaluate's per-image
+    scores of the new model and the champion, ``evaluated`` is eval.json's champion entry,
+    ``current`` the version holding the alias now. Promoted when there is no champion, when it
+    could not be loaded, or when the 95% interval of the paired bootstrap lies above
+    ``min_improvement``."""
+    from pipeline.captioning.comparison import paired_bootstrap
+
     if current is None:
         return "promoted", "there was no champion", None
     if evaluated.get("version") != current:
         raise ValueError(
             f"the champion is v{current} but evaluate compared against "
             f"{'v' + str(evaluated.get('version')) if evaluated.get('version') else 'no champion'}; "
-            "run `dvc repro -f evaluate register` to compare with the current one")
+            "run `dvc repro -f -s evaluate register` to compare with the current one")
     if evaluated["status"] == "unloadable":
         return "promoted", f"champion v{current} could not be loaded ({evaluated['error']}); replaced", None
     both = scores[scores["mode"] == mode]

@@ -33,6 +33,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.config import DecodingSettings, ServingSettings
+
 CONFIG_NAME = "caption_config.json"
 # run by MLflow when the model loads (models-from-code); the whole `pipeline` package travels with
 # the model as its code, so a champion captions with the code it was registered with
@@ -43,13 +45,17 @@ NOT_BASE64 = "not base64 image data: send the file's bytes base64-encoded, or a 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\r\n]*={0,2}\s*$")
 
 
+def too_large(max_bytes: int) -> str:
+    return f"image is over the limit of {max_bytes:,} bytes"
+
+
 def image_bytes(value, max_bytes: int) -> bytes:
     """Raw bytes of one input value (see the module docstring); ValueError with the reason."""
     if isinstance(value, Path):
         if not value.is_file():
             raise ValueError(f"no such file: {value}")
         if value.stat().st_size > max_bytes:
-            raise ValueError(f"image is {value.stat().st_size:,} bytes, above the limit of {max_bytes:,}")
+            raise ValueError(too_large(max_bytes))
         return value.read_bytes()
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
@@ -61,7 +67,7 @@ def image_bytes(value, max_bytes: int) -> bytes:
                 raise ValueError(NOT_BASE64)
         # Refuse before decoding when the text alone is too long (3 bytes per 4 characters).
         if len(text) * 3 // 4 > max_bytes + 3:
-            raise ValueError(f"image is about {len(text) * 3 // 4:,} bytes, above the limit of {max_bytes:,}")
+            raise ValueError(too_large(max_bytes))
         if not text or not _BASE64.match(text):
             raise ValueError(NOT_BASE64)
         try:
@@ -71,7 +77,7 @@ def image_bytes(value, max_bytes: int) -> bytes:
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}: send base64 text")
     if len(data) > max_bytes:
-        raise ValueError(f"image is {len(data):,} bytes, above the limit of {max_bytes:,}")
+        raise ValueError(too_large(max_bytes))
     if not data:
         raise ValueError("empty image data (0 bytes)")
     return data
@@ -99,43 +105,40 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.captioning.backbone import BackboneFolder
+        from pipeline.captioning.caption_choice import CaptionChooser
+        from pipeline.captioning.consensus import Neighbours
         from pipeline.captioning.decoder import decoding_models, load_decoder
         from pipeline.captioning.vocabulary import Vocabulary
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
         backbone = BackboneFolder(Path(context.artifacts["backbone"]))
         self.spec = backbone.spec()
-        self.decoding = config["decoding"]
-        self.limits = config["limits"]
+        self.decoding = DecodingSettings.from_stored(config["decoding"])
+        self.limits = ServingSettings.model_validate(config["limits"])
         self.embed = backbone.embedder(fallback_to_keras=True)
-        self.models = decoding_models(load_decoder(context.artifacts["decoder"]))
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
-        self.reranker = None  # models registered before consensus reranking have no neighbours
-        if self.decoding.get("consensus_neighbours") and "neighbours" in context.artifacts:
-            from pipeline.captioning.consensus import ConsensusReranker, Neighbours
-
-            self.reranker = ConsensusReranker.from_settings(Neighbours.load(context.artifacts["neighbours"]),
-                                                            self.decoding)
+        neighbours = None
+        if self.decoding.consensus.neighbours:
+            if "neighbours" not in context.artifacts:
+                raise ValueError("this model reranks by consensus but carries no neighbours file")
+            neighbours = Neighbours.load(context.artifacts["neighbours"])
+        self.chooser = CaptionChooser(decoding_models(load_decoder(context.artifacts["decoder"])), self.vocab,
+                                      self.decoding, neighbours)
         self._warm_up()
 
     def _warm_up(self) -> None:
         """Run the CNN and the decoding of both modes (with sampling and reranking) once on a
         blank image: the first call builds TensorFlow's kernels (about a second), which belongs
         to the load, not to the first request a user sends."""
-        from pipeline.captioning.consensus import ranked_candidates
-        from pipeline.captioning.decoding import greedy
-
         size = self.spec.image_size
         feats = self.embed(np.zeros((1, size, size, 3), np.uint8))
-        greedy(self.models, feats, self.vocab)
-        ranked_candidates(self.models, feats, self.vocab, beam_size=self.decoding["beam_size"],
-                          length_penalty=self.decoding["length_penalty"],
-                          no_repeat_ngram=self.decoding["no_repeat_ngram"], reranker=self.reranker)
+        self.chooser.choose(feats, beam_size=1)
+        self.chooser.choose(feats)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise request_error("input needs a column 'image' (base64 image data)")
-        results = self.caption_images(model_input["image"].tolist(), beam_param(params, self.decoding["beam_size"]))
+        results = self.caption_images(model_input["image"].tolist(), beam_param(params, self.decoding.beam_size))
         return pd.DataFrame({"caption": [r["caption"] for r in results], "error": [r["error"] for r in results]})
 
     def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
@@ -143,44 +146,37 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         same limits and per-row errors as ``predict`` (apps call this to show the other beam
         candidates, ``beam_size`` of them; ``score`` is the length-normalised log-probability; a
         model that reranks by consensus adds ``consensus``, the CIDEr-D against similar train
-        images' captions, and lists the best by consensus + consensus_weight x score, sampled
+        images' captions, and lists the best by consensus + consensus.weight x score, sampled
         captions among them when it samples)."""
-        beam = beam_param({"beam_size": beam_size}, self.decoding["beam_size"])
-        rows, limit = len(values), self.limits["max_rows"]
+        beam = beam_param({"beam_size": beam_size}, self.decoding.beam_size)
+        rows, limit = len(values), self.limits.max_rows
         if rows > limit:
             raise request_error(f"too many rows: {rows} in one request, the limit is {limit}")
         results = [{"caption": "", "candidates": [], "error": ""} for _ in values]
-        step = self.limits["batch_size"]
+        step = self.limits.batch_size
         for lo in range(0, rows, step):
             self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam)
         return results
 
     def _caption_batch(self, values: list, results: list[dict], beam: int) -> None:
         from pipeline.captioning.backbone import load_image
-        from pipeline.captioning.consensus import ranked_candidates
-        from pipeline.captioning.decoding import greedy
 
         pixels, ok = [], []
         for value, result in zip(values, results):
             try:
-                data = image_bytes(value, self.limits["max_image_bytes"])
-                pixels.append(load_image(data, self.spec, self.limits["max_image_pixels"]))
+                data = image_bytes(value, self.limits.max_image_bytes)
+                pixels.append(load_image(data, self.spec, self.limits.max_image_pixels))
                 ok.append(result)
             except ValueError as err:  # ImageError is a ValueError; one bad image must not sink the batch
                 result["error"] = str(err).splitlines()[0]
         if not pixels:
             return
-        feats = self.embed(np.stack(pixels))
-        ngram = self.decoding["no_repeat_ngram"]
-        if beam == 1:
-            found = [[(c, c.log_prob)] for c in greedy(self.models, feats, self.vocab, no_repeat_ngram=ngram)]
-        else:
-            found = ranked_candidates(self.models, feats, self.vocab, beam_size=beam, no_repeat_ngram=ngram,
-                                      length_penalty=self.decoding["length_penalty"], reranker=self.reranker)
+        found = self.chooser.choose(self.embed(np.stack(pixels)), beam_size=beam)
         for result, ranked in zip(ok, found):
-            result["candidates"] = [{"caption": self.vocab.decode(c.tokens), "score": round(float(score), 4),
-                                     **({"consensus": round(rest[0], 4)} if rest else {})}
-                                    for c, score, *rest in ranked[:beam]]  # samples that lost are noise
+            result["candidates"] = [
+                {"caption": self.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
+                 **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
+                for c in ranked[:beam]]  # samples that lost are noise
             result["caption"] = result["candidates"][0]["caption"]
 
 
@@ -200,7 +196,7 @@ def signature_and_example(example_image: bytes):
 
 
 def pip_requirements() -> list[str]:
-    """Explicit pins: inferred ones add unrelated packages and miss pillow (DESIGN §7)."""
+    """Explicit pins: inferred ones add unrelated packages and miss pillow (MLflow's inference would list scikit-learn and matplotlib and miss pillow)."""
     from importlib.metadata import version
 
     names = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "h5py", "pyarrow",

@@ -1,10 +1,10 @@
 """Stage ``evaluate``: caption the test split and score it -> ``metrics/eval.json``.
 
-Three decoders are scored on the same images and references: ``greedy``, ``beam``
-(``evaluate.beam_size``; with ``evaluate.consensus_neighbours`` > 0 its candidates, and
-``evaluate.consensus_samples`` sampled captions per image, reranked by agreement with the
-captions of similar train images, ``models/neighbours.npz``) and
-``baseline``, the same decoder and beam search fed the mean train feature vector for every
+Three decoders are scored on the same images and references: ``greedy``, ``beam`` (the
+caption the ``decoding`` settings choose, as the registered model will: beam search, with
+``decoding.consensus`` its candidates and sampled ones reranked by agreement with the captions
+of similar train images, ``models/neighbours.npz``; see ``pipeline/captioning/caption_choice.py``)
+and ``baseline``, the same decoder and beam search fed the mean train feature vector for every
 image (image-blind), which shows what the image adds.
 The registry's current champion (if any, and if it loads) captions the same test images in
 the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
@@ -23,14 +23,15 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.atomic import write_json, write_parquet, write_text
+from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.comparison import per_image_scores
-from pipeline.captioning.consensus import ConsensusReranker, Neighbours, ranked_candidates
+from pipeline.captioning.consensus import Neighbours
 from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
 from pipeline.captioning.decoding import beam_search, greedy
 from pipeline.captioning.gallery import render
 from pipeline.captioning.metrics import JavaMissingError, caption_health, score
 from pipeline.captioning.vocabulary import Vocabulary
-from pipeline.config import EvaluateSettings, Settings
+from pipeline.config import DecodingSettings, Settings
 from pipeline.data.features_file import read_features, row_index, rows_of
 from pipeline.registry.champion import caption_with_champion
 from pipeline.registry.tracking import flatten, resume_run, setup
@@ -42,11 +43,10 @@ HEALTH = "caption_health"  # per mode: distinct captions and words, repeats, len
 
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
-                   features: np.ndarray, cfg: EvaluateSettings,
+                   features: np.ndarray, decoding: DecodingSettings,
                    neighbours: Neighbours | None = None) -> tuple[dict, pd.DataFrame]:
     """Pure core: (metrics per mode, one row per test image with its captions). With
-    ``cfg.consensus_neighbours`` > 0, beam candidates (and ``cfg.consensus_samples`` sampled
-    captions per image) are reranked by consensus with the
+    ``decoding.consensus.neighbours`` > 0 the beam is reranked by consensus with the
     ``neighbours`` (by default the train split of ``captions``; ``run`` passes the file the
     served model carries); the image-blind baseline keeps the decoder's ranking. Raises
     ValueError when the test split is empty or an image has no features."""
@@ -59,27 +59,25 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     feats = features[rows_of(index, test_images)]
     train_images = captions.loc[captions["split"] == "train", "image"].unique()
     mean_feature = features[rows_of(index, train_images)].mean(axis=0, keepdims=True)
-    beam_kwargs = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                       no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
-    reranker = None
-    if cfg.consensus_neighbours:
-        reranker = ConsensusReranker.from_settings(
-            neighbours or Neighbours.from_split(captions, "train", images, features), cfg.decoding())
+    d = decoding
+    if d.consensus.neighbours and neighbours is None:
+        neighbours = Neighbours.from_split(captions, "train", images, features)
+    chooser = CaptionChooser(models, vocab, d, neighbours)
     log.info("decoding %d test images (greedy, beam-%d%s, image-blind baseline)", len(test_images),
-             cfg.beam_size, f" reranked by consensus with {reranker.k} train images" if reranker else "")
+             d.beam_size, f" reranked by consensus with {chooser.scorer.k} train images" if chooser.scorer else "")
     decoded = {
-        "greedy": greedy(models, feats, vocab, no_repeat_ngram=cfg.no_repeat_ngram,
-                         batch_size=cfg.batch_size, progress="greedy"),
-        "beam": [ranked[0][0] for ranked in ranked_candidates(models, feats, vocab, **beam_kwargs,
-                                                              reranker=reranker, progress=True)],
+        "greedy": greedy(models, feats, vocab, no_repeat_ngram=d.no_repeat_ngram,
+                         batch_size=d.batch_size, progress="greedy"),
+        "beam": [ranked[0].caption for ranked in chooser.choose(feats, progress=True)],
         # Image-blind: one caption for the mean train image, used for every test image.
-        "baseline": beam_search(models, mean_feature, vocab, **beam_kwargs) * len(test_images),
+        "baseline": beam_search(models, mean_feature, vocab, beam_size=d.beam_size, length_penalty=d.length_penalty,
+                                no_repeat_ngram=d.no_repeat_ngram, batch_size=d.batch_size) * len(test_images),
     }
     texts = {mode: [vocab.decode(c.tokens) for c in decoded[mode]] for mode in MODES}
     references = [[r.split() for r in refs[n]] for n in test_images]
-    metrics: dict = {"n_images": len(test_images), "beam_size": cfg.beam_size,
-                     "consensus_neighbours": cfg.consensus_neighbours, "consensus_samples": cfg.consensus_samples,
-                     "consensus_contrast": cfg.consensus_contrast}
+    metrics: dict = {"n_images": len(test_images), "beam_size": d.beam_size,
+                     "consensus_neighbours": d.consensus.neighbours, "consensus_samples": d.consensus.samples,
+                     "consensus_contrast": d.consensus.contrast}
     for mode in MODES:
         log.info("scoring %s captions (BLEU, METEOR in Java, ROUGE-L, CIDEr)", mode)
         metrics[mode] = score(references, [t.split() for t in texts[mode]])
@@ -112,7 +110,7 @@ def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) ->
     from pipeline.captioning.metrics import score
 
     mode = settings.registry.mode
-    beam = settings.evaluate.beam_size if mode == "beam" else 1
+    beam = settings.decoding.beam_size if mode == "beam" else 1
     references = [[r.split() for r in refs] for refs in table["references"]]
     scores = scores_table(table, references, "candidate", mode, table[mode].tolist())
     log.info("captioning the test images with the registry's champion (beam size %d)", beam)
@@ -137,7 +135,7 @@ def caption_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
-    consensus = settings.evaluate.consensus_neighbours > 0
+    consensus = settings.decoding.consensus.neighbours > 0
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file, *([paths.NEIGHBOURS] if consensus else []))
     vocab = Vocabulary.load(paths.VOCAB)
     models = decoding_models(load_decoder(paths.DECODER))
@@ -147,7 +145,7 @@ def run(settings: Settings) -> dict:
     setup(settings)
     with reported(JavaMissingError, ValueError):
         neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
-        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.evaluate, neighbours)
+        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours)
         metrics["champion"], scores = compare_with_champion(settings, table, image_dir)
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)

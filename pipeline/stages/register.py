@@ -61,11 +61,10 @@ def log_caption_model(settings: Settings, model_dir: Path):
 
     backbone = BackboneFolder(paths.backbone_dir(settings.features.backbone))
     spec = backbone.spec()
-    ev = settings.evaluate
     config = model_dir / CONFIG_NAME
     config.write_text(json.dumps({
         "backbone": spec.to_dict(),
-        "decoding": ev.decoding(),
+        "decoding": settings.decoding.model_dump(),
         "limits": settings.serving.model_dump()}))
     buf = io.BytesIO()
     make_scene(random.Random(0), 64)[0].save(buf, format="JPEG")
@@ -75,16 +74,18 @@ def log_caption_model(settings: Settings, model_dir: Path):
         artifacts={"config": str(config), "decoder": str(paths.DECODER), "vocab": str(paths.VOCAB),
                    "backbone": str(backbone.path),
                    # the served model reranks its beam as evaluate did
-                   **({"neighbours": str(paths.NEIGHBOURS)} if ev.consensus_neighbours else {})},
+                   **({"neighbours": str(paths.NEIGHBOURS)} if settings.decoding.consensus.neighbours else {})},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
         code_paths=[str(PACKAGE_DIR)],
         registered_model_name=settings.registry.model_name)
 
 
-def model_description(name: str) -> str:
+def model_description(name: str, weights: str) -> str:
     """The registered model's description (Markdown in the UI): what it does and how to use it."""
+    cnn = {"imagenet": "an Xception CNN with ImageNet weights",
+           "none": "an Xception CNN with random weights (the offline default)"}.get(weights, "an Xception CNN")
     return (
-        "Writes one English sentence about a photo: an Xception CNN (ImageNet) turns the image into "
+        f"Writes one English sentence about a photo: {cnn} turns the image into "
         "a 2048-d vector and an LSTM decoder writes the caption (beam search). Trained and "
         "promoted by the captioner pipeline (`dvc repro` / the Airflow DAG `caption_retraining`); "
         "the version holding the alias `champion` is the one to use.\n\n"
@@ -92,7 +93,7 @@ def model_description(name: str) -> str:
         "param `beam_size` (1 = greedy). **Output**: columns `caption` and `error` (one per row; "
         "a bad image fills `error` and leaves the other rows alone).\n\n"
         "```python\nimport base64, mlflow, pandas as pd\n"
-        f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")\n"
+        f"model = mlflow.pyfunc.load_model(\"models:/{name}@{ALIAS}\")\n"
         "image = base64.b64encode(open(\"photo.jpg\", \"rb\").read()).decode()\n"
         "print(model.predict(pd.DataFrame({\"image\": [image]}))[\"caption\"][0])\n```\n\n"
         "More: the project README, sections \"Using the model\" and \"Comparing models in MLflow\".")
@@ -145,7 +146,7 @@ def run(settings: Settings) -> dict:
         tags["promoted_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
-    client.update_registered_model(reg.model_name, description=model_description(reg.model_name))
+    client.update_registered_model(reg.model_name, description=model_description(reg.model_name, settings.features.weights))
     client.update_model_version(reg.model_name, version, description=version_description(
         client.get_run(run_id).data.tags, metrics, decision, why, old_version))
     client.set_tag(run_id, "registry.decision", decision)

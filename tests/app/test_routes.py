@@ -63,7 +63,7 @@ def test_a_jpeg_gets_a_caption_and_the_other_candidates(api):
     assert result["filename"] == "photo.jpg" and result["error"] == ""
     assert result["caption"] and result["caption"] == result["candidates"][0]["caption"]
     assert len(result["candidates"]) == 3  # the model's beam size, sampled candidates included
-    weight = tiny_params()["evaluate"]["consensus_weight"]
+    weight = tiny_params()["decoding"]["consensus"]["weight"]
     totals = [c["consensus"] + weight * c["score"] for c in result["candidates"]]
     assert all(a >= b - 1e-3 for a, b in zip(totals, totals[1:]))  # best first, as reranked (4 decimals)
     assert body["model"] == {"name": NAME, "version": "1"} and body["ms"] > 0

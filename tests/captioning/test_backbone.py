@@ -81,7 +81,9 @@ def test_captions_do_not_change_with_the_runtime(in_trained):
     assert not np.array_equal(lite, exact)  # two runtimes really ran
     models = StepModels.from_decoder(load_decoder(paths.DECODER))
     vocab = Vocabulary.load(paths.VOCAB)
-    for decode in (greedy, lambda m, f, v: beam_search(m, f, v, beam_size=3)):
+    for decode in (lambda m, f, v: greedy(m, f, v, no_repeat_ngram=0, batch_size=64),
+                   lambda m, f, v: beam_search(m, f, v, beam_size=3, length_penalty=0.7, no_repeat_ngram=0,
+                                               batch_size=64)):
         from_lite = [vocab.decode(c.tokens) for c in decode(models, lite, vocab)]
         from_keras = [vocab.decode(c.tokens) for c in decode(models, exact, vocab)]
         assert from_lite == from_keras

@@ -105,8 +105,10 @@ def test_an_ensemble_of_copies_decodes_exactly_as_the_model():
     features = np.random.default_rng(1).normal(size=(9, 6)).astype("float32")
     alone, three = decoding_models(decoder), decoding_models(ensemble_decoder([decoder] * 3))
     assert isinstance(three, EnsembleSteps) and len(three.members) == 3
-    for decode in (greedy, beam_search):
-        want, got = decode(alone, features, vocab), decode(three, features, vocab)
+    plain = dict(no_repeat_ngram=0, batch_size=16)
+    for decode in (lambda m: greedy(m, features, vocab, **plain),
+                   lambda m: beam_search(m, features, vocab, beam_size=3, length_penalty=0.7, **plain)):
+        want, got = decode(alone), decode(three)
         assert [c.tokens for c in got] == [c.tokens for c in want]
         np.testing.assert_allclose([c.log_prob for c in got], [c.log_prob for c in want], rtol=1e-5)
 

@@ -7,7 +7,7 @@ def test_vocabulary_reserves_special_tokens_and_round_trips(tmp_path):
     assert "cat" not in vocab.words  # seen once, below min_count
     assert vocab.encode("a cat runs") == [vocab.id("a"), vocab.unk_id, vocab.id("runs")]
     path = tmp_path / "vocab.json"
-    vocab.save(path)
+    path.write_text(vocab.to_text())
     assert Vocabulary.load(path) == vocab
 
 

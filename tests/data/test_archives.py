@@ -16,7 +16,7 @@ BODY = bytes(range(256)) * 4096  # 1 MiB
 
 def test_full_download_with_checksum(http_server, tmp_path):
     http_server.files["/data.zip"] = BODY
-    out = download(f"{http_server.url}/data.zip", tmp_path / "data.zip",
+    out = download(f"{http_server.url}/data.zip", tmp_path / "data.zip", timeout=10, retries=0,
                    sha256=hashlib.sha256(BODY).hexdigest(), progress=False)
     assert out.read_bytes() == BODY
     assert not (tmp_path / "data.zip.part").exists()
@@ -25,7 +25,7 @@ def test_full_download_with_checksum(http_server, tmp_path):
 def test_resumes_with_range_after_the_server_cuts_the_transfer(http_server, tmp_path):
     http_server.files["/data.zip"] = BODY
     http_server.cut_once["/data.zip"] = 300_000
-    out = download(f"{http_server.url}/data.zip", tmp_path / "data.zip", retries=2,
+    out = download(f"{http_server.url}/data.zip", tmp_path / "data.zip", timeout=10, retries=2,
                    backoff_s=0.01, progress=False)
     assert out.read_bytes() == BODY
     assert http_server.requests == [("/data.zip", None), ("/data.zip", "bytes=300000-")]
@@ -35,10 +35,10 @@ def test_interrupted_download_keeps_part_file_and_next_run_resumes(http_server, 
     http_server.files["/data.zip"] = BODY
     http_server.cut_once["/data.zip"] = 1000
     with pytest.raises(DownloadError, match="partial file"):
-        download(f"{http_server.url}/data.zip", tmp_path / "data.zip", retries=0, progress=False)
+        download(f"{http_server.url}/data.zip", tmp_path / "data.zip", timeout=10, retries=0, progress=False)
     assert (tmp_path / "data.zip.part").stat().st_size == 1000
     assert not (tmp_path / "data.zip").exists()
-    download(f"{http_server.url}/data.zip", tmp_path / "data.zip", retries=0, progress=False)
+    download(f"{http_server.url}/data.zip", tmp_path / "data.zip", timeout=10, retries=0, progress=False)
     assert (tmp_path / "data.zip").read_bytes() == BODY
     assert http_server.requests[-1] == ("/data.zip", "bytes=1000-")
 
@@ -46,13 +46,13 @@ def test_interrupted_download_keeps_part_file_and_next_run_resumes(http_server, 
 def test_checksum_mismatch_is_a_clear_error_and_publishes_nothing(http_server, tmp_path):
     http_server.files["/data.zip"] = BODY
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        download(f"{http_server.url}/data.zip", tmp_path / "data.zip", sha256="0" * 64, progress=False)
+        download(f"{http_server.url}/data.zip", tmp_path / "data.zip", timeout=10, retries=0, sha256="0" * 64, progress=False)
     assert not (tmp_path / "data.zip").exists()
 
 
 def test_http_error_is_not_retried_forever(http_server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404"):
-        download(f"{http_server.url}/missing.zip", tmp_path / "m.zip", retries=3, backoff_s=0.01,
+        download(f"{http_server.url}/missing.zip", tmp_path / "m.zip", timeout=10, retries=3, backoff_s=0.01,
                  progress=False)
     assert len(http_server.requests) == 1
 
@@ -90,21 +90,21 @@ def test_error_page_instead_of_zip_is_moved_aside_and_never_reused(http_server, 
     http_server.files["/data.zip"] = b"<html><body>rate limited</body></html>"
     dest = tmp_path / "data.zip"
     with pytest.raises(DownloadError, match="not a valid zip.*moved to .*data.zip.part.bad"):
-        download(f"{http_server.url}/data.zip", dest, check=check_zip, retries=0, progress=False)
+        download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, check=check_zip, progress=False)
     assert not dest.exists()
     http_server.files["/data.zip"] = ZIP  # the server is fixed
-    out = download(f"{http_server.url}/data.zip", dest, check=check_zip, retries=0, progress=False)
+    out = download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, check=check_zip, progress=False)
     assert out.read_bytes() == ZIP
 
 
 def test_cached_archive_is_verified_before_reuse(http_server, tmp_path):
     http_server.files["/data.zip"] = ZIP
     dest = tmp_path / "data.zip"
-    download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
-    download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
+    download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, check=check_zip, progress=False)
+    download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, check=check_zip, progress=False)
     assert len(http_server.requests) == 1  # a good cached file is reused
     dest.write_bytes(ZIP[:-10])  # damaged on disk afterwards
-    out = download(f"{http_server.url}/data.zip", dest, check=check_zip, progress=False)
+    out = download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, check=check_zip, progress=False)
     assert out.read_bytes() == ZIP and len(http_server.requests) == 2
     assert (tmp_path / "data.zip.bad").read_bytes() == ZIP[:-10]
 
@@ -112,14 +112,14 @@ def test_cached_archive_is_verified_before_reuse(http_server, tmp_path):
 def test_cached_archive_with_a_new_pinned_sha256_that_does_not_match_is_refetched(http_server, tmp_path):
     http_server.files["/data.zip"] = ZIP
     dest = tmp_path / "data.zip"
-    download(f"{http_server.url}/data.zip", dest, progress=False)
+    download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, progress=False)
     dest.write_bytes(zip_bytes({"other.txt": b"y"}))  # same name, other content
-    out = download(f"{http_server.url}/data.zip", dest, sha256=hashlib.sha256(ZIP).hexdigest(),
+    out = download(f"{http_server.url}/data.zip", dest, timeout=10, retries=0, sha256=hashlib.sha256(ZIP).hexdigest(),
                    progress=False)
     assert out.read_bytes() == ZIP
 
 
 def test_failed_download_does_not_claim_a_partial_file_that_does_not_exist(tmp_path):
     with pytest.raises(DownloadError) as err:
-        download("http://127.0.0.1:9/none.zip", tmp_path / "none.zip", retries=0, progress=False)
+        download("http://127.0.0.1:9/none.zip", tmp_path / "none.zip", timeout=10, retries=0, progress=False)
     assert "nothing was kept" in str(err.value) and "partial file" not in str(err.value)

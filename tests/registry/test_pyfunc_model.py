@@ -99,7 +99,7 @@ def test_oversized_image_and_pixel_bomb_are_refused_per_row(server):
                                 b64(jpeg_bytes(size=(60, 40)))])
     assert status == 200
     rows = body["predictions"]
-    assert "above the limit of 200,000" in rows[0]["error"]
+    assert "over the limit of 200,000 bytes" in rows[0]["error"]
     assert rows[1]["error"].startswith("image too large: 2000x2000")
     assert rows[2]["caption"] and not rows[2]["error"]  # the good row of the batch is captioned
 
@@ -143,7 +143,7 @@ def test_paths_only_as_explicit_path_objects(tmp_path):
         with pytest.raises(ValueError) as err:
             image_bytes(text, 10**6)
         assert str(err.value) == NOT_BASE64
-    with pytest.raises(ValueError, match="above the limit of 10"):
+    with pytest.raises(ValueError, match="over the limit of 10 bytes"):
         image_bytes(b64(b"x" * 100), 10)
 
 
@@ -165,24 +165,31 @@ def test_models_registered_before_consensus_or_sampling_still_caption(registered
             "neighbours": "neighbours.npz"}[name])]
         artifacts[name] = str(path)
     config = json.loads((local / "artifacts" / CONFIG_NAME).read_text())
-    assert config["decoding"]["consensus_samples"] > 0  # today's model samples
-    for key in ("consensus_samples", "consensus_top_k"):
-        del config["decoding"][key]
+    today = config["decoding"]
+    assert today["consensus"]["samples"] > 0  # today's model samples
+    # what register stored before sampling existed: flat evaluate.* keys, no samples
+    config["decoding"] = {"beam_size": today["beam_size"], "length_penalty": today["length_penalty"],
+                          "no_repeat_ngram": today["no_repeat_ngram"],
+                          "consensus_neighbours": today["consensus"]["neighbours"],
+                          "consensus_weight": today["consensus"]["weight"]}
     old_config = tmp_path / CONFIG_NAME
     old_config.write_text(json.dumps(config))
+    older_config = tmp_path / "older.json"  # before consensus: no consensus keys, no neighbours file
+    older_config.write_text(json.dumps({**config, "decoding": {k: v for k, v in config["decoding"].items()
+                                                                if not k.startswith("consensus")}}))
     photo = jpeg_bytes(size=(120, 90))
 
     before_sampling = CaptionModel()
     before_sampling.load_context(PythonModelContext({**artifacts, "config": str(old_config)}, None))
-    assert before_sampling.reranker is not None and before_sampling.reranker.samples == 0
+    assert before_sampling.chooser.scorer is not None and before_sampling.decoding.consensus.samples == 0
     (result,) = before_sampling.caption_images([photo], beam_size=3)
     assert result["caption"] and len(result["candidates"]) <= 3
     assert all("consensus" in c for c in result["candidates"])
 
     before_consensus = CaptionModel()
     del artifacts["neighbours"]
-    before_consensus.load_context(PythonModelContext({**artifacts, "config": str(old_config)}, None))
-    assert before_consensus.reranker is None
+    before_consensus.load_context(PythonModelContext({**artifacts, "config": str(older_config)}, None))
+    assert before_consensus.chooser.scorer is None
     (result,) = before_consensus.caption_images([photo], beam_size=3)
     scores = [c["score"] for c in result["candidates"]]
     assert result["caption"] and len(scores) == 3 and scores == sorted(scores, reverse=True)

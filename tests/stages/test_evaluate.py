@@ -52,9 +52,9 @@ def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
     images, features, _ = read_features(paths.features_file("xception"))
     evaluate.evaluate_model(StepModels.from_decoder(load_decoder(paths.DECODER)),
                             Vocabulary.load(paths.VOCAB), pd.read_parquet(paths.CAPTIONS), images,
-                            features, settings.evaluate)
+                            features, settings.decoding)
     bars = capsys.readouterr().err
-    assert "greedy" in bars and f"beam-{settings.evaluate.beam_size}" in bars and "img/s" in bars
+    assert "greedy" in bars and f"beam-{settings.decoding.beam_size}" in bars and "img/s" in bars
     assert "decoding" in caplog.text and "scoring beam captions" in caplog.text
 
 
@@ -62,28 +62,32 @@ def test_beam_captions_are_chosen_by_consensus_among_beam_and_sampled_candidates
     """With consensus on (the default), each beam caption is one of the decoder's beam
     candidates or of its seeded samples, the one that agrees best with the captions of similar
     train images (+ weight x the decoder's score)."""
-    from pipeline.captioning.consensus import ConsensusReranker, Neighbours
+    from pipeline.captioning.consensus import ConsensusScorer, Neighbours
     from pipeline.captioning.decoder import decoding_models, load_decoder
-    from pipeline.captioning.decoding import beam_candidates
+    from pipeline.captioning.decoding import beam_candidates, sample_candidates
     from pipeline.captioning.vocabulary import Vocabulary
     from pipeline.data.features_file import read_features, row_index, rows_of
 
     _, settings = in_trained
-    cfg = settings.evaluate
+    d = settings.decoding
     metrics = json.loads(paths.EVAL_METRICS.read_text())
-    assert cfg.consensus_neighbours > 0 and metrics["consensus_neighbours"] == cfg.consensus_neighbours
-    assert cfg.consensus_samples > 0 and metrics["consensus_samples"] == cfg.consensus_samples
-    assert metrics["consensus_contrast"] == cfg.consensus_contrast
+    assert d.consensus.neighbours > 0 and metrics["consensus_neighbours"] == d.consensus.neighbours
+    assert d.consensus.samples > 0 and metrics["consensus_samples"] == d.consensus.samples
+    assert metrics["consensus_contrast"] == d.consensus.contrast
     table = pd.read_parquet(paths.TEST_CAPTIONS)
     vocab = Vocabulary.load(paths.VOCAB)
     images, features, _ = read_features(paths.features_file("xception"))
     feats = features[rows_of(row_index(images), table["image"])]
     models = decoding_models(load_decoder(paths.DECODER))
-    decoding = dict(length_penalty=cfg.length_penalty, no_repeat_ngram=cfg.no_repeat_ngram, batch_size=cfg.batch_size)
-    beam = beam_candidates(models, feats, vocab, beam_size=cfg.beam_size, **decoding)
-    reranker = ConsensusReranker.from_settings(Neighbours.load(paths.NEIGHBOURS), cfg.model_dump())
-    pool = reranker.widen(models, feats, vocab, beam, **decoding)
-    for caption, found, candidates in zip(table["beam"], reranker.rerank(feats, pool, vocab), pool):
-        assert caption in [vocab.decode(c.tokens) for c, _ in candidates]
-        total = [consensus + cfg.consensus_weight * score for _, score, consensus in found]
-        assert caption == vocab.decode(found[0][0].tokens) and total[0] == max(total)
+    common = dict(length_penalty=d.length_penalty, no_repeat_ngram=d.no_repeat_ngram, batch_size=d.batch_size)
+    beam = beam_candidates(models, feats, vocab, beam_size=d.beam_size, **common)
+    drawn = sample_candidates(models, feats, vocab, samples=d.consensus.samples, seed=d.consensus.seed,
+                              top_k=d.consensus.top_k, **common)
+    scorer = ConsensusScorer(Neighbours.load(paths.NEIGHBOURS), d.consensus)
+    for i, (caption, found, extra) in enumerate(zip(table["beam"], beam, drawn)):
+        pool = {vocab.decode(c.tokens): s for c, s in found + extra}  # a sample may repeat a beam caption
+        assert caption in pool
+        texts = list(pool)
+        consensus = scorer.score(feats[i:i + 1], [[t.split() for t in texts]])[0]
+        total = {t: c + d.consensus.weight * pool[t] for t, c in zip(texts, consensus)}
+        assert total[caption] == max(total.values())

@@ -104,19 +104,25 @@ def test_a_shard_outside_features_shards_is_an_error(prepared):
         features.run(prepared, 3)
 
 
+def spec(**fields) -> BackboneSpec:
+    """The tiny test CNN's spec, as the backbone stage makes it from params, with ``fields`` changed."""
+    from dataclasses import replace
+
+    return replace(BackboneSpec.from_settings(tiny_settings().features), **fields)
+
+
 def test_imagenet_offline_names_both_ways_out(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no way to fetch them
     with pytest.raises(BackboneError, match=r"features\.weights: none.*path"):
-        build(BackboneSpec(weights="imagenet", image_size=71))
+        build(spec(weights="imagenet"))
 
 
 def test_local_weights_file_is_used(tmp_path):
-    spec = BackboneSpec(weights="none", image_size=71, seed=3)
-    model = build(spec)
+    model = build(spec(weights="none", seed=3))
     path = tmp_path / "w.weights.h5"
     model.save_weights(path)
-    loaded = build(BackboneSpec(weights=str(path), image_size=71))
+    loaded = build(spec(weights=str(path)))
     x = np.random.default_rng(0).random((1, 71, 71, 3)).astype("float32")
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5)
 
