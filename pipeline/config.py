@@ -77,9 +77,17 @@ class SyntheticSource(_Section):
     split: SplitRatios
 
 
+class ArchiveLimits(_Section):
+    """What a zip may unpack to (zip bombs: a 2.6 MB zip of 2.5 GiB of zeros passes every CRC)."""
+
+    max_unpacked_bytes: int = Field(ge=1)  # the members' declared sizes, summed
+    max_compression_ratio: float = Field(ge=1)  # unpacked / packed bytes (photos barely compress)
+
+
 class DataSettings(_Section):
     source: Literal["synthetic", "flickr8k", "local"]
     local_path: str | None
+    archive_limits: ArchiveLimits
     # Splits for a Kaggle-layout dataset, which ships no split lists (Flickr8k: 6000/1000/1000).
     kaggle_split: SplitRatios
     flickr8k: Flickr8kSource

@@ -252,3 +252,31 @@ def wait_for_http(url: str, proc, timeout_s: float, what: str) -> None:
         assert proc.poll() is None, f"{what} exited: {proc.stderr.read().decode()[-3000:]}"
         assert time.monotonic() < deadline, f"{what} did not answer {url} within {timeout_s:.0f} s"
         time.sleep(0.5)
+
+
+def zip_bomb(unpacked: int, name: str = "Images/zeros.jpg") -> bytes:
+    """A valid zip whose one member inflates to ``unpacked`` zero bytes (about 1000:1), with
+    honest headers and a correct CRC: what check_zip's CRC test alone lets through."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open(name, "w") as member:
+            chunk = bytes(16 << 20)
+            for _ in range(unpacked // len(chunk)):
+                member.write(chunk)
+            member.write(bytes(unpacked % len(chunk)))
+    return buf.getvalue()
+
+
+def lying_zip(name: str, actual: int, declared: int) -> bytes:
+    """A zip whose member inflates to ``actual`` bytes while its local and central headers
+    declare ``declared``: a zip bomb that passes a check of the declared sizes."""
+    import struct
+
+    data = bytearray(zip_bomb(actual, name))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        (info,) = zf.infolist()
+        central = zf.start_dir
+    for offset in (info.header_offset + 22, central + 24):  # "uncompressed size" of each header
+        assert struct.unpack_from("<I", data, offset)[0] == actual
+        struct.pack_into("<I", data, offset, declared)
+    return bytes(data)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from pipeline.data.images import to_rgb8
+
 
 def thumbnail_data_uri(path: Path, size: int = 200) -> str:
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = to_rgb8(ImageOps.exif_transpose(img))  # 16-bit, alpha, CMYK: as the model saw them
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)

@@ -1,4 +1,12 @@
-"""Resumable HTTP download with checksum, and zip extraction that refuses unsafe members."""
+"""Resumable HTTP download with checksum, and zip extraction that refuses unsafe archives.
+
+A zip is refused before anything is unpacked when a member would land outside the target folder
+(an absolute or ``..`` path, a link), or when its members' declared sizes add up to more than
+``data.archive_limits.max_unpacked_bytes`` or to more than ``max_compression_ratio`` times the
+zip's own size (a zip bomb: 2.5 GiB of zeros fit in 2.6 MB with every CRC right). Headers can
+lie, so extraction also counts the bytes it writes and stops a member the moment it passes its
+declared size.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 import zipfile
@@ -15,6 +22,8 @@ from pathlib import Path, PurePosixPath
 
 import requests
 from tqdm import tqdm
+
+from pipeline.config import ArchiveLimits
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -32,8 +41,8 @@ class HTTPStatusError(DownloadError):
         self.status = status
 
 
-class UnsafeArchiveError(RuntimeError):
-    """A zip holds an absolute path, a '..' member or a link."""
+class UnsafeArchiveError(DownloadError):
+    """A zip holds an absolute path, a '..' member or a link, or unpacks to too much."""
 
 
 def sha256_of(path: Path) -> str:
@@ -52,11 +61,30 @@ def quarantine(path: Path) -> Path:
     return bad
 
 
-def check_zip(path: Path) -> None:
-    """A whole, readable zip: the central directory parses and every member's CRC matches.
-    An HTML error page or a cut transfer fails here."""
+def check_sizes(zf: zipfile.ZipFile, archive: Path, limits: ArchiveLimits) -> None:
+    """UnsafeArchiveError when the members' declared sizes exceed ``limits`` (read from the
+    central directory: nothing is decompressed)."""
+    unpacked = sum(m.file_size for m in zf.infolist())
+    packed = max(archive.stat().st_size, 1)
+    if unpacked > limits.max_unpacked_bytes:
+        raise UnsafeArchiveError(
+            f"{archive}: refusing to extract: its members unpack to {unpacked:,} bytes, above "
+            f"data.archive_limits.max_unpacked_bytes ({limits.max_unpacked_bytes:,}); raise the limit if "
+            "this archive is really that large")
+    if unpacked / packed > limits.max_compression_ratio:
+        raise UnsafeArchiveError(
+            f"{archive}: refusing to extract: {packed:,} bytes unpack to {unpacked:,} "
+            f"({unpacked / packed:,.0f} times as many), above data.archive_limits.max_compression_ratio "
+            f"({limits.max_compression_ratio:g}): a zip bomb? Photos and captions compress far less")
+
+
+def check_zip(path: Path, limits: ArchiveLimits) -> None:
+    """A whole, readable zip within ``limits``: the central directory parses, the declared sizes
+    pass ``check_sizes`` and every member's CRC matches. An HTML error page, a cut transfer or a
+    zip bomb fails here (the bomb before anything is decompressed)."""
     try:
         with zipfile.ZipFile(path) as zf:
+            check_sizes(zf, path, limits)
             broken = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
         raise DownloadError(f"{path} is not a valid zip (truncated, corrupt, or an error page "
@@ -186,14 +214,28 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
         raise UnsafeArchiveError(f"{archive}: refusing to extract symbolic link {info.filename!r}")
 
 
-def safe_extract(archive: Path, target: Path, progress: bool = True) -> list[Path]:
-    """Extract a zip into ``target`` after checking every member; returns extracted files.
-    Nothing is written when any member is unsafe."""
+def _copy_member(src, dst, member: zipfile.ZipInfo, archive: Path) -> None:
+    """Copy one member, stopping as soon as it writes more than its declared size."""
+    written = 0
+    while block := src.read(CHUNK):
+        written += len(block)
+        if written > member.file_size:
+            raise UnsafeArchiveError(f"{archive}: member {member.filename!r} unpacks to more than the "
+                                     f"{member.file_size:,} bytes its header declares; extraction stopped")
+        dst.write(block)
+
+
+def safe_extract(archive: Path, target: Path, limits: ArchiveLimits, progress: bool = True) -> list[Path]:
+    """Extract a zip into ``target`` after checking every member and the sizes (``check_sizes``);
+    returns extracted files. Nothing is written when any member is unsafe or the sizes exceed
+    ``limits``; a member that unpacks past its declared size stops the extraction (the caller
+    removes the partial folder)."""
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as err:
         raise DownloadError(f"{archive} is not a valid zip (truncated or corrupt?): {err}") from None
     with zf:
+        check_sizes(zf, archive, limits)
         members = [m for m in zf.infolist() if not _is_skipped(m.filename)]
         for member in members:
             _check_member(member, archive)
@@ -205,7 +247,7 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> list[Pat
             out.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with zf.open(member) as src, out.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
+                    _copy_member(src, dst, member, archive)
             except (zipfile.BadZipFile, EOFError, zlib.error) as err:
                 raise DownloadError(f"{archive}: member {member.filename!r} is corrupt: {err}") from None
             written.append(out)

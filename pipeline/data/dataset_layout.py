@@ -49,25 +49,45 @@ def _place(src: Path, dst: Path, move: bool) -> None:
         shutil.copy2(src, dst)
 
 
-def normalise(src_root: Path, out_dir: Path, split_ratios: dict[str, float], *,
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links resolved, lies inside ``root``."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def normalise(src_root: Path, out_dir: Path, split_ratios: dict[str, float], *, origin: str,
               move: bool = False, progress: bool = True) -> dict:
     """Write ``src_root`` (an extracted archive or a user's folder) into ``out_dir`` in the
-    common layout. ``move`` renames instead of copying (for a private staging folder).
-    Returns a summary (which files were used, whether splits were generated)."""
+    common layout. ``move`` renames instead of copying (for a private staging folder);
+    ``origin`` names the source in errors (``data.local_path ...``, an archive), never a staging
+    path. A link that leads outside ``src_root`` is not followed (its image is left out and
+    reported missing by validate). Returns a summary (which files were used, whether splits
+    were generated, which links were refused)."""
     image_dir = _find(src_root, IMAGE_DIR_NAMES, want_dir=True)
     token = _find(src_root, (paths.TOKEN_FILE,), want_dir=False)
     kaggle = _find(src_root, (paths.KAGGLE_CAPTIONS,), want_dir=False)
     if image_dir is None:
-        raise LayoutError(f"{src_root}: no image folder ({' or '.join(IMAGE_DIR_NAMES)})")
+        raise LayoutError(f"{origin}: no image folder ({' or '.join(IMAGE_DIR_NAMES)})")
     if token is None and kaggle is None:
-        raise LayoutError(f"{src_root}: no caption file ({paths.TOKEN_FILE} or {paths.KAGGLE_CAPTIONS})")
+        raise LayoutError(f"{origin}: no caption file ({paths.TOKEN_FILE} or {paths.KAGGLE_CAPTIONS})")
+    caption_file = token or kaggle
+    if not _inside(image_dir, src_root) or not _inside(caption_file, src_root):
+        raise LayoutError(f"{origin}: {image_dir.name if not _inside(image_dir, src_root) else caption_file.name} "
+                          "is a link to somewhere outside the folder; copy the files in instead")
+    shown = f"{origin}: {caption_file.relative_to(src_root)}"
+    # parsed where it lies, before anything moves: a bad file is named as the user knows it
+    captioned = (parse_kaggle_captions(caption_file, shown)["image"].tolist()
+                 if caption_file.name == paths.KAGGLE_CAPTIONS else None)
     images_out = out_dir / paths.IMAGES_SUBDIR
     images_out.mkdir(parents=True, exist_ok=True)
-    images = [p for p in sorted(image_dir.iterdir())
-              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")]
+    candidates = [p for p in sorted(image_dir.iterdir())
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")]
+    outside = [p.name for p in candidates if not _inside(p, src_root)]
+    if outside:
+        log.warning("%s: %d image(s) are links to files outside the folder and were left out, e.g. %s",
+                    origin, len(outside), outside[:3])
+    images = [p for p in candidates if p.is_file() and p.name not in outside]
     for image in tqdm(images, desc="images", unit="img", disable=not progress):
         _place(image, images_out / image.name, move)
-    caption_file = token or kaggle
     _place(caption_file, out_dir / caption_file.name, move)
     split_dir = caption_file.parent
     have_splits = all(_find(split_dir, (paths.SPLIT_FILES[s],), want_dir=False, max_depth=1)
@@ -77,11 +97,9 @@ def normalise(src_root: Path, out_dir: Path, split_ratios: dict[str, float], *,
             name = paths.SPLIT_FILES[split]
             _place(_find(split_dir, (name,), want_dir=False, max_depth=1), out_dir / name, move)
     else:
-        captioned = parse_kaggle_captions(out_dir / caption_file.name)["image"].tolist() \
-            if caption_file.name == paths.KAGGLE_CAPTIONS else [p.name for p in images]
-        write_split_lists(out_dir, captioned, split_ratios)
+        write_split_lists(out_dir, captioned if captioned is not None else [p.name for p in images], split_ratios)
         log.info("no split lists found: assigned splits by a stable hash of the image name")
     if image_dir.name != paths.IMAGES_SUBDIR:
         log.info("image folder %r normalised to %r", image_dir.name, paths.IMAGES_SUBDIR)
     return {"image_dir": image_dir.name, "caption_file": caption_file.name,
-            "images": len(images), "splits_generated": not have_splits}
+            "images": len(images), "splits_generated": not have_splits, "links_outside": outside}

@@ -4,6 +4,14 @@ PIL rather than tf.image: it honours EXIF orientation (phone photos), converts C
 greyscale, palette and alpha images to RGB, and its JPEG ``draft`` mode decodes large
 photos at a reduced DCT scale, which is much faster than a full decode followed by resize.
 
+Pixel formats: every mode Pillow opens becomes faithful 8-bit RGB, or an ``ImageError``
+(``UNSUPPORTED``) that says why. Pillow's own ``convert("RGB")`` clips 16-bit greyscale (mode
+``I;16``, what a 16-bit PNG opens as) to white and drops alpha, so ``to_rgb8`` does it itself:
+16-bit values are scaled by 255/65535; 32-bit integers (``I``) are read as 16-bit when they fit
+0..65535 (what 16-bit PNGs and TIFFs hold) and refused otherwise; floats (``F``) are scaled from
+0..1 and refused outside it; transparency (``LA``, ``RGBA``, ``PA``, ``P`` with a transparent colour)
+is laid over white, as a web page shows it; CMYK, palette, 1-bit and YCbCr go through Pillow.
+
 Size limit: every caller passes ``max_pixels`` (``validate.max_image_pixels`` for datasets);
 an image above it is an ``ImageError`` ("image too large") read from the header alone, before
 any pixel is decoded. PIL's own DecompressionBombWarning/Error is switched off here because
@@ -26,6 +34,8 @@ Image.MAX_IMAGE_PIXELS = None  # replaced by the explicit max_pixels check below
 # reject reasons stay a small fixed set and never embed a path).
 MISSING, EMPTY, CORRUPT, TOO_LARGE = ("missing image file", "empty image file", "corrupt image",
                                       "image too large")
+UNSUPPORTED = "unsupported image"  # a pixel format with no faithful 8-bit RGB rendering
+INVALID_NAME = "invalid image name"  # never looked up: a path or '..' where a file name belongs
 
 
 class ImageError(ValueError):
@@ -71,6 +81,36 @@ def _identify(fp, shown: str) -> Image.Image:
         raise ImageError(CORRUPT, str(err)) from None
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("LA", "La", "RGBA", "RGBa", "PA")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """``img`` (loaded, any mode) as 8-bit RGB; ImageError(UNSUPPORTED) when it has no faithful
+    8-bit rendering (see the module docstring)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(UNSUPPORTED, f"32-bit integer pixels from {values.min()} to {values.max()}: no "
+                                          "8-bit rendering is implied; save it as 8 or 16 bits per channel")
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ImageError(UNSUPPORTED, "floating-point pixels outside 0..1: no 8-bit rendering is implied; "
+                                          "save it as an 8-bit image")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:  # e.g. a mode Pillow cannot convert
+        raise ImageError(UNSUPPORTED, f"pixel mode {mode}: {err}") from None
+
+
 def load_rgb(source: ImageSource, size: int, max_pixels: int | None) -> np.ndarray:
     """Decode an image to a (size, size, 3) uint8 RGB array (no aspect preservation, like
     keras ``load_img(target_size=...)``). Raises ImageError with the reason."""
@@ -78,8 +118,10 @@ def load_rgb(source: ImageSource, size: int, max_pixels: int | None) -> np.ndarr
         try:
             img.draft("RGB", (size, size))  # JPEG only: decode at the smallest scale >= size
             img = ImageOps.exif_transpose(img)
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            img = to_rgb8(img).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
+        except ImageError:
+            raise
         except (OSError, ValueError, SyntaxError) as err:
             raise ImageError(CORRUPT, f"cannot decode image: {err}") from None
 
@@ -90,6 +132,7 @@ def check_image(path: Path, max_pixels: int | None) -> tuple[str, str]:
     try:
         with _open(path, max_pixels) as img:
             img.load()
+            to_rgb8(img)  # what features will do with it: an unsupported mode is refused here
         return "ok", ""
     except ImageError as err:
         return err.category, err.detail

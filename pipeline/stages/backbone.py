@@ -28,6 +28,7 @@ from pipeline.captioning.backbone import (
     to_tflite,
 )
 from pipeline.config import Settings
+from pipeline.data.flickr8k import image_file
 from pipeline.data.images import ImageError
 from pipeline.stages._cli import reported, require, stage_main
 
@@ -42,7 +43,7 @@ def calibration_set(captions: pd.DataFrame, image_dir: Path, spec: BackboneSpec,
     if not train:
         raise ValueError("no train images in data/prepared/captions.parquet to calibrate tflite_int8")
     chosen = sorted(train, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:count]
-    return np.stack([load_image(image_dir / name, spec, max_pixels) for name in chosen])
+    return np.stack([load_image(image_file(image_dir, name), spec, max_pixels) for name in chosen])
 
 
 def save_backbone(spec: BackboneSpec, out: Path, calibration: np.ndarray | None = None) -> dict:

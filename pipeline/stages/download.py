@@ -32,13 +32,14 @@ log = logging.getLogger("pipeline.download")
 
 
 def _fetch_flickr8k(settings: Settings, staging: Path) -> dict:
-    cfg = settings.data.flickr8k
+    cfg, limits = settings.data.flickr8k, settings.data.archive_limits
     extract = staging / "extract"
     for url, sha in ((cfg.images_url, cfg.images_sha256), (cfg.text_url, cfg.text_sha256)):
         archive = download(url, paths.DOWNLOADS_DIR / Path(url.split("?")[0]).name, sha256=sha,
-                           check=check_zip, timeout=cfg.timeout_s, retries=cfg.retries)
-        safe_extract(archive, extract)
-    return normalise(extract, staging / "dataset", settings.data.kaggle_split.model_dump(), move=True)
+                           check=lambda path: check_zip(path, limits), timeout=cfg.timeout_s, retries=cfg.retries)
+        safe_extract(archive, extract, limits)
+    return normalise(extract, staging / "dataset", settings.data.kaggle_split.model_dump(),
+                     origin=f"the archives of {cfg.images_url} and {cfg.text_url}", move=True)
 
 
 def _looks_like_zip(path: Path) -> bool:
@@ -49,15 +50,16 @@ def _looks_like_zip(path: Path) -> bool:
 def _copy_local(settings: Settings, staging: Path) -> dict:
     source = Path(settings.data.local_path).expanduser()
     ratios = settings.data.kaggle_split.model_dump()
+    origin = f"data.local_path {source}"
     if source.is_dir():
-        return normalise(source, staging / "dataset", ratios)
+        return normalise(source, staging / "dataset", ratios, origin=origin)
     if not source.exists():
-        raise LayoutError(f"data.local_path {source} does not exist")
+        raise LayoutError(f"{origin} does not exist")
     if source.is_file() and _looks_like_zip(source):
-        check_zip(source)  # a truncated or corrupt zip gets a clear message before extraction
-        safe_extract(source, staging / "extract")
-        return normalise(staging / "extract", staging / "dataset", ratios, move=True)
-    raise LayoutError(f"data.local_path {source} is neither a folder nor a zip file")
+        check_zip(source, settings.data.archive_limits)  # truncated, corrupt or a bomb: said before extraction
+        safe_extract(source, staging / "extract", settings.data.archive_limits)
+        return normalise(staging / "extract", staging / "dataset", ratios, origin=origin, move=True)
+    raise LayoutError(f"{origin} is neither a folder nor a zip file")
 
 
 def _publish(dataset: Path, out: Path) -> None:

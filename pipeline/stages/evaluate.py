@@ -33,6 +33,7 @@ from pipeline.captioning.metrics import JavaMissingError, caption_health, score
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import DecodingSettings, Settings
 from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.data.flickr8k import image_file
 from pipeline.registry.champion import caption_with_champion
 from pipeline.registry.tracking import flatten, resume_run, setup
 from pipeline.stages._cli import reported, require, stage_main
@@ -115,7 +116,7 @@ def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) ->
     scores = scores_table(table, references, "candidate", mode, table[mode].tolist())
     log.info("captioning the test images with the registry's champion (beam size %d)", beam)
     run = caption_with_champion(MlflowClient(), settings.registry.model_name,
-                                [image_dir / name for name in table["image"]], beam)
+                                [image_file(image_dir, name) for name in table["image"]], beam)
     summary = {**run.summary(), "mode": mode}
     if run.status == "scored":
         summary[mode] = score(references, [c.split() for c in run.captions])
@@ -150,7 +151,7 @@ def run(settings: Settings) -> dict:
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)
     write_parquet(scores, paths.TEST_SCORES)
-    items = [{"path": image_dir / r.image, "image": r.image, "beam": r.beam, "greedy": r.greedy,
+    items = [{"path": image_file(image_dir, r.image), "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""

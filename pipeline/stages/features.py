@@ -34,6 +34,7 @@ from pipeline.atomic import write_text
 from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec
 from pipeline.config import Settings
 from pipeline.data.features_file import embedding_table, shard_of, sorted_by_image, write_table
+from pipeline.data.flickr8k import image_file
 from pipeline.data.images import CORRUPT, ImageError, load_rgb
 from pipeline.stages._cli import StageError, reported, require, stage_main
 
@@ -110,7 +111,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: P
     names_iter = iter(todo)
     bar = tqdm(total=len(todo), desc="features", unit="img")
     try:
-        for batch in _image_batches([image_dir / n for n in todo], spec.image_size, batch_size):
+        for batch in _image_batches([image_file(image_dir, n) for n in todo], spec.image_size, batch_size):
             vectors = embed(batch)
             buffer_names += [next(names_iter) for _ in range(len(vectors))]
             buffer_vecs.append(vectors)

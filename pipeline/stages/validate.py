@@ -25,8 +25,15 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.atomic import write_json, write_parquet
 from pipeline.config import Settings, ValidateSettings
-from pipeline.data.flickr8k import SPLITS, count_caption_lines, read_captions, read_splits
-from pipeline.data.images import check_image
+from pipeline.data.flickr8k import (
+    SPLITS,
+    count_caption_lines,
+    image_file,
+    image_name_problem,
+    read_captions,
+    read_splits,
+)
+from pipeline.data.images import INVALID_NAME, check_image
 from pipeline.data.validation_rules import (
     CAPTION_RULES,
     RuleContext,
@@ -49,10 +56,14 @@ REJECT_COLUMNS = ["line", "image", "caption_idx", "caption_raw", "caption", "spl
 
 def inventory(images_dir: Path, names: list[str], workers: int,
               max_pixels: int) -> dict[str, tuple[str, str]]:
-    """Decode every image once: name -> ('ok', '') or (category, detail)."""
+    """Decode every image once: name -> ('ok', '') or (category, detail). A name that is not a
+    plain file name is never looked up (its caption rows are malformed anyway)."""
+    def status(name: str) -> tuple[str, str]:
+        problem = image_name_problem(name)
+        return (INVALID_NAME, problem) if problem else check_image(image_file(images_dir, name), max_pixels)
+
     with ThreadPoolExecutor(workers) as pool:
-        statuses = list(tqdm(pool.map(lambda n: check_image(images_dir / n, max_pixels), names),
-                             total=len(names), desc="check images", unit="img"))
+        statuses = list(tqdm(pool.map(status, names), total=len(names), desc="check images", unit="img"))
     return dict(zip(names, statuses))
 
 

@@ -1,7 +1,14 @@
+import codecs
+
 import pandas as pd
+import pytest
 
 from pipeline.data.flickr8k import (
+    BAD_NAME,
+    NUL_BYTE,
+    CaptionFileError,
     count_caption_lines,
+    image_file,
     normalise_image_name,
     parse_kaggle_captions,
     parse_token_file,
@@ -86,3 +93,58 @@ def test_kaggle_stray_quote_with_a_later_quote_never_merges_lines(tmp_path):
     assert rows["error"].notna().tolist() == [True, False, False, False]
     assert rows["caption_raw"].tolist()[1:] == ["A cat sits .", 'A bird " flies .', 'A man , in a "red" hat .']
     assert not rows["caption_raw"].str.contains("jpg").iloc[1:].any()
+
+
+def test_names_that_are_paths_are_malformed_rows_in_both_layouts(tmp_path):
+    token = tmp_path / "Flickr8k.token.txt"
+    token.write_text("ok.jpg#0\tA red circle .\n/srv/private/secret.jpg#0\tA red circle .\n"
+                     "../x.jpg#0\tA dog .\nImages/y.jpg#0\tA dog .\n..\\z.jpg#0\tA dog .\n")
+    kaggle = tmp_path / "captions.txt"
+    kaggle.write_text("image,caption\nok.jpg,A red circle .\n/srv/private/secret.jpg,A red circle .\n"
+                      "../x.jpg,A dog .\n")
+    for rows, bad_lines in ((parse_token_file(token), [2, 3, 4, 5]), (parse_kaggle_captions(kaggle), [3, 4])):
+        bad = rows[rows["error"].notna()]
+        assert bad["line"].tolist() == bad_lines
+        assert set(bad["error"]) == {BAD_NAME}
+        assert rows["error"].iloc[0] is None or pd.isna(rows["error"].iloc[0])
+
+
+def test_a_nul_byte_makes_the_line_malformed_not_a_word_break(tmp_path):
+    token = tmp_path / "Flickr8k.token.txt"
+    token.write_bytes(b"a.jpg#0\tA red cir\x00cle .\nb\x00.jpg#0\tA dog .\nc.jpg#0\tA cat .\n")
+    rows = parse_token_file(token)
+    assert rows["error"].tolist()[:2] == [NUL_BYTE, NUL_BYTE] and pd.isna(rows["error"].iloc[2])
+    kaggle = tmp_path / "captions.txt"
+    kaggle.write_bytes(b"image,caption\na.jpg,A red cir\x00cle .\nb\x00.jpg,A dog .\nc.jpg,A cat .\n")
+    rows = parse_kaggle_captions(kaggle)
+    assert rows["error"].tolist()[:2] == [NUL_BYTE, NUL_BYTE] and pd.isna(rows["error"].iloc[2])
+
+
+@pytest.mark.parametrize(("encoding", "label"), [("utf-16", "UTF-16 LE"), ("utf-16-be", None),
+                                                 ("utf-32", "UTF-32 LE"), ("utf-16-le", None)])
+def test_a_utf16_or_utf32_file_is_refused_naming_the_encoding(tmp_path, encoding, label):
+    text = "image,caption\n" + "".join(f"{i}.jpg,A dog runs .\n" for i in range(20))
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data, label = codecs.BOM_UTF16_BE + data, "UTF-16 BE"
+    path = tmp_path / "captions.txt"
+    path.write_bytes(data)
+    expected = label or "UTF-16 without a byte-order mark"
+    for parse in (parse_kaggle_captions, parse_token_file):
+        with pytest.raises(CaptionFileError, match=expected) as err:
+            parse(path, "data.local_path /x: captions.txt")
+        assert "iconv" in str(err.value) and str(err.value).startswith("data.local_path /x: captions.txt")
+        assert "\x00" not in str(err.value)
+
+
+def test_split_lists_and_folder_joins_refuse_paths(tmp_path):
+    split = tmp_path / "Flickr_8k.trainImages.txt"
+    split.write_text("a.jpg\n\n/etc/passwd\n")
+    with pytest.raises(CaptionFileError, match=r"line 3: '/etc/passwd' is not an image file name"):
+        read_split_list(split)
+    assert image_file(tmp_path, "a.jpg") == tmp_path / "a.jpg"
+    for bad in ("/etc/passwd", "../a.jpg", "sub/a.jpg", "..", "", "a\x00.jpg"):
+        with pytest.raises(ValueError, match="refusing image name"):
+            image_file(tmp_path, bad)
+    write_split_lists(tmp_path, ["a.jpg", "/srv/secret.jpg", "../b.jpg"], {"train": 1.0, "dev": 0.0, "test": 0.0})
+    assert read_split_list(split) == ["a.jpg"]

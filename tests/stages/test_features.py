@@ -221,3 +221,20 @@ def test_sigterm_before_the_first_part_keeps_the_finished_images(workdir):
     assert 8 <= kept < 300
     stats = features.run(settings)
     assert stats["reused"] == kept and stats["extracted"] == 300 - kept
+
+
+def test_a_name_that_leads_outside_the_image_folder_is_never_opened(prepared, tmp_path):
+    """A captions table edited by hand after validate: features refuses the name, reads nothing."""
+    import pandas as pd
+
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((paths.dataset_dir("synthetic") / "Images").glob("*.jpg").__next__().read_bytes())
+    table = pd.read_parquet(paths.CAPTIONS)
+    hostile = table.iloc[:1].assign(image=str(secret))
+    pd.concat([table, hostile]).to_parquet(paths.CAPTIONS, index=False)
+    opened = []
+    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and args and
+                     str(args[0]).endswith("secret.jpg") else None)
+    with pytest.raises(StageError, match=r"refusing image name .*secret\.jpg.*is a path"):
+        features.run(prepared)
+    assert opened == [] and not SHARD0.exists()

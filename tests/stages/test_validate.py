@@ -158,3 +158,34 @@ def test_kaggle_stray_quote_is_quarantined_and_nothing_else_is_lost(workdir):
     assert report["lines_read"] == report["rows_read"] == 200
     assert len(kept) == 199 and kept["image"].nunique() == 40
     assert rejects["line"].tolist() == [9] and rejects["reason"].item().startswith("malformed CSV row")
+
+
+def test_caption_lines_naming_files_outside_the_dataset_are_quarantined_unread(workdir, tmp_path):
+    """A Kaggle captions.txt naming /abs/path.jpg or ../x.jpg: malformed rows with their line
+    numbers, in no split list, and the files they name are never opened."""
+    import sys
+
+    from pipeline.stages import download
+
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(jpeg_bytes())
+    folder = tmp_path / "kaggle"
+    (folder / "Images").mkdir(parents=True)
+    for name in GOOD:
+        (folder / "Images" / name).write_bytes(jpeg_bytes())
+    lines = [f"{n},A red ball {k} ." for n in GOOD for k in range(5)]
+    lines.insert(3, f"{secret},A red circle .")  # line 5 of the file (header is line 1)
+    lines.insert(10, "../kaggle/Images/1000_aa.jpg,A red circle .")  # line 12
+    (folder / "captions.txt").write_text("image,caption\n" + "\n".join(lines) + "\n")
+    opened = []
+    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and args and
+                     ("secret.jpg" in str(args[0]) or "../" in str(args[0])) else None)
+    settings = tiny_settings(**{"data.source": "local", "data.local_path": str(folder)})
+    download.run(settings)
+    report = validate.run(settings)
+    rejects = pd.read_parquet(paths.REJECTS)
+    bad = rejects[rejects["reason"].str.startswith("malformed image name")]
+    assert bad["line"].tolist() == [5, 12] and report["kept"] == 200
+    splits = "".join((paths.dataset_dir("local") / f).read_text() for f in paths.SPLIT_FILES.values())
+    assert "secret" not in splits and "../" not in splits
+    assert opened == []
