@@ -2,6 +2,7 @@ import hashlib
 
 import pytest
 
+from pipeline.config import ArchiveLimits
 from pipeline.data.archives import (
     DownloadError,
     UnsafeArchiveError,
@@ -9,7 +10,6 @@ from pipeline.data.archives import (
     download,
     safe_extract,
 )
-from pipeline.config import ArchiveLimits
 from tests.helpers import lying_zip, zip_bomb, zip_bytes
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
