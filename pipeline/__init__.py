@@ -8,5 +8,6 @@ import-linter contract in pyproject.toml checks it in the test suite):
     registry                    MLflow tracking, the champion, the pyfunc model
     captioning                  vocabulary, CNN backbone, decoder, decoding, reranking, metrics
     data                        archives, dataset layouts, parsers, images, validation rules
-    config paths atomic cpu logs    the ground floor: settings, locations, atomic writes, the machine
+    config paths atomic cpu         the ground floor: settings, locations, atomic writes, the machine,
+    logs errors                     one logging setup, the error entry points print as it is
 """

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_settings
+from pipeline.errors import ReportedError
 from pipeline.logs import setup_logging
 from pipeline.registry.champion import ALIAS
 from pipeline.registry.pyfunc_model import (
@@ -33,17 +34,22 @@ def _model_name() -> str | None:
 
 
 def _use_tracking_uri(uri: str | None) -> None:
-    import mlflow
+    """--tracking-uri, else the project's (MLFLOW_TRACKING_URI or params.yaml), else MLflow's own
+    default; exits with status 2 and the reason when the store cannot be reached."""
+    from pipeline.registry.tracking import tracking_uri, use_store
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
+    try:
+        settings = load_settings()
+    except ConfigError:
+        settings = None  # outside the project
+    uri = uri or (tracking_uri(settings) if settings else os.environ.get("MLFLOW_TRACKING_URI"))
+    if uri is None:
         return
     try:
-        from pipeline.registry.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri(load_settings()))
-    except ConfigError:
-        pass  # outside the project: MLflow's own default / MLFLOW_TRACKING_URI
+        use_store(uri, settings.mlflow if settings else None)
+    except ReportedError as err:
+        print(f"captioner: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def beam_size(text: str) -> int:

@@ -279,6 +279,10 @@ class ServingSettings(_Section):
 class MlflowSettings(_Section):
     tracking_uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
+    # a tracking server that times out or answers 5xx is retried this often (with backoff) before a
+    # command gives up; a refused connection fails at once
+    request_retries: int = Field(ge=0, le=10)
+    request_timeout_s: int = Field(ge=1)
 
 
 class Settings(_Section):

@@ -79,3 +79,35 @@ def test_failing_validate_under_dvc_repro_keeps_the_last_good_outputs(repo, tmp_
     assert report["reject_reasons"]["malformed line: no tab between key and caption"] == 50
     assert (repo / "reports/validation_rejects.parquet").is_file()
     write_params(repo)
+
+
+def forced_dvc_commands() -> list[str]:
+    """Every `dvc repro` command that forces a stage, as the docs and the code's own advice
+    write them (README, docs/, error messages)."""
+    import re
+
+    from tests.helpers import PROJECT
+
+    sources = [PROJECT / "README.md", *(PROJECT / "docs").glob("*.md"), *(PROJECT / "pipeline").rglob("*.py")]
+    found = set()
+    for path in sources:
+        for command in re.findall(r"dvc repro[^`\n\"')]*", path.read_text()):
+            words = command.split()
+            if ("-f" in words or "--force" in words) and not any("<" in w or "{" in w for w in words):
+                found.add(" ".join(words))
+    return sorted(found)
+
+
+def test_the_forcing_commands_the_docs_give_are_found():
+    assert "dvc repro -f -s register" in forced_dvc_commands()
+
+
+@pytest.mark.parametrize("command", forced_dvc_commands())
+def test_every_forcing_command_in_the_docs_runs_only_the_stages_it_names(repo, command):
+    """`dvc repro -f register` forces every stage upstream too (training included): advice to
+    rerun a stage must force that stage alone (`-s`)."""
+    words = command.split()
+    targets = [w for w in words[2:] if not w.startswith("-")]
+    dry = sh([*words, "--dry"], repo)
+    ran = [line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == targets, f"{command!r} would run {ran}"

@@ -11,12 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pipeline.registry.champion import ALIAS
 from pipeline.registry.pyfunc_model import CaptionModel
 
 log = logging.getLogger("pipeline.app")
 SCORES = ("beam_bleu4", "beam_meteor", "beam_rouge_l", "beam_cider")
+MAX_RETRY_S = 600  # a version that keeps failing is retried every 10 minutes
 
 
 @dataclass(frozen=True)
@@ -29,17 +33,24 @@ class Served:
 
 @dataclass
 class ChampionHolder:
-    """The version the alias points at, swapped in atomically (one reference assignment)."""
+    """The version the alias points at, swapped in atomically (one reference assignment).
+
+    A version that fails to load is retried, not given up on: after ``retry_s`` seconds, then
+    twice as long each time, up to ``MAX_RETRY_S`` (its files may be restored, a server may come
+    back). ``last_error`` says why the alias's version is not served, and is cleared as soon as
+    the alias points at the version being served."""
 
     name: str
-    alias: str = "champion"
+    alias: str = ALIAS
+    retry_s: float = 10.0
     current: Served | None = None
     last_error: str = ""
+    _failures: dict = field(default_factory=dict)  # version -> (failed attempts, monotonic time of the next)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refresh(self) -> bool:
         """Load the alias's version if it moved; True when a new version was swapped in. A
-        version that cannot be loaded is logged and remembered; the old one keeps serving."""
+        version that cannot be loaded is logged and retried later; the old one keeps serving."""
         from mlflow import MlflowClient
 
         with self._lock:  # one load at a time (the poller and a first request may race)
@@ -52,20 +63,25 @@ class ChampionHolder:
                 return False
             number = str(version.version)  # an int from some MLflow calls, a str from others
             if self.current and self.current.info["version"] == number:
+                self.last_error = ""  # the alias is back on the version being served
                 return False
-            if self.last_error.startswith(f"v{number} "):
-                return False  # failed before; retrying a broken version every poll would only spin
+            attempts, next_try = self._failures.get(number, (0, 0.0))
+            if time.monotonic() < next_try:
+                return False
             try:
                 served = load_version(client, self.name, version)
             except Exception as err:
-                self.last_error = f"v{version.version} failed to load: {type(err).__name__}: {str(err)[:300]}"
-                log.error("%s; still serving %s", self.last_error,
-                          f"v{self.current.info['version']}" if self.current else "nothing")
+                wait = min(self.retry_s * 2 ** attempts, MAX_RETRY_S)
+                self._failures[number] = (attempts + 1, time.monotonic() + wait)
+                self.last_error = f"v{number} failed to load: {describe_load_error(client, self.name, version, err)}"
+                log.error("%s; still serving %s; retrying in %.0f s", self.last_error,
+                          f"v{self.current.info['version']}" if self.current else "nothing", wait)
                 return False
             old = self.current.info["version"] if self.current else None
             self.current = served
             self.last_error = ""
-            log.info("now serving %s v%s (was %s)", self.name, version.version, f"v{old}" if old else "none")
+            self._failures.pop(number, None)
+            log.info("now serving %s v%s (was %s)", self.name, number, f"v{old}" if old else "none")
             return True
 
     def poll(self, seconds: float, stop: threading.Event) -> None:
@@ -74,6 +90,22 @@ class ChampionHolder:
                 self.refresh()
             except Exception:  # the poller must outlive any one bad check
                 log.exception("checking %s@%s failed", self.name, self.alias)
+
+
+def describe_load_error(client, name: str, version, err: Exception) -> str:
+    """Why a version did not load, in words: MLflow says ``No such artifact: ''`` when the
+    version's files are gone; name them instead."""
+    text = f"{type(err).__name__}: {str(err).strip()[:300]}"
+    try:
+        location = client.get_model_version_download_uri(name, version.version)
+    except Exception:
+        return text
+    local = location.removeprefix("file://")
+    if "://" not in local and not Path(local).exists():
+        return f"its files are missing: {local} does not exist (restore them or point @{ALIAS} at another version)"
+    if "://" not in local and not (Path(local) / "MLmodel").is_file():
+        return f"its files at {local} have no MLmodel: not a complete model ({text})"
+    return f"{text} (files at {location})"
 
 
 def load_version(client, name: str, version) -> Served:

@@ -139,7 +139,7 @@ def create_app(champion: ChampionHolder, poll_seconds: float):
 def serve(name: str, alias: str, host: str, port: int, poll_seconds: float) -> int:
     import uvicorn
 
-    champion = ChampionHolder(name, alias)
+    champion = ChampionHolder(name, alias, retry_s=poll_seconds)
     if not champion.refresh():
         log.error("cannot start: %s", champion.last_error)
         return 2

@@ -23,7 +23,7 @@ def main() -> None:
                            *[str(folder / i) for i in images]], check=False)
     if done.returncode == 2:
         print("(the MLflow store has no champion: it was reset after the pipeline ran; "
-              "`source .venv/bin/activate && dvc repro -f register` registers the model again)")
+              "`source .venv/bin/activate && dvc repro -f -s register` registers the model again)")
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     registry = json.loads(paths.REGISTRY_REPORT.read_text())
     print("\n== Test-split scores (metrics/eval.json) ==")

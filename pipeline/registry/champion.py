@@ -1,6 +1,14 @@
-"""The registry's current champion, as a downstream app sees it: looked up by alias, loaded
-from the registry, and asked to caption image files. Used by ``evaluate`` to score the champion
-on exactly the test images the new model is scored on.
+"""The registry's champion: its alias, the version holding it, captioning with it, and the
+paired decision (``judge``) that moves the alias.
+
+``evaluate`` scores the champion on exactly the test images the new model is scored on, with
+the champion's own code: the registered model carries the ``pipeline`` package it was registered
+with, but a process that has already imported today's ``pipeline`` would run today's code for
+it (Python keeps the first ``pipeline`` it imported), so a code change would silently change how
+the champion captions and the decision would compare the wrong thing. ``caption_with_champion``
+therefore captions in a separate Python process (``python -I``: no working directory, no
+PYTHONPATH) that imports only MLflow and the model, and checks that the ``pipeline`` it ran is
+the one packaged with the model.
 
 A champion that cannot be found or loaded is not an error here: the result says so, and
 ``register`` then replaces it (a registry with a broken champion must not block retraining).
@@ -45,38 +53,67 @@ def current_version(client, model_name: str) -> str | None:
         return None
 
 
+# Run by ``python -I -c`` with the request on stdin (JSON): MLflow and the model only, never
+# this work tree's ``pipeline``. Prints one JSON line: captions, errors, the code it ran.
+_CHAMPION_PROCESS = r"""
+import json, sys, tempfile
+from pathlib import Path
+request = json.load(sys.stdin)
+import mlflow
+import pandas as pd
+mlflow.set_tracking_uri(request["tracking_uri"])
+local = Path(mlflow.artifacts.download_artifacts(request["model_uri"], dst_path=tempfile.mkdtemp()))
+model = mlflow.pyfunc.load_model(str(local))
+code = Path(sys.modules["pipeline"].__file__).resolve()
+if not code.is_relative_to(local.resolve()):
+    raise SystemExit(f"the champion ran {code}, not the code packaged with it in {local}")
+limits = model.unwrap_python_model().limits  # a dict in models registered before typed settings
+chunk = max(1, min(request["chunk"], limits["max_rows"] if isinstance(limits, dict) else limits.max_rows))
+images = request["images"]
+captions, errors = [], []
+for lo in range(0, len(images), chunk):
+    batch = pd.DataFrame({"image": [Path(p).read_bytes() for p in images[lo:lo + chunk]]})
+    out = model.predict(batch, params={"beam_size": request["beam_size"]})
+    captions += out["caption"].fillna("").tolist()
+    errors += out["error"].fillna("").tolist()
+print(json.dumps({"captions": captions, "errors": errors, "code": str(code)}))
+"""
+
+
 def caption_with_champion(client, model_name: str, images: list[Path], beam_size: int,
-                          chunk: int = 16) -> ChampionRun:
+                          chunk: int = 16, timeout_s: float = 3600) -> ChampionRun:
     """Caption ``images`` with the champion (``beam_size`` 1 = greedy), ``chunk`` images per
-    call or fewer when the champion's own row limit is lower."""
+    call or fewer when the champion's own row limit is lower, in a process that runs only the
+    champion's own code (module docstring)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
     import mlflow
-    import pandas as pd
 
     version = current_version(client, model_name)
     if version is None:
         return ChampionRun(None, "none")
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    except Exception as err:  # any failure to load is reported, never fatal
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        log.warning("champion v%s of %s cannot be loaded (%s); it will be replaced", version,
+    request = {"model_uri": f"models:/{model_name}/{version}", "tracking_uri": mlflow.get_tracking_uri(),
+               "images": [str(Path(p).resolve()) for p in images], "beam_size": beam_size, "chunk": chunk}
+    log.info("captioning %d images with champion v%s of %s in a process of its own", len(images), version,
+             model_name)
+    with tempfile.TemporaryDirectory() as cwd:  # nothing of the work tree on the child's path
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", _CHAMPION_PROCESS], input=json.dumps(request),
+                                  capture_output=True, text=True, cwd=cwd, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            done = None
+    if done is None or done.returncode != 0:
+        lines = [ln for ln in (done.stderr if done else "").strip().splitlines() if ln.strip()]
+        message = lines[-1][:300] if lines else f"no answer within {timeout_s:.0f} s"
+        log.warning("champion v%s of %s cannot caption the test images (%s); it will be replaced", version,
                     model_name, message)
         return ChampionRun(version, "unloadable", message)
-    run = ChampionRun(version, "scored")
-    limits = model.unwrap_python_model().limits  # a dict in models registered before typed settings
-    chunk = max(1, min(chunk, limits["max_rows"] if isinstance(limits, dict) else limits.max_rows))
-    try:
-        for lo in range(0, len(images), chunk):
-            batch = pd.DataFrame({"image": [p.read_bytes() for p in images[lo:lo + chunk]]})
-            out = model.predict(batch, params={"beam_size": beam_size})
-            run.captions += out["caption"].fillna("").tolist()
-            run.errors += out["error"].fillna("").tolist()
-    except Exception as err:
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        log.warning("champion v%s of %s failed to caption the test images (%s)", version,
-                    model_name, message)
-        return ChampionRun(version, "unloadable", message)
-    return run
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    log.info("champion v%s captioned with its own code (%s)", version, result["code"])
+    return ChampionRun(version, "scored", captions=result["captions"], errors=result["errors"])
 
 
 def judge(scores: "pd.DataFrame", evaluated: dict, current: str | None, metric: str, mode: str,

@@ -5,7 +5,9 @@ vocabulary, so ``models:/<name>@champion`` captions a raw image with no other fi
 logged as *models-from-code* (``pipeline/registry/pyfunc_model_code.py`` names this class), so loading
 it runs this package's code and unpickles nothing.
 
-Input: a DataFrame with a column ``image``. Each value is
+Input: a DataFrame with a column ``image`` (over REST: ``{"dataframe_split": {"columns": ["image"],
+"data": [[b64], ...]}}``, ``{"dataframe_records": [{"image": b64}, ...]}`` or the column form
+``{"inputs": {"image": [b64, ...]}}``). Each value is
   * ``str``: base64 image data or a ``data:image/...;base64,`` URL: what a REST call carries.
     Never a path: a server must not open files a caller names, and a string that is not valid
     base64 image data gets the same error whether or not such a file exists;
@@ -138,7 +140,12 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise request_error("input needs a column 'image' (base64 image data)")
-        results = self.caption_images(model_input["image"].tolist(), beam_param(params, self.decoding.beam_size))
+        values = model_input["image"].tolist()
+        if len(values) == 1 and isinstance(values[0], (list, tuple, np.ndarray)):
+            # the column form MLflow documents, {"inputs": {"image": [b64, b64, ...]}}, arrives as
+            # one row holding the whole column: one image per item
+            values = list(values[0])
+        results = self.caption_images(values, beam_param(params, self.decoding.beam_size))
         return pd.DataFrame({"caption": [r["caption"] for r in results], "error": [r["error"] for r in results]})
 
     def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:

@@ -1,4 +1,11 @@
-"""MLflow plumbing shared by train, evaluate and register."""
+"""MLflow plumbing shared by train, evaluate, register, the CLI and the app.
+
+``use_store`` is the one way a process points MLflow at a tracking store: an HTTP server that
+refuses the connection fails at once with its URI named (MLflow's own client would retry it for
+minutes), and requests that time out or get a 5xx are retried ``mlflow.request_retries`` times.
+A store that cannot be opened or read (a damaged ``mlflow.db``, a server down) is a
+``TrackingStoreError`` whose message names the store and the way out.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,17 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
-from pipeline.config import Settings
+from pipeline.config import MlflowSettings, Settings
+from pipeline.errors import ReportedError
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 5  # a tracking server that does not accept a connection this fast is down
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -20,21 +31,117 @@ def tracking_uri(settings: Settings) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow.tracking_uri
 
 
+class TrackingStoreError(ReportedError):
+    """The tracking store cannot be reached, opened or read."""
+
+
+def store_error(uri: str, err: BaseException) -> TrackingStoreError:
+    """One paragraph: which store, what went wrong, and the way out."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        way_out = (f"if {path} is damaged, move it aside (mv {path} {path}.bad) and rerun: MLflow starts a new, "
+                   "empty store there, and `dvc repro -f -s register` registers the current model in it again")
+    elif uri.startswith(("http://", "https://")):
+        way_out = "start the server (make ui, or the team stack) or check the address"
+    else:
+        way_out = "check that the store exists and this user may read it"
+    return TrackingStoreError(f"cannot use the MLflow tracking store {uri} ({type(err).__name__}: {first}); "
+                              f"{way_out}; or point mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) "
+                              "at another store")
+
+
+def use_store(uri: str, requests: MlflowSettings | None = None) -> None:
+    """Point this process's MLflow at ``uri``. An HTTP(S) server is probed first: a refused
+    connection or an unknown host is a TrackingStoreError within seconds. ``requests`` bounds
+    MLflow's retries and timeouts (the environment's MLFLOW_HTTP_REQUEST_* win when set)."""
+    import mlflow
+
+    if requests is not None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(requests.request_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(requests.request_timeout_s))
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                     timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            raise store_error(uri, err) from None
+    mlflow.set_tracking_uri(uri)
+
+
 # The experiment tag MLflow's UI reads to choose its view: with it the experiment opens on the
 # training runs, not on the GenAI overview (traces, sessions, judges) that MLflow 3 shows otherwise.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+# Which process has a run open: a later stage on the same host marks the runs of killed processes
+# FAILED (a killed stage cannot close its own run; the UI would show it RUNNING forever).
+OWNER_HOST, OWNER_PID = "captioner.host", "captioner.pid"
+
+
+def owner_tags() -> dict[str, str]:
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_pending_models(client, experiment_id: str, run_id: str | None = None) -> list[str]:
+    """Logged models still PENDING (their upload never finished) -> FAILED: those of ``run_id``,
+    or with no run given, those whose run is no longer RUNNING. Returns their ids."""
+    running = {r.info.run_id for r in client.search_runs([experiment_id], "attributes.status = 'RUNNING'")}
+    failed = []
+    for model in client.search_logged_models([experiment_id]):
+        pending = str(getattr(model.status, "value", model.status)) == "PENDING"
+        if pending and (model.source_run_id == run_id if run_id else model.source_run_id not in running):
+            client.finalize_logged_model(model.model_id, "FAILED")
+            failed.append(model.model_id)
+    return failed
+
+
+def clear_ghosts(client, experiment_id: str) -> dict[str, list[str]]:
+    """Runs that a process of this host left RUNNING when it was killed (its pid is gone) ->
+    FAILED, with a tag saying so; then their PENDING logged models -> FAILED."""
+    host, runs = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        pid = tags.get(OWNER_PID, "")
+        if tags.get(OWNER_HOST) == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "captioner.note",
+                           f"process {pid} ended without closing this run (killed); marked FAILED by a later stage")
+            client.set_terminated(run.info.run_id, "FAILED")
+            runs.append(run.info.run_id)
+    models = fail_pending_models(client, experiment_id)
+    if runs or models:
+        log.warning("marked FAILED what killed stages left open: runs %s, logged models %s", runs, models)
+    return {"runs": runs, "models": models}
+
+
 def setup(settings: Settings):
     """Point MLflow at the configured store and experiment (tagged as model training, also when
-    it already existed); returns the mlflow module."""
+    it already existed); returns the mlflow module. TrackingStoreError when the store cannot be
+    reached or read: the first contact of every stage, before it writes anything."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(settings))
-    experiment = mlflow.set_experiment(settings.mlflow.experiment)
-    key, value = EXPERIMENT_KIND
-    if experiment.tags.get(key) != value:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    uri = tracking_uri(settings)
+    use_store(uri, settings.mlflow)
+    try:
+        experiment = mlflow.set_experiment(settings.mlflow.experiment)
+        key, value = EXPERIMENT_KIND
+        client = mlflow.MlflowClient()
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+        clear_ghosts(client, experiment.experiment_id)
+    except Exception as err:  # sqlalchemy's DatabaseError, MlflowException, requests' errors, ...
+        raise store_error(uri, err) from None
     return mlflow
 
 
@@ -89,13 +196,16 @@ def resume_run(settings: Settings, ref_path: Path, run_name: str):
     that run is not in the current store (e.g. a fresh MLflow database)."""
     mlflow = setup(settings)
     run_id = json.loads(ref_path.read_text())["run_id"] if ref_path.is_file() else None
+    active = None
     if run_id:
         try:
             mlflow.get_run(run_id)
-            return mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id)
         except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST
             log.warning("training run %s is not in %s; logging to a new run", run_id, tracking_uri(settings))
-    return mlflow.start_run(run_name=run_name)
+    active = active or mlflow.start_run(run_name=run_name)
+    mlflow.set_tags(owner_tags())  # this process has it open now
+    return active
 
 
 def data_identity(settings: Settings, captions_file: Path, features_file: Path) -> dict[str, str]:

@@ -17,13 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_settings
+from pipeline.errors import ReportedError
 from pipeline.logs import setup_logging
 
 # MLflow prints a progress bar per logged artifact: noise in a stage log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-class StageError(RuntimeError):
+class StageError(ReportedError):
     """A stage cannot finish; the message says what is wrong and where."""
 
 
@@ -68,7 +69,7 @@ def stage_main(name: str, doc: str, run: Callable[..., object],
     try:
         settings = load_settings(args.params)
         run(settings, args) if extra_args else run(settings)
-    except (ConfigError, StageError) as err:
+    except (ConfigError, ReportedError) as err:
         print(f"\n{name}: error: {err}", file=sys.stderr)
         sys.exit(1)
     except (StageInterrupted, KeyboardInterrupt) as err:

@@ -30,7 +30,7 @@ from pipeline.atomic import write_json
 from pipeline.captioning.backbone import BackboneFolder
 from pipeline.config import Settings
 from pipeline.registry.champion import ALIAS, current_version, judge
-from pipeline.registry.tracking import resume_run, tracking_uri
+from pipeline.registry.tracking import fail_pending_models, resume_run, tracking_uri
 from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.register")
@@ -129,8 +129,12 @@ def run(settings: Settings) -> dict:
             decision, why, comparison = judge(scores, metrics.get("champion", {}), old_version,
                                               reg.metric, reg.mode, reg.metric_key,
                                               reg.min_improvement)
-        with tempfile.TemporaryDirectory() as tmp:
-            info = log_caption_model(settings, Path(tmp))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                info = log_caption_model(settings, Path(tmp))
+        except BaseException:  # failed or stopped mid-upload (SIGTERM): no PENDING model left behind
+            fail_pending_models(client, active.info.experiment_id, active.info.run_id)
+            raise
         if comparison:
             mlflow.log_metrics({f"vs_champion.{k}": v for k, v in comparison.items()
                                 if k in ("candidate", "champion", "difference", "ci95_low", "ci95_high")})

@@ -35,6 +35,7 @@ from pipeline.registry.tracking import (
     data_identity,
     flatten,
     log_training_data,
+    owner_tags,
     run_name,
     run_ref,
     setup,
@@ -174,7 +175,7 @@ def run(settings: Settings) -> dict:
     images, features, feature_meta = read_features(feature_file)
     mlflow = setup(settings)
     identity = data_identity(settings, paths.CAPTIONS, feature_file)
-    tags = {**identity, "mlflow.source.name": "pipeline/stages/train.py"}  # not __main__.py
+    tags = {**identity, **owner_tags(), "mlflow.source.name": "pipeline/stages/train.py"}  # not __main__.py
     with mlflow.start_run(run_name=run_name(settings, identity["short_id"]), tags=tags) as active:
         log_training_data(captions, identity, paths.CAPTIONS, feature_file)
         mlflow.log_params({**flatten("train", settings.train.model_dump()),

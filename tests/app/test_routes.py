@@ -198,3 +198,31 @@ def test_an_oversized_upload_is_refused_before_it_is_parsed(api):
                            headers={"content-type": "multipart/form-data; boundary=zzz"})
     assert response.status_code == 413
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_version_that_failed_is_retried_and_the_error_names_its_missing_files(store):
+    registry = MlflowClient()
+    champion = ChampionHolder(NAME, retry_s=0.05)
+    assert champion.refresh() and champion.current.info["version"] == "1"
+    second = str(new_version(registry))
+    # the version's files (shared with the session's registry: put back whatever happens)
+    files = Path(registry.get_model_version_download_uri(NAME, second).removeprefix("file://"))
+    aside = files.with_name(files.name + ".aside")
+    files.rename(aside)  # the artifacts are gone (a cleaned disk, a lost bucket)
+    try:
+        registry.set_registered_model_alias(NAME, "champion", second)
+        assert not champion.refresh()
+        assert champion.last_error == (f"v{second} failed to load: its files are missing: {files} does not "
+                                       "exist (restore them or point @champion at another version)")
+        assert champion.current.info["version"] == "1"  # still serving
+    finally:
+        aside.rename(files)  # restored
+    deadline = time.monotonic() + 30
+    while not champion.refresh():
+        assert time.monotonic() < deadline, champion.last_error
+        time.sleep(0.05)
+    assert champion.current.info["version"] == second and champion.last_error == ""
+    registry.set_registered_model_alias(NAME, "champion", "1")  # back to v1: loads it again
+    assert champion.refresh() and champion.current.info["version"] == "1"
+    champion.last_error = "stale"
+    assert not champion.refresh() and champion.last_error == ""  # the alias is on the served version

@@ -80,6 +80,18 @@ def test_a_valid_image_gets_a_caption(server):
     assert row["caption"] and not row["error"]
 
 
+def test_every_request_form_mlflow_documents_gets_one_answer_per_image(server):
+    url, _ = server
+    red, blue = b64(jpeg_bytes(colour=(220, 30, 30))), b64(jpeg_bytes(colour=(30, 60, 220)))
+    for payload in ({"inputs": {"image": [red, blue]}},  # the column form: one list per column
+                    {"dataframe_records": [{"image": red}, {"image": blue}]},
+                    {"dataframe_split": {"columns": ["image"], "data": [[red], [blue]]}}):
+        status, body = post(url, json.dumps(payload).encode())
+        assert status == 200, (payload.keys(), body)
+        rows = body["predictions"]
+        assert len(rows) == 2 and all(r["caption"] and not r["error"] for r in rows), (payload.keys(), rows)
+
+
 def test_server_paths_are_never_opened_and_cannot_be_probed(server):
     url, root = server
     server_jpeg = next((root / "data/raw/synthetic/Images").glob("*.jpg"))

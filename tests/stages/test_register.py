@@ -29,7 +29,7 @@ def test_first_model_is_promoted_and_logged_from_code(registered):
                                                      tracking_uri=f"sqlite:///{root}/mlflow.db"))
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
-    assert (local / "caption_model_code.py").is_file()
+    assert (local / "pyfunc_model_code.py").is_file()
     assert list(local.rglob("neighbours.npz"))  # it reranks its beam as evaluate did
     assert not list(local.rglob("*.pkl"))  # nothing pickled, nothing unpickled at load
 

@@ -1,0 +1,67 @@
+"""The champion captions with the code it was registered with, whatever the work tree holds now."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import paths
+
+NAME = "flickr8k-captioner"
+
+CAPTION = """
+import json, sys
+from pathlib import Path
+import mlflow
+import pipeline
+from pipeline.registry.champion import caption_with_champion
+images = [Path(p) for p in sys.argv[1:]]
+mode = sys.stdin.read().strip()
+if mode == "isolated":
+    run = caption_with_champion(mlflow.MlflowClient(), "%s", images, beam_size=3)
+    print(json.dumps({"pipeline": pipeline.__file__, "captions": run.captions, "status": run.status}))
+else:  # what evaluate did before: load the champion in this process
+    model = mlflow.pyfunc.load_model("models:/%s@champion")
+    import pandas as pd
+    out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"beam_size": 3})
+    print(json.dumps({"pipeline": pipeline.__file__, "captions": out["caption"].tolist(), "status": "in-process"}))
+""" % (NAME, NAME)
+
+
+def caption_from(work_tree: Path, store: Path, images: list[Path], mode: str) -> dict:
+    """Caption ``images`` with the champion from a process whose ``pipeline`` is ``work_tree``'s."""
+    env = {**os.environ, "PYTHONPATH": str(work_tree), "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+    done = subprocess.run([sys.executable, "-c", CAPTION, *map(str, images)], input=mode, cwd=work_tree,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_code_change_in_the_work_tree_does_not_change_the_champions_captions(registered, tmp_path):
+    root, _, _ = registered
+    test = pd.read_parquet(root / paths.TEST_CAPTIONS)["image"].tolist()[:4]  # the served limit
+    images = [root / "data/raw/synthetic/Images" / name for name in test]
+    # today's work tree, then one whose decoding never writes the most frequent word
+    changed = tmp_path / "changed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "pipeline", changed / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    decoding = changed / "pipeline/captioning/decoding.py"
+    source = decoding.read_text()
+    ban = "    lp[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = NEG_INF\n"
+    assert ban in source
+    decoding.write_text(source.replace(ban, ban + "    lp[:, 4] = NEG_INF  # changed: the commonest word is gone\n"))
+    word = json.loads((root / paths.VOCAB).read_text())["words"][4]
+
+    before = caption_from(root, root, images, "isolated")
+    after = caption_from(changed, root, images, "isolated")
+    assert after["pipeline"].startswith(str(changed))  # that process imported the changed code...
+    assert after["status"] == before["status"] == "scored"
+    assert after["captions"] == before["captions"]  # ...yet the champion captioned as registered
+    assert any(word in c.split() for c in before["captions"])
+    # what loading the champion in that process does: the changed code runs for it
+    in_process = caption_from(changed, root, images, "in-process")
+    assert not any(word in c.split() for c in in_process["captions"])
