@@ -22,14 +22,14 @@ from pipeline.registry.champion import caption_with_champion
 images = [Path(p) for p in sys.argv[1:]]
 mode = sys.stdin.read().strip()
 if mode == "isolated":
-    run = caption_with_champion(mlflow.MlflowClient(), "%s", images, beam_size=3)
+    run = caption_with_champion(mlflow.MlflowClient(), "NAME", images, beam_size=3)
     print(json.dumps({"pipeline": pipeline.__file__, "captions": run.captions, "status": run.status}))
 else:  # what evaluate did before: load the champion in this process
-    model = mlflow.pyfunc.load_model("models:/%s@champion")
+    model = mlflow.pyfunc.load_model("models:/NAME@champion")
     import pandas as pd
     out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"beam_size": 3})
     print(json.dumps({"pipeline": pipeline.__file__, "captions": out["caption"].tolist(), "status": "in-process"}))
-""" % (NAME, NAME)
+""".replace("NAME", NAME)
 
 
 def caption_from(work_tree: Path, store: Path, images: list[Path], mode: str) -> dict:
