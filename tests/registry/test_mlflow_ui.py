@@ -19,7 +19,7 @@ from pipeline import paths
 from pipeline.ops.launchers import TRAINING_VIEW
 from pipeline.registry.tracking import EXPERIMENT_KIND, file_md5, setup
 from pipeline.stages.evaluate import CAPTION_TABLE
-from tests.helpers import PROJECT, chromium, free_port, tiny_settings, wait_for_http
+from tests.helpers import chromium, free_port, tiny_settings, wait_for_http
 
 NAME = "flickr8k-captioner"
 RUN_NAME = re.compile(r"^synthetic-xception-lstm64-[0-9a-f]{6}$")
@@ -98,8 +98,8 @@ def close_assistant(page) -> None:
 
 @pytest.mark.timeout(1200)
 def test_runs_table_and_model_page_in_a_browser(registered, tmp_path, monkeypatch):
-    """Two runs side by side with their names and data, and the model page with its alias;
-    saves the README's screenshots (docs/mlflow-runs.png, docs/mlflow-model.png)."""
+    """Two runs side by side with their names and data, and the model page with its alias (the
+    README's pictures come from the model `make run` trains: docs/take_screenshots.py)."""
     from playwright.sync_api import sync_playwright
 
     from pipeline.stages import train
@@ -125,8 +125,7 @@ def test_runs_table_and_model_page_in_a_browser(registered, tmp_path, monkeypatc
         cwd=copy, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    docs = PROJECT / "docs"
-    docs.mkdir(exist_ok=True)
+    docs = tmp_path
     try:
         wait_for_http(f"{url}/health", server, 240, "mlflow server")  # ~10 s on a quiet machine
         experiment_id = runs[0].info.experiment_id

@@ -152,7 +152,7 @@ def test_captioner_cli_prints_one_caption_per_image(registered, tmp_path):
     text.write_text("hello")
     cli = Path(sys.executable).parent / "captioner"
     result = subprocess.run([str(cli), "caption", str(good), str(bad), str(text), "--beam", "1",
-                             "--tracking-uri", f"sqlite:///{root}/mlflow.db"],
+                             "--model", f"models:/{NAME}@champion", "--tracking-uri", f"sqlite:///{root}/mlflow.db"],
                             capture_output=True, text=True, cwd=root, timeout=400)
     assert result.returncode == 1  # one image failed
     line = result.stdout.strip().splitlines()[-1]
@@ -160,6 +160,10 @@ def test_captioner_cli_prints_one_caption_per_image(registered, tmp_path):
     assert f"{bad}\tERROR:" in result.stderr
     assert f"{text}\tERROR: corrupt image: cannot decode" in result.stderr
     assert "BytesIO" not in result.stderr
+    # outside a project, with no model named: a usage error saying what to pass, not a guess
+    nowhere = subprocess.run([str(cli), "caption", str(good)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120)
+    assert nowhere.returncode == 2 and "--model models:/<name>@champion" in nowhere.stderr
 
 
 def test_register_needs_the_per_image_scores(in_trained, tmp_path):

@@ -1,0 +1,99 @@
+"""Take the README's pictures from the model `make run` trained, in headless Debian chromium.
+
+    .venv/bin/python docs/take_screenshots.py        # after `make run`, from the project root
+
+Starts `captioner app` and an MLflow server over the project's own store (ports chosen free),
+drops a few test photos on the app, opens the runs table and the registered model, and writes
+docs/app.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
+(`apt-get install chromium`) and the Python playwright package (in requirements.lock).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import paths
+from pipeline.config import load_settings
+from pipeline.ops.launchers import TRAINING_VIEW
+from pipeline.registry.tracking import tracking_uri
+
+DOCS = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not come up: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        time.sleep(0.5)
+
+
+def start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def main() -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    settings = load_settings()
+    uri = tracking_uri(settings)
+    name = settings.registry.model_name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    captions = pd.read_parquet(paths.CAPTIONS)
+    images_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())[:3]
+    app_port, ui_port = free_port(), free_port()
+    app = start([str(BIN / "captioner"), "app", "--port", str(app_port), "--poll-seconds", "30"], env)
+    ui = start([str(BIN / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                "--port", str(ui_port), "--workers", "1"], env)
+    try:
+        wait_for(f"http://127.0.0.1:{app_port}/healthz", app)
+        wait_for(f"http://127.0.0.1:{ui_port}/health", ui)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 860})
+            page.goto(f"http://127.0.0.1:{app_port}")
+            page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
+            expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
+            page.screenshot(path=str(DOCS / "app.png"))
+            page.set_viewport_size({"width": 1400, "height": 640})
+            page.goto(f"http://127.0.0.1:{ui_port}/#/experiments?{TRAINING_VIEW}")
+            page.get_by_text(settings.mlflow.experiment).first.click(timeout=120_000)
+            page.get_by_text("matching runs").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(DOCS / "mlflow-runs.png"))
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{ui_port}/#/models/{name}?{TRAINING_VIEW}")
+            page.get_by_text("Writes one English sentence").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(DOCS / "mlflow-model.png"))
+            browser.close()
+    finally:
+        for proc in (app, ui):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+    print(f"wrote {', '.join(str(DOCS / n) for n in ('app.png', 'mlflow-runs.png', 'mlflow-model.png'))}")
+
+
+if __name__ == "__main__":
+    main()
