@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pipeline import cpu as cpu_info
 
-REPORT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks.md"
+PROJECT = Path(__file__).resolve().parents[1]
+REPORT = PROJECT / "reports" / "benchmarks.md"
 
 
 class Timer:

@@ -116,12 +116,15 @@ class FeaturesSettings(_Section):
     # imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file
     weights: str = Field(min_length=1)
     image_size: int = Field(ge=71, le=1024)
-    # keras | tflite (same weights on LiteRT/XNNPack: same embeddings, faster) | tflite_int8
-    runtime: Literal["keras", "tflite", "tflite_int8"]
-    # auto: bfloat16 only for the keras runtime on a CPU with native bf16, else float32
+    # auto (the fastest measured here whose embeddings agree with keras float32 to min_cosine) |
+    # keras | tflite | tflite_int8 (approximate) | openvino (pipeline/captioning/backbone.py)
+    runtime: Literal["auto", "keras", "tflite", "tflite_int8", "openvino"]
+    # auto: bfloat16 for keras and openvino on a CPU with native bf16, else float32
     precision: Literal["auto", "float32", "bfloat16"]
-    # train images that calibrate the int8 ranges (runtime tflite_int8 only)
+    # train images that calibrate tflite_int8 and on which runtime auto measures the runtimes
     calibration_images: int = Field(ge=1, le=4096)
+    auto_rounds: int = Field(ge=1, le=20)  # interleaved timing rounds of runtime auto
+    min_cosine: float = Field(gt=0, le=1)  # auto keeps runtimes whose embeddings agree this well
     batch_size: int = Field(ge=1, le=1024)
     seed: int
     rows_per_part: int = Field(ge=1)
@@ -130,9 +133,9 @@ class FeaturesSettings(_Section):
     shards: list[int] = Field(min_length=1, max_length=64)
 
     @model_validator(mode="after")
-    def _bf16_needs_keras(self):
-        if self.precision == "bfloat16" and self.runtime != "keras":
-            raise ValueError(f"precision bfloat16 runs only on runtime keras, not {self.runtime} "
+    def _bf16_needs_keras_or_openvino(self):
+        if self.precision == "bfloat16" and self.runtime in ("tflite", "tflite_int8"):
+            raise ValueError(f"precision bfloat16 runs on runtimes keras, openvino and auto, not {self.runtime} "
                              "(TFLite has no bf16 path on x86 CPUs): use precision auto or float32")
         return self
 

@@ -33,6 +33,8 @@ def tiny_params(**overrides) -> dict:
     defaults = {
         "data.synthetic.n_images": 40, "data.synthetic.image_size": 48,
         "features.image_size": 71, "features.batch_size": 8, "features.rows_per_part": 8,
+        # one runtime, not the default's measurement of all of them (tests of auto ask for it)
+        "features.runtime": "tflite", "features.auto_rounds": 1, "features.calibration_images": 16,
         "train.epochs": 3, "train.units": 32, "train.embedding_dim": 16, "train.batch_size": 32,
         "evaluate.gallery_size": 4,
     }

@@ -92,7 +92,7 @@ def test_feature_shards_are_listed_and_numbered_from_zero():
 
 
 def test_bfloat16_is_refused_on_the_tflite_runtimes():
-    with pytest.raises(ConfigError, match=r"bfloat16 runs only on runtime keras, not tflite"):
+    with pytest.raises(ConfigError, match=r"bfloat16 runs on runtimes keras, openvino and auto, not tflite"):
         parse_settings(tiny_params(**{"features.runtime": "tflite", "features.precision": "bfloat16"}))
     keras_bf16 = parse_settings(tiny_params(**{"features.runtime": "keras", "features.precision": "bfloat16"}))
     assert keras_bf16.features.precision == "bfloat16"

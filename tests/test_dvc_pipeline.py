@@ -9,7 +9,8 @@ from tests.helpers import git_project, jpeg_bytes, sh, write_flickr_dataset, wri
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    return git_project(tmp_path_factory.mktemp("project"))
+    # the default backbone runtime, measured by the backbone stage (the other tests pin tflite)
+    return git_project(tmp_path_factory.mktemp("project"), **{"features.runtime": "auto"})
 
 
 def assert_run_names_its_data(repo):
@@ -70,7 +71,7 @@ def test_failing_validate_under_dvc_repro_keeps_the_last_good_outputs(repo, tmp_
     bad = write_flickr_dataset(tmp_path / "bad", {n: jpeg_bytes() for n in names},
                                [f"{n}#{k} no tab here" for n in names for k in range(5)],
                                {"train": names[:8], "dev": names[8:9], "test": names[9:]})
-    write_params(repo, **{"data.source": "local", "data.local_path": str(bad)})
+    write_params(repo, **{"features.runtime": "auto", "data.source": "local", "data.local_path": str(bad)})
     failed = sh(["dvc", "repro", "validate"], repo, check=False)
     assert failed.returncode != 0 and "were left as they were" in failed.stderr
     assert {p: (repo / p).read_bytes() for p in good} == good
@@ -78,7 +79,7 @@ def test_failing_validate_under_dvc_repro_keeps_the_last_good_outputs(repo, tmp_
     assert report["success"] is False
     assert report["reject_reasons"]["malformed line: no tab between key and caption"] == 50
     assert (repo / "reports/validation_rejects.parquet").is_file()
-    write_params(repo)
+    write_params(repo, **{"features.runtime": "auto"})
 
 
 def forced_dvc_commands() -> list[str]:

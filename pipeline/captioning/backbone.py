@@ -1,14 +1,29 @@
-"""The CNN that turns an image into a feature vector, and the image preprocessing that goes
-with it. Shared by the features stage and the served model so both see images alike.
+"""The CNN that turns an image into a feature vector, the runtimes that run it, and the choice
+among them. Shared by the features stage and the served model so both see images alike.
 
 Weights: ``imagenet`` (Keras downloads them once into ~/.keras/models), ``none`` (random
 init from ``seed``: the offline default) or a path to a local weights file (air-gapped).
 
-Runtime: ``keras`` runs the Keras model; ``tflite`` runs the same weights converted to a float32
-TFLite model on the LiteRT interpreter (XNNPack), which gives the same embeddings faster on CPUs;
-``tflite_int8`` is a full-integer quantised model (faster again, embeddings only close).
-The backbone stage saves everything a runtime needs in one folder (``BackboneFolder``), and
-both the features stage and the served model load it from there.
+Runtimes, all running the same weights:
+  * ``keras``: the Keras model (oneDNN), float32 or bfloat16 (``mixed_bfloat16``);
+  * ``tflite``: converted to a float32 TFLite model, run by LiteRT (XNNPack);
+  * ``tflite_int8``: a full-integer quantised TFLite model (faster, embeddings only close);
+  * ``openvino``: converted once to OpenVINO IR (from the SavedModel Keras exports), run by
+    OpenVINO's CPU plugin in float32 or bfloat16 (``INFERENCE_PRECISION_HINT``), with its thread
+    pinning off: pinned threads fight any other process on the cores (a training job, the app's
+    own threads, a second shard) and swung 3x between rounds when measured;
+  * ``auto``: the backbone stage times every runtime and precision this CPU offers (bfloat16 only
+    where it is native: ``avx512_bf16`` or ``amx_bf16``; emulated bf16 is slower) in interleaved
+    rounds on train images, keeps those whose embeddings agree with Keras float32 to a cosine of
+    at least ``features.min_cosine`` on every image, and picks the fastest. Keras float32 is
+    always a candidate, so ``auto`` is never slower than the reference it is measured against.
+
+The choice is made once, by the backbone stage, and written with its measurements to the
+backbone folder's ``spec.json`` (``BackboneFolder``): every shard, on any machine, and the
+served model run exactly that runtime and precision; a machine that cannot (OpenVINO bfloat16 on
+a CPU without native bf16 silently runs float32) is an error for a shard, never a silent mix.
+The served model falls back to Keras, with the same precision and a warning, when LiteRT or
+OpenVINO cannot load its file.
 """
 
 from __future__ import annotations
@@ -17,7 +32,9 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -37,42 +54,37 @@ from pipeline.data.images import ImageSource, load_rgb  # noqa: E402
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = {"xception": 2048}
+Embedder = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, D) float32
 
 
 class BackboneError(RuntimeError):
-    """The CNN could not be built (e.g. ImageNet weights unavailable offline)."""
+    """The CNN could not be built or run (ImageNet weights unavailable offline, a runtime that
+    cannot load its file or cannot run the chosen precision here)."""
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """The exact CNN: made from ``features`` params by ``from_settings`` (the one place its values
-    come from) or read back from a backbone folder's spec.json."""
+    """The exact CNN and how it runs: made from ``features`` params by ``from_settings`` (the one
+    place its values come from) and resolved by the backbone stage, or read back from a backbone
+    folder's spec.json."""
 
     name: str
     weights: str  # imagenet | none | a weights file
     image_size: int
     seed: int
-    # float32 (exact) | bfloat16 (keras runtime only: faster on CPUs with AVX512-BF16 or AMX,
-    # slower elsewhere; embeddings differ slightly, so features and serving must agree: they
-    # share this spec through the backbone folder)
-    precision: str
-    runtime: str  # keras | tflite | tflite_int8
+    precision: str  # float32 | bfloat16 (bfloat16: keras and openvino only)
+    runtime: str  # keras | tflite | tflite_int8 | openvino; "auto" until the backbone stage chose
 
     @classmethod
     def from_settings(cls, cfg: FeaturesSettings, cpu_flags: frozenset[str] | None = None) -> "BackboneSpec":
-        """The spec ``cfg`` asks for on this CPU: ``precision: auto`` becomes bfloat16 only for the
-        keras runtime on a CPU with native bf16, else float32 (TFLite has no bf16 path on x86)."""
+        """The spec ``cfg`` asks for on this CPU. ``precision: auto`` becomes bfloat16 for the
+        keras and openvino runtimes on a CPU with native bf16, else float32 (TFLite has no bf16
+        path on x86); with ``runtime: auto`` both stay to be measured (``choose_runtime``)."""
         precision = cfg.precision
-        if precision == "auto":
+        if precision == "auto" and cfg.runtime != "auto":
             native = cpu.has_native_bf16(cpu_flags)
-            precision = "bfloat16" if cfg.runtime == "keras" and native else "float32"
+            precision = "bfloat16" if cfg.runtime in ("keras", "openvino") and native else "float32"
         return cls(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed, precision, cfg.runtime)
-
-    def agrees_with(self, cfg: FeaturesSettings) -> bool:
-        """Whether a saved spec is what ``cfg`` asks for (``auto`` accepts the saved choice)."""
-        wanted = replace(BackboneSpec.from_settings(cfg), precision=self.precision) \
-            if cfg.precision == "auto" else BackboneSpec.from_settings(cfg)
-        return wanted == self
 
     @property
     def feature_dim(self) -> int:
@@ -146,7 +158,7 @@ def _build(spec: BackboneSpec) -> keras.Model:
 
 
 def load_saved(weights_file: Path, spec: BackboneSpec) -> keras.Model:
-    """Rebuild the exact CNN whose weights the features stage saved."""
+    """Rebuild the exact CNN whose weights the backbone stage saved, in ``spec``'s precision."""
     return build(replace(spec, weights=str(weights_file)))
 
 
@@ -160,7 +172,7 @@ def load_image(source: ImageSource, spec: BackboneSpec, max_pixels: int | None) 
     return load_rgb(source, spec.image_size, max_pixels)
 
 
-def embedder(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+def embedder(model: keras.Model) -> Embedder:
     """(N, S, S, 3) uint8 -> (N, D) float32 features, bit for bit the same vector for an image
     whatever batch it comes in (so shards, resumed runs and the served model all agree)."""
     import tensorflow as tf
@@ -206,6 +218,45 @@ class TFLiteEmbedder:
             return self._interpreter.get_tensor(self._output).astype(np.float32, copy=True)
 
 
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+
+
+class OpenVINOEmbedder:
+    """An OpenVINO IR on the CPU plugin, in ``precision`` (float32 | bfloat16), thread pinning
+    off, one thread per core. Same contract as ``embedder``. BackboneError when the IR cannot be
+    read or this CPU cannot run ``precision`` (OpenVINO would silently run float32 for bf16 on a
+    CPU without it: the plugin is asked what it actually runs)."""
+
+    def __init__(self, model_file: Path, precision: str, threads: int | None = None,
+                 cpu_flags: frozenset[str] | None = None):
+        if precision == "bfloat16" and not cpu.has_native_bf16(cpu_flags):
+            raise BackboneError(f"OpenVINO bfloat16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16); "
+                                f"this one has none ({cpu.describe()}) and would run float32 or emulate it")
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise BackboneError(f"OpenVINO is not installed ({err})") from None
+        try:
+            compiled = ov.Core().compile_model(str(model_file), "CPU", {
+                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], "ENABLE_CPU_PINNING": False,
+                "INFERENCE_NUM_THREADS": threads or cpu.cores()})
+        except (RuntimeError, ValueError, OSError) as err:
+            raise BackboneError(f"OpenVINO cannot load {model_file}: {str(err).strip()[:300]}") from None
+        actual = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if (precision == "bfloat16") != ("bf" in actual):
+            raise BackboneError(f"OpenVINO runs {actual} here, not {precision}: this CPU ({cpu.describe()}) "
+                                "has no native bf16")
+        self._request = compiled.create_infer_request()
+        self._output = compiled.output(0)
+        self._lock = threading.Lock()
+
+    def __call__(self, batch_uint8: np.ndarray) -> np.ndarray:
+        x = preprocess(batch_uint8)
+        with self._lock:
+            result = self._request.infer({0: x})
+            return np.array(result[self._output], dtype=np.float32, copy=True)
+
+
 def to_tflite(model: keras.Model, calibration: np.ndarray | None = None) -> bytes:
     """The Keras backbone as a TFLite flatbuffer: float32 (same maths), or, given ``calibration``
     (uint8 images from the train split), full-integer int8 inside with float32 input and output,
@@ -224,11 +275,72 @@ def to_tflite(model: keras.Model, calibration: np.ndarray | None = None) -> byte
         raise BackboneError(f"TFLite conversion failed: {type(err).__name__}: {str(err)[:500]}") from None
 
 
+def to_openvino(model: keras.Model, out_xml: Path) -> None:
+    """The float32 Keras backbone as OpenVINO IR (``out_xml`` and its .bin): exported as a
+    SavedModel, converted by ``ov.convert_model``, saved with its float32 weights (OpenVINO's
+    default would store them as float16). The precision is chosen when it is compiled."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise BackboneError(f"OpenVINO is not installed ({err})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved_model"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model.export(str(saved), format="tf_saved_model", verbose=False)
+            ov.save_model(ov.convert_model(str(saved)), str(out_xml), compress_to_fp16=False)
+        except Exception as err:  # the exporter and converter raise many kinds
+            raise BackboneError(f"OpenVINO conversion failed: {type(err).__name__}: {str(err)[:500]}") from None
+
+
+def candidates(cpu_flags: frozenset[str] | None = None) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs ``auto`` measures on this CPU: bfloat16 only where it is native,
+    OpenVINO only where it is installed; Keras float32 (the reference) first."""
+    native = cpu.has_native_bf16(cpu_flags)
+    found = [("keras", "float32"), *([("keras", "bfloat16")] if native else []), ("tflite", "float32")]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return found
+    return found + [("openvino", "float32"), *([("openvino", "bfloat16")] if native else [])]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) matrices."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def measure(embedders: dict[tuple[str, str], Embedder], images: np.ndarray, batch_size: int,
+            rounds: int) -> list[dict]:
+    """Each embedder's seconds per image (median of ``rounds`` interleaved rounds over
+    ``images`` in batches of ``batch_size``, the order rotating each round, after one warm-up
+    batch) and its lowest cosine to the first one's embeddings (the reference)."""
+    keys = list(embedders)
+    outputs, times = {}, {k: [] for k in keys}
+    for key in keys:  # warm-up: graph building, plugin compilation, first allocations
+        embedders[key](images[:batch_size])
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            start = time.perf_counter()
+            out = np.concatenate([embedders[key](images[lo:lo + batch_size])
+                                  for lo in range(0, len(images), batch_size)])
+            times[key].append((time.perf_counter() - start) / len(images))
+            outputs[key] = out
+    reference = outputs[keys[0]]
+    ref_time = float(np.median(times[keys[0]]))
+    return [{"runtime": runtime, "precision": precision, "seconds_per_image": float(np.median(times[(runtime, precision)])),
+             "ratio": ref_time / float(np.median(times[(runtime, precision)])),
+             "min_cosine": float(cosines(outputs[(runtime, precision)], reference).min())}
+            for runtime, precision in keys]
+
+
 @dataclass(frozen=True)
 class BackboneFolder:
-    """The backbone stage's output: the exact weights, the TFLite model (tflite runtimes) and the
-    spec chosen on the machine that built it (``precision: auto`` resolved once, so every shard
-    and the served model use the same choice even on other CPUs)."""
+    """The backbone stage's output: the exact weights, the file the chosen runtime runs (TFLite
+    model or OpenVINO IR), and ``spec.json``: the resolved spec (runtime and precision chosen on
+    the machine that built it, so every shard and the served model use the same even on other
+    CPUs), what params asked for, and ``auto``'s measurements."""
 
     path: Path
 
@@ -241,28 +353,133 @@ class BackboneFolder:
         return self.path / "backbone.tflite"
 
     @property
+    def openvino(self) -> Path:
+        return self.path / "backbone.xml"  # with backbone.bin beside it
+
+    @property
     def spec_file(self) -> Path:
         return self.path / "spec.json"
 
-    def spec(self) -> BackboneSpec:
+    def record(self) -> dict:
         try:
-            saved = json.loads(self.spec_file.read_text())
-            return BackboneSpec(**saved["spec"])
+            record = json.loads(self.spec_file.read_text())
+            BackboneSpec(**record["spec"])
+            return record
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BackboneError(f"{self.spec_file} is missing or unreadable ({err}); rerun the "
                                 "backbone stage (dvc repro backbone)") from None
 
-    def embedder(self, fallback_to_keras: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-        """The embedder of the saved runtime. ``fallback_to_keras`` (the served model): when the
-        float32 TFLite model cannot load, run the saved weights in Keras (same embeddings,
-        slower) rather than fail; an int8 model never falls back (its embeddings differ)."""
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec(**self.record()["spec"])
+
+    def metadata(self) -> dict[str, str]:
+        """The spec's provenance, plus how ``auto`` chose (each runtime's speed and cosine), for the
+        features file and the MLflow run."""
+        record = self.record()
+        found = record.get("measurements") or []
+        choice = "; ".join(f"{r['runtime']} {r['precision']} {r['ratio']:.2f}x cos {r['min_cosine']:.6f}"
+                           f"{' chosen' if r.get('chosen') else ''}" for r in found)
+        return {**self.spec().metadata(), "runtime_requested": record.get("requested", {}).get("runtime", ""),
+                "runtime_choice": choice or "as configured", "chosen_on": record.get("chosen_on", "")}
+
+    def agrees_with(self, cfg: FeaturesSettings) -> bool:
+        """Whether the saved folder is what ``cfg`` asks for: the same CNN, and the runtime and
+        precision params asked for (``auto`` accepts the choice made when the folder was built)."""
+        record, spec = self.record(), self.spec()
+        asked = record.get("requested", {"runtime": spec.runtime, "precision": spec.precision})
+        base = BackboneSpec.from_settings(cfg)
+        same_cnn = (spec.name, spec.weights, spec.image_size, spec.seed) == (
+            base.name, base.weights, base.image_size, base.seed)
+        return same_cnn and asked == {"runtime": cfg.runtime, "precision": cfg.precision}
+
+    def embedder(self, fallback_to_keras: bool = False, cpu_flags: frozenset[str] | None = None) -> Embedder:
+        """The embedder of the saved runtime and precision. ``fallback_to_keras`` (the served
+        model): when the TFLite or OpenVINO file cannot be loaded or run here, run the saved
+        weights in Keras with the same precision (embeddings within the cosine bound, slower)
+        rather than fail; an int8 model never falls back (its embeddings differ)."""
         spec = self.spec()
-        if spec.runtime == "keras":
-            return embedder(load_saved(self.weights, spec))
         try:
+            if spec.runtime == "keras":
+                if spec.precision == "bfloat16" and not cpu.has_native_bf16(cpu_flags):
+                    log.warning("running Keras bfloat16 as chosen on %s; this CPU (%s) emulates bf16: slower, the same "
+                                "maths", self.record().get("chosen_on", "another machine"), cpu.describe())
+                return embedder(load_saved(self.weights, spec))
+            if spec.runtime == "openvino":
+                return OpenVINOEmbedder(self.openvino, spec.precision, cpu_flags=cpu_flags)
             return TFLiteEmbedder(self.tflite)
         except (BackboneError, ImportError) as err:
-            if not fallback_to_keras or spec.runtime != "tflite":
-                raise BackboneError(f"{err}; set features.runtime: keras to run without LiteRT") from None
-            log.warning("%s; falling back to the Keras runtime (same embeddings, slower)", err)
+            if not fallback_to_keras or spec.runtime not in ("tflite", "openvino"):
+                raise BackboneError(f"{err}; the features were computed with {spec.runtime} {spec.precision} on "
+                                    f"{self.record().get('chosen_on', 'another machine')}: run this on such a "
+                                    "machine, or rerun the backbone stage here (every shard then follows the "
+                                    "new choice)") from None
+            log.warning("%s; falling back to the Keras runtime in %s (embeddings within the cosine bound, slower)",
+                        err, spec.precision)
             return embedder(load_saved(self.weights, spec))
+
+
+def save_folder(model: keras.Model, spec: BackboneSpec, out: Path, requested: dict,
+                measurements: list[dict] | None = None, calibration: np.ndarray | None = None) -> dict:
+    """Write a backbone folder for the resolved ``spec`` into ``out`` (an empty folder): the
+    weights, the runtime's file, spec.json. Returns conversion timings."""
+    folder = BackboneFolder(out)
+    model.save_weights(str(folder.weights))
+    stats = {}
+    start = time.perf_counter()
+    if spec.runtime in ("tflite", "tflite_int8"):
+        folder.tflite.write_bytes(to_tflite(model, calibration if spec.runtime == "tflite_int8" else None))
+    elif spec.runtime == "openvino":
+        to_openvino(model, folder.openvino)
+    if spec.runtime != "keras":
+        stats["conversion_seconds"] = round(time.perf_counter() - start, 1)
+    folder.spec_file.write_text(json.dumps({"spec": spec.to_dict(), "requested": requested,
+                                            "chosen_on": cpu.describe(), "measurements": measurements or []},
+                                           indent=2))
+    return stats
+
+
+def choose_runtime(model: keras.Model, spec: BackboneSpec, images: np.ndarray, batch_size: int, rounds: int,
+                   min_cosine: float, precision: str = "auto",
+                   cpu_flags: frozenset[str] | None = None) -> tuple[BackboneSpec, list[dict]]:
+    """``runtime: auto``: every candidate of this CPU measured on ``images`` (``measure``); the
+    fastest in ``precision`` (``auto``: either) whose embeddings agree with Keras float32 (always
+    measured: the reference) to ``min_cosine`` on every image. Returns the resolved spec and the
+    measurements (each marked ``eligible`` and ``chosen``); BackboneError when none qualifies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "backbone.weights.h5"
+        model.save_weights(str(weights))
+        embedders: dict[tuple[str, str], Embedder] = {}
+        wanted = [c for c in candidates(cpu_flags) if c == ("keras", "float32") or precision in ("auto", c[1])]
+        for runtime, prec in wanted:
+            try:
+                if runtime == "keras":
+                    embedders[(runtime, prec)] = embedder(
+                        model if prec == "float32" else load_saved(weights, replace(spec, precision=prec)))
+                elif runtime == "tflite":
+                    path = Path(tmp) / "backbone.tflite"
+                    if not path.exists():
+                        path.write_bytes(to_tflite(model))
+                    embedders[(runtime, prec)] = TFLiteEmbedder(path)
+                else:
+                    path = Path(tmp) / "backbone.xml"
+                    if not path.exists():
+                        to_openvino(model, path)
+                    embedders[(runtime, prec)] = OpenVINOEmbedder(path, prec, cpu_flags=cpu_flags)
+            except BackboneError as err:  # a runtime this machine cannot run is not a candidate
+                log.warning("runtime %s %s left out: %s", runtime, prec, err)
+        found = measure(embedders, images, batch_size, rounds)
+        del embedders
+    for row in found:
+        row["eligible"] = row["min_cosine"] >= min_cosine and precision in ("auto", row["precision"])
+    eligible = [r for r in found if r["eligible"]]
+    if not eligible:
+        raise BackboneError(f"features.runtime auto found no runtime that runs {precision} on this CPU "
+                            f"({cpu.describe()}) with embeddings within features.min_cosine {min_cosine}: "
+                            f"{found}; use precision auto or float32")
+    best = max(eligible, key=lambda r: r["ratio"])
+    for row in found:
+        row["chosen"] = row is best
+    log.info("runtime auto on %s: %s", cpu.describe(), "; ".join(
+        f"{r['runtime']} {r['precision']} {r['ratio']:.2f}x cos {r['min_cosine']:.6f}"
+        f"{' (chosen)' if r['chosen'] else '' if r['eligible'] else ' (below min_cosine)'}" for r in found))
+    return replace(spec, runtime=best["runtime"], precision=best["precision"]), found

@@ -207,5 +207,5 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     names = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "h5py", "pyarrow",
-             "ai-edge-litert"]
+             "ai-edge-litert", "openvino"]
     return [f"{n}=={version(n)}" for n in names]

@@ -1,17 +1,22 @@
-"""Stage ``backbone``: build the CNN once and save everything its runtime needs.
+"""Stage ``backbone``: build the CNN once, choose how it runs, and save everything that needs.
 
-Output folder ``data/features/<backbone>.backbone/``: the exact weights, the TFLite model
-(``features.runtime: tflite`` or ``tflite_int8``) and ``spec.json`` (runtime and precision as
-chosen on this machine's CPU). Every feature shard and the served model load this folder, so all
-shards (on any machine) use the same CNN, and ImageNet weights are fetched once, here.
+Output folder ``data/features/<backbone>.backbone/``: the exact weights, the file of the chosen
+runtime (TFLite model or OpenVINO IR) and ``spec.json`` (runtime and precision as chosen on this
+machine's CPU, what params asked for, and with ``features.runtime: auto`` the measurements the
+choice was made on). Every feature shard and the served model load this folder, so all shards
+(on any machine) use the same CNN the same way, and ImageNet weights are fetched once, here.
+
+``auto`` times every runtime and precision this CPU offers on ``features.calibration_images``
+train images (``features.auto_rounds`` interleaved rounds) and keeps the fastest whose
+embeddings agree with Keras float32 to ``features.min_cosine`` (``pipeline/captioning/backbone.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +26,18 @@ from pipeline import cpu, paths
 from pipeline.atomic import atomic_dir
 from pipeline.captioning.backbone import (
     BackboneError,
-    BackboneFolder,
     BackboneSpec,
     build,
+    choose_runtime,
     load_image,
-    to_tflite,
+    save_folder,
 )
-from pipeline.config import Settings
+from pipeline.config import FeaturesSettings, Settings
 from pipeline.data.flickr8k import image_file
 from pipeline.data.images import ImageError
 from pipeline.stages._cli import reported, require, stage_main
 
-log = logging.getLogger("pipeline.captioning.backbone")
+log = logging.getLogger("pipeline.backbone")
 
 
 def calibration_set(captions: pd.DataFrame, image_dir: Path, spec: BackboneSpec, count: int,
@@ -41,24 +46,29 @@ def calibration_set(captions: pd.DataFrame, image_dir: Path, spec: BackboneSpec,
     list, which may all come from one photographer), decoded as the features stage decodes."""
     train = sorted(set(captions.loc[captions["split"] == "train", "image"]))
     if not train:
-        raise ValueError("no train images in data/prepared/captions.parquet to calibrate tflite_int8")
+        raise ValueError("no train images in data/prepared/captions.parquet to calibrate or measure on")
     chosen = sorted(train, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:count]
     return np.stack([load_image(image_file(image_dir, name), spec, max_pixels) for name in chosen])
 
 
-def save_backbone(spec: BackboneSpec, out: Path, calibration: np.ndarray | None = None) -> dict:
-    """Build the CNN of ``spec`` and write its folder to ``out`` (replaced only when complete);
-    raises BackboneError."""
-    model = build(spec)
-    stats = {"parameters": model.count_params(), "runtime": spec.runtime, "precision": spec.precision}
+def save_backbone(cfg: FeaturesSettings, out: Path, images: np.ndarray | None = None,
+                  cpu_flags: frozenset[str] | None = None) -> dict:
+    """Build the CNN ``cfg`` asks for, resolve its runtime and precision (measuring them on
+    ``images`` for ``auto``; ``images`` also calibrate ``tflite_int8``) and write its folder to
+    ``out`` (replaced only when complete). Returns stats, the measurements among them; raises
+    BackboneError."""
+    spec = BackboneSpec.from_settings(cfg, cpu_flags)
+    model = build(replace(spec, precision="float32"))  # the weights every runtime runs
+    measurements = None
+    start = time.perf_counter()
+    if cfg.runtime == "auto":
+        spec, measurements = choose_runtime(model, spec, images, cfg.batch_size, cfg.auto_rounds, cfg.min_cosine,
+                                            cfg.precision, cpu_flags)
+    stats = {"parameters": model.count_params(), "runtime": spec.runtime, "precision": spec.precision,
+             "choice_seconds": round(time.perf_counter() - start, 1), "measurements": measurements or []}
     with atomic_dir(out) as tmp:
-        folder = BackboneFolder(tmp)
-        model.save_weights(str(folder.weights))
-        if spec.runtime != "keras":
-            start = time.perf_counter()
-            folder.tflite.write_bytes(to_tflite(model, calibration if spec.runtime == "tflite_int8" else None))
-            stats["conversion_seconds"] = round(time.perf_counter() - start, 1)
-        folder.spec_file.write_text(json.dumps({"spec": spec.to_dict(), "chosen_on": cpu.describe()}, indent=2))
+        stats.update(save_folder(model, spec, tmp, {"runtime": cfg.runtime, "precision": cfg.precision},
+                                 measurements, images if spec.runtime == "tflite_int8" else None))
     log.info("wrote %s (%s, weights %s, runtime %s, %s, %d parameters; CPU %s)", out, spec.name,
              spec.weights, spec.runtime, spec.precision, model.count_params(), cpu.describe())
     return stats
@@ -66,16 +76,15 @@ def save_backbone(spec: BackboneSpec, out: Path, calibration: np.ndarray | None 
 
 def run(settings: Settings) -> dict:
     cfg = settings.features
-    spec = BackboneSpec.from_settings(cfg)
-    calibration = None
+    images = None
     with reported(BackboneError, ImageError, ValueError, OSError):
-        if spec.runtime == "tflite_int8":
+        if cfg.runtime in ("auto", "tflite_int8"):  # train images to measure on / calibrate with
             require(paths.CAPTIONS)
-            calibration = calibration_set(
+            images = calibration_set(
                 pd.read_parquet(paths.CAPTIONS, columns=["image", "split"]),
-                paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR, spec,
+                paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR, BackboneSpec.from_settings(cfg),
                 cfg.calibration_images, settings.validation.max_image_pixels)
-        return save_backbone(spec, paths.backbone_dir(spec.name), calibration)
+        return save_backbone(cfg, paths.backbone_dir(cfg.backbone), images)
 
 
 def main() -> None:

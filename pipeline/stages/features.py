@@ -136,7 +136,7 @@ def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: P
     missing = set(images) - set(table.column("image").to_pylist())
     if missing:
         raise ValueError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
-    write_table(table.replace_schema_metadata(spec.metadata()), out, row_group_size=rows_per_part)
+    write_table(table.replace_schema_metadata(backbone.metadata()), out, row_group_size=rows_per_part)
     shutil.rmtree(parts.folder)
     rate = len(todo) / elapsed if todo and elapsed > 0 else float("nan")
     log.info("wrote %s: %d images (%d new at %.1f img/s)", out, len(images), len(todo), rate)
@@ -152,9 +152,10 @@ def run(settings: Settings, shard: int = 0) -> dict:
     backbone = BackboneFolder(paths.backbone_dir(cfg.backbone))
     require(paths.CAPTIONS, backbone.spec_file)
     with reported(BackboneError):
-        saved = backbone.spec()
-    if not saved.agrees_with(cfg):
-        raise StageError(f"{backbone.path} holds {saved}, but params.yaml asks for "
+        saved, agrees = backbone.spec(), backbone.agrees_with(cfg)
+    if not agrees:
+        raise StageError(f"{backbone.path} holds {saved} (made for {backbone.record().get('requested')}), but "
+                         f"params.yaml asks for runtime {cfg.runtime}, precision {cfg.precision} of "
                          f"{BackboneSpec.from_settings(cfg)}: rerun the backbone stage first")
     everything = pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique()
     images = sorted(n for n in everything if shard_of(n, len(cfg.shards)) == shard)

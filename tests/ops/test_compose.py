@@ -132,7 +132,7 @@ def test_image_lock_agrees_with_the_project_lock():
     assert all(image.get(n) == v for n, v in deploy.items())
     for runtime in ("apache-airflow", "tensorflow-cpu", "keras", "mlflow", "dvc", "pycocoevalcap",
                     "great-expectations", "dvc-s3", "psycopg2-binary", "boto3", "apache-airflow-providers-celery",
-                    "ai-edge-litert"):
+                    "ai-edge-litert", "openvino"):
         assert runtime in image, runtime
 
 

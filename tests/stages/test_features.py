@@ -20,12 +20,30 @@ SHARD0 = paths.feature_shard_file("xception", 0)
 PARTS0 = paths.feature_parts_dir("xception", 0)
 
 
-@pytest.fixture
-def prepared(workdir):
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """A 20-image project through validate and the backbone stage, built once per module."""
+    import os
+
+    root, old = tmp_path_factory.mktemp("prepared"), os.getcwd()
     settings = tiny_settings(**{"data.synthetic.n_images": 20})
-    download.run(settings)
-    validate.run(settings)
-    backbone.run(settings)
+    os.chdir(root)
+    try:
+        download.run(settings)
+        validate.run(settings)
+        backbone.run(settings)
+    finally:
+        os.chdir(old)
+    return root, settings
+
+
+@pytest.fixture
+def prepared(prepared_once, workdir):
+    """A copy of that project of the test's own (tests break images, change the backbone)."""
+    import shutil
+
+    root, settings = prepared_once
+    shutil.copytree(root, workdir, dirs_exist_ok=True)
     return settings
 
 
@@ -39,7 +57,7 @@ def test_features_schema_rows_and_metadata(prepared):
     meta = table.schema.metadata
     assert meta[b"backbone"] == b"xception" and meta[b"weights"] == b"none"
     assert meta[b"input_size"] == b"71" and b"keras_version" in meta and b"preprocess_input" in meta[b"preprocessing"]
-    assert meta[b"runtime"] == b"tflite" and meta[b"precision"] == b"float32"  # the defaults
+    assert meta[b"runtime"] == b"tflite" and meta[b"precision"] == b"float32"  # the tests' default
     assert BackboneFolder(paths.backbone_dir("xception")).tflite.is_file()
     assert not PARTS0.exists()
 
@@ -58,7 +76,7 @@ def test_rerun_after_a_failure_resumes_and_names_the_bad_image(prepared):
     assert pq.read_table(SHARD0).num_rows == 20
 
 
-@pytest.mark.parametrize("runtime", ["keras", "tflite"])
+@pytest.mark.parametrize("runtime", ["keras", "tflite", "openvino"])
 def test_embedding_is_bit_identical_whatever_the_batch_size(prepared, runtime):
     """Shards, resumed runs and the served model embed an image in different batches (a
     batch of one included); its vector must not change in the last bit."""
@@ -143,7 +161,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_tflite_features_are_the_keras_features(prepared):
-    """The default runtime (float32 TFLite) must not change what the decoder sees."""
+    """The float32 TFLite runtime must not change what the decoder sees."""
     lite, meta, _ = features_with()
     exact, keras_meta, _ = features_with(runtime="keras", precision="float32")
     assert (meta["runtime"], keras_meta["runtime"]) == ("tflite", "keras")
@@ -238,3 +256,65 @@ def test_a_name_that_leads_outside_the_image_folder_is_never_opened(prepared, tm
     with pytest.raises(StageError, match=r"refusing image name .*secret\.jpg.*is a path"):
         features.run(prepared)
     assert opened == [] and not SHARD0.exists()
+
+
+def test_openvino_features_agree_with_keras_float32(prepared):
+    """The IR converted from the same weights: float32 equal to the cosine bound, and bfloat16
+    within it where the CPU has native bf16."""
+    from pipeline import cpu
+
+    exact, _, _ = features_with(runtime="keras", precision="float32")
+    ir, meta, stats = features_with(runtime="openvino", precision="float32")
+    assert meta["runtime"] == "openvino" and BackboneFolder(paths.backbone_dir("xception")).openvino.is_file()
+    assert cosines(ir, exact).min() >= 0.99999 and stats["conversion_seconds"] > 0
+    if cpu.has_native_bf16():
+        fast, meta, _ = features_with(runtime="openvino", precision="auto")
+        assert meta["precision"] == "bfloat16"
+        assert cosines(fast, exact).min() >= 0.9999 and not np.array_equal(fast, exact)
+
+
+def test_auto_measures_every_runtime_records_them_and_picks_the_fastest_that_agrees(prepared):
+    import json
+
+    from pipeline import cpu
+
+    _, meta, stats = features_with(runtime="auto")
+    found = stats["measurements"]
+    ran = {(r["runtime"], r["precision"]) for r in found}
+    assert {("keras", "float32"), ("tflite", "float32"), ("openvino", "float32")} <= ran
+    assert (("keras", "bfloat16") in ran) == cpu.has_native_bf16()  # bf16 only where it is native
+    (chosen,) = [r for r in found if r["chosen"]]
+    assert chosen["eligible"] and chosen["min_cosine"] >= 0.9999
+    assert chosen["ratio"] == max(r["ratio"] for r in found if r["eligible"])
+    assert (meta["runtime"], meta["precision"]) == (chosen["runtime"], chosen["precision"])
+    assert meta["runtime_requested"] == "auto" and f"{chosen['runtime']} {chosen['precision']}" in meta["runtime_choice"]
+    record = json.loads(BackboneFolder(paths.backbone_dir("xception")).spec_file.read_text())
+    assert record["requested"] == {"runtime": "auto", "precision": "auto"} and record["measurements"] == found
+    assert all(r["eligible"] == (r["min_cosine"] >= 0.9999) for r in found)
+
+
+def test_auto_measures_bf16_only_on_a_cpu_that_has_it_natively():
+    from pipeline.captioning.backbone import candidates
+
+    for flags in (frozenset({"avx2", "fma"}), frozenset({"avx2", "avx512f"})):
+        assert {precision for _, precision in candidates(flags)} == {"float32"}
+    for flags in (frozenset({"avx512_bf16"}), frozenset({"amx_bf16"})):
+        assert ("keras", "bfloat16") in candidates(flags) and ("openvino", "bfloat16") in candidates(flags)
+    assert candidates(frozenset())[0] == ("keras", "float32")  # the reference, measured first
+
+
+def test_a_shard_follows_the_recorded_choice_or_says_why_it_cannot(prepared):
+    """A shard on another CPU runs what spec.json says; OpenVINO bf16 on a CPU without native
+    bf16 is refused with the way out, never silently run in float32."""
+    import json
+
+    settings = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "openvino",
+                                "features.precision": "float32"})
+    backbone.run(settings)
+    folder = BackboneFolder(paths.backbone_dir("xception"))
+    record = json.loads(folder.spec_file.read_text())
+    record["spec"]["precision"] = "bfloat16"  # as if chosen on a bf16 machine
+    record["chosen_on"] = "a CPU with avx512_bf16"
+    folder.spec_file.write_text(json.dumps(record))
+    with pytest.raises(BackboneError, match=r"native bf16.*computed with openvino bfloat16 on a CPU with avx512_bf16.*rerun the backbone"):
+        folder.embedder(cpu_flags=frozenset({"avx2"}))
