@@ -26,6 +26,10 @@ def assert_run_names_its_data(repo):
     assert run.data.tags["dvc.features_md5"] == outs["data/features/xception.parquet"]
     head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert run.data.tags["git.commit"].startswith(head)
+    # the default runtime (auto) measured the CNN's runtimes here: the run says which it chose and why
+    assert run.data.params["features.runtime_requested"] == "auto"
+    assert "chosen" in run.data.params["features.runtime_choice"] and "keras float32 1.00x" in \
+        run.data.params["features.runtime_choice"]
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ def test_training_is_logged_to_mlflow(in_trained):
     run = mlflow.get_run(run_id)
     assert run.data.params["train.units"] == "64"
     assert run.data.params["features.backbone"] == "xception"
+    # how the CNN ran: the runtime, its precision, and how it was chosen (auto: the measurements)
+    assert run.data.params["features.runtime"] == "tflite" and run.data.params["features.precision"] == "float32"
+    assert run.data.params["features.runtime_choice"] == "as configured"
     assert "features.keras_version" in run.data.params
     assert len(mlflow.MlflowClient().get_metric_history(run_id, "dev_loss")) == len(pd.read_csv(paths.TRAIN_HISTORY))
     assert run.data.metrics["beam_bleu4"] >= 0  # evaluate logged into the same run
