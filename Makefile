@@ -26,8 +26,11 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/python -m pipeline.ops.run_summary
 
+# Two pytest-xdist workers, a module at a time each (its fixtures built once): about half the
+# wall time on 2 cores, as the end-to-end tests spend much of theirs waiting on services.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 # The browser tests drive Debian's chromium with Playwright (no browser download): install it
 # when missing and this user may (root, or sudo without a password); otherwise say how.

@@ -93,3 +93,15 @@ def registered(trained_project):
         os.chdir(old)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return root, report, caught
+
+
+# The end-to-end modules, longest first: `make test` runs the suite on two pytest-xdist workers,
+# one module at a time each (--dist loadscope, so a module's fixtures are built once), and
+# handing out the long modules first keeps one worker from starting a 6-minute module last.
+LONGEST_FIRST = ("tests/ops/test_team.py", "tests/stages/test_register.py", "tests/dags/test_caption_retraining.py",
+                 "tests/test_dvc_pipeline.py", "tests/registry/test_pyfunc_model.py", "tests/stages/test_features.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: file order otherwise
