@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup browser app bench bench-quality bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
+.PHONY: run test setup browser app screenshots bench bench-quality bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,10 @@ team: $(STAMP)
 POLL ?= 10
 app: $(STAMP)
 	$(BIN)/captioner app --poll-seconds $(POLL)
+
+# The README's pictures, from the model `make run` trained (headless Debian chromium).
+screenshots: $(STAMP) browser
+	$(BIN)/python docs/take_screenshots.py
 
 # MLflow UI / tracking server on http://127.0.0.1:5000 over the project's store.
 ui: $(STAMP)

@@ -50,6 +50,13 @@ def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
+def close_assistant(page) -> None:
+    """MLflow's Assistant side panel opens by default and would cover half the picture."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -78,14 +85,18 @@ def main() -> None:
             page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
             expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
             page.screenshot(path=str(DOCS / "app.png"))
+            from mlflow import MlflowClient
+
+            experiment = MlflowClient(uri).get_experiment_by_name(settings.mlflow.experiment).experiment_id
             page.set_viewport_size({"width": 1400, "height": 640})
-            page.goto(f"http://127.0.0.1:{ui_port}/#/experiments?{TRAINING_VIEW}")
-            page.get_by_text(settings.mlflow.experiment).first.click(timeout=120_000)
+            page.goto(f"http://127.0.0.1:{ui_port}/#/experiments/{experiment}?{TRAINING_VIEW}")
             page.get_by_text("matching runs").first.wait_for(timeout=120_000)
+            close_assistant(page)
             page.screenshot(path=str(DOCS / "mlflow-runs.png"))
             page.set_viewport_size({"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{ui_port}/#/models/{name}?{TRAINING_VIEW}")
             page.get_by_text("Writes one English sentence").first.wait_for(timeout=120_000)
+            close_assistant(page)
             page.screenshot(path=str(DOCS / "mlflow-model.png"))
             browser.close()
     finally:

@@ -331,7 +331,7 @@ def measure(embedders: dict[tuple[str, str], Embedder], images: np.ndarray, batc
     ref_time = float(np.median(times[keys[0]]))
     return [{"runtime": runtime, "precision": precision, "seconds_per_image": float(np.median(times[(runtime, precision)])),
              "ratio": ref_time / float(np.median(times[(runtime, precision)])),
-             "min_cosine": float(cosines(outputs[(runtime, precision)], reference).min())}
+             "min_cosine": round(float(cosines(outputs[(runtime, precision)], reference).min()), 9)}
             for runtime, precision in keys]
 
 
