@@ -7,10 +7,10 @@ held out and never read here):
 * the token file parser and caption cleaning of ``validate`` (``flickr8k.parse_token_file``,
   ``text.clean_caption``, the same token-count bounds from ``validate.*`` params);
 * ``train.train_decoder`` with the ``train.*`` params (dev drives early stopping, as in the stage);
-* ``evaluate.evaluate_model`` with the ``evaluate.*`` params, scoring the dev split: BLEU-1..4,
+* ``evaluate.evaluate_model`` with the ``decoding.*`` params, scoring the dev split: BLEU-1..4,
   METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health;
-  beam reranked by consensus with the train images when ``evaluate.consensus_neighbours`` > 0
-  (with ``evaluate.consensus_samples`` sampled captions per image among the candidates).
+  beam reranked by consensus with the train images when ``decoding.consensus.neighbours`` > 0
+  (with ``decoding.consensus.samples`` sampled captions per image among the candidates).
 
 ``--set train.units=512`` (repeatable) overrides a param for this run. The table goes to
 ``reports/benchmarks.md``.

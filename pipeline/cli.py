@@ -1,7 +1,10 @@
-"""``captioner``: caption images with a registered model, or serve the champion as a web app.
+"""``captioner``: caption images with a registered model, index and search a photo folder, or
+serve the champion as a web app.
 
     captioner caption photo1.jpg photo2.jpg [--model models:/flickr8k-captioner@champion] [--beam 3]
-    captioner app [--port 8000] [--poll-seconds 10]
+    captioner index ~/Photos [--db PATH]          # caption every photo with the champion
+    captioner search "two dogs in the snow" [--limit 10] [--json] [--like PHOTO]
+    captioner app [--port 8000] [--poll-seconds 10] [--index PATH]
 
 Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
 an unreadable file is reported at once; the CLI reads each file itself and hands the model its
@@ -63,6 +66,17 @@ def beam_size(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def read_inputs(names: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
     """(file name -> bytes) for the readable files, (file name -> error) for the others."""
     data, errors = {}, {}
@@ -110,6 +124,100 @@ def caption(args: argparse.Namespace) -> int:
     return status
 
 
+def default_index() -> str:
+    """Where the photo index lives unless --db says otherwise: CAPTIONER_SEARCH_DB (a path or a
+    SQLAlchemy URL, e.g. the team's PostgreSQL), else one SQLite file per user."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return os.environ.get("CAPTIONER_SEARCH_DB") or str(base / "captioner" / "photos.db")
+
+
+def _champion(args) -> tuple[str, object]:
+    """Load the champion (exits with status 2 and the reason when it cannot)."""
+    from pipeline.captioning import quiet_tensorflow  # noqa: F401
+    from pipeline.registry.champion import load_champion_model
+
+    name = args.model_name or _model_name()
+    if name is None:
+        print("captioner: no params.yaml here to read register.model_name from: run from the project root "
+              "or pass --model-name", file=sys.stderr)
+        sys.exit(2)
+    _use_tracking_uri(args.tracking_uri)
+    try:
+        return load_champion_model(name)
+    except ReportedError as err:
+        print(f"captioner: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def index(args: argparse.Namespace) -> int:
+    from pipeline.search.indexing import index_folder
+    from pipeline.search.photo_index import PhotoIndex
+
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        print(f"captioner: {folder} is not a folder", file=sys.stderr)
+        return 1
+    store = PhotoIndex(args.db)
+    identity, model = _champion(args)
+    report = index_folder(folder, store, model, identity, args.batch, progress=not args.quiet)
+    for path, error in report.errors:
+        print(f"{path}\tERROR: {error}", file=sys.stderr)
+    summary = report.summary()
+    print(f"indexed {folder} with {identity} into {store.url}: " + ", ".join(
+        f"{k} {v}" for k, v in summary.items() if k not in ("seconds",)) + f" ({summary['seconds']:.1f} s)")
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.search.photo_index import PhotoIndex
+    from pipeline.search.ranking import Searcher, SearchResult
+
+    store = PhotoIndex(args.db)
+    root = store.root()
+    if root is None:
+        print(f"captioner: {store.url} holds no index yet: run captioner index DIR first", file=sys.stderr)
+        return 1
+    needs_model = args.like is not None or args.ranking != "bm25"
+    model = _champion(args)[1] if needs_model else None
+    searcher = Searcher(store, model)
+    if args.like is not None:
+        vector, itself = _like_vector(args.like, root, store, model)
+        result = SearchResult(f"like {args.like}", "cosine", searcher.more_like(vector, args.limit, exclude=itself))
+    else:
+        result = searcher.search(args.query, args.limit, args.ranking)
+    if args.json:
+        print(json.dumps({**result.to_json(), "root": str(root)}, indent=1))
+        return 0
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for hit in result.hits:
+        print(f"{hit.score:.3f}\t{root / hit.photo.path}\t{hit.photo.caption}")
+    if not result.hits:
+        print("no photos found", file=sys.stderr)
+    return 0
+
+
+def _like_vector(photo: str, root: Path, store, model):
+    """(CNN features, the photo's id in the index or None) of a photo: stored when it is indexed,
+    else computed by the champion."""
+
+    from pipeline.data.images import load_rgb
+
+    path = Path(photo).expanduser().resolve()
+    if path.is_relative_to(root):
+        found = store.by_path(path.relative_to(root).as_posix())
+        if found is not None and found.embedding is not None:
+            return found.embedding, found.id
+    try:
+        pixels = load_rgb(path, model.spec.image_size, model.limits.max_image_pixels)
+    except ValueError as err:
+        print(f"captioner: {photo}: {err}", file=sys.stderr)
+        sys.exit(1)
+    return model.embed(pixels[None])[0], None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning with Flickr8k models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +230,31 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--beam", type=beam_size, default=None,
                      help=f"beam size 1..{MAX_BEAM} (1 = greedy; default: the model's)")
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    ind = sub.add_parser("index", help="caption every photo of a folder into a searchable index",
+                         description="Caption every photo under DIR (JPEG, PNG, WebP; recursively) with the "
+                                     "champion into a photo index. Again later, it does only what changed: "
+                                     "new, changed, moved and deleted files, and a new champion (reusing the "
+                                     "stored CNN features when the CNN is the same).")
+    ind.add_argument("folder", help="the photo folder")
+    ind.add_argument("--db", default=default_index(), help=f"the index: a file, or a SQLAlchemy URL "
+                                                            f"(default: {default_index()})")
+    ind.add_argument("--batch", type=positive, default=32, help="photos embedded and captioned together (default: 32)")
+    ind.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    ind.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    ind.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sea = sub.add_parser("search", help="find indexed photos by what is in them",
+                         description="Print '<score>\\t<path>\\t<caption>' for the photos that best fit QUERY, best "
+                                     "first, ranked by the caption model's own likelihood of the query (default), "
+                                     "full-text BM25 over the stored captions, or a blend of the two.")
+    sea.add_argument("query", nargs="?", default="", help="what is in the photos you want, in English")
+    sea.add_argument("--like", metavar="PHOTO", help="instead: photos that look like PHOTO (CNN features)")
+    sea.add_argument("--limit", type=positive, default=10, help="how many photos (default: 10)")
+    sea.add_argument("--ranking", choices=["likelihood", "bm25", "blend"], default="likelihood",
+                     help="how to rank (default: likelihood; bm25 needs no model)")
+    sea.add_argument("--json", action="store_true", help="JSON instead of lines")
+    sea.add_argument("--db", default=default_index(), help=f"the index (default: {default_index()})")
+    sea.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    sea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     app = sub.add_parser("app", help="serve a caption web page and JSON API over the champion",
                          description="A web page (drop photos, get captions) and POST /api/caption, "
                                      "GET /api/model, GET /healthz over models:/<name>@<alias>; the "
@@ -134,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--poll-seconds", type=float, default=10.0,
                      help="how often to check the alias (default: 10)")
     app.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    app.add_argument("--index", default=None, metavar="PATH",
+                     help="also serve search over this photo index (GET /api/search, thumbnails)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.command == "app":
@@ -148,7 +283,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("no params.yaml here to read register.model_name from: run from the project root "
                          "or pass --model-name")
         _use_tracking_uri(args.tracking_uri)
-        sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds))
+        try:
+            sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, args.index))
+        except ReportedError as err:
+            print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(2)
+    if args.command in ("index", "search"):
+        setup_logging(level=logging.WARNING)
+        if args.command == "search" and not args.query.strip() and args.like is None:
+            parser.error("give a QUERY (what is in the photos) or --like PHOTO")
+        try:
+            sys.exit(index(args) if args.command == "index" else search(args))
+        except ReportedError as err:
+            print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(1)
     setup_logging(level=logging.WARNING)
     if args.model is None:
         name = _model_name()

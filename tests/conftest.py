@@ -1,4 +1,5 @@
 import os
+import sqlite3  # noqa: F401  (before any TensorFlow import: see pipeline/captioning/quiet_tensorflow.py)
 
 import pytest
 

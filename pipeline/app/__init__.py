@@ -3,5 +3,5 @@
 Holds: the hot-swap holder that follows the champion alias (``hot_swap``), the FastAPI routes
 and upload limits (``routes``) and the static page (``static/index.html``).
 
-May import: ``pipeline.registry``, ``pipeline.captioning``, ``pipeline.data`` and the ground floor.
+May import: ``pipeline.search``, ``pipeline.registry``, ``pipeline.captioning``, ``pipeline.data`` and the ground floor.
 """

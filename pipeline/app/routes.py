@@ -7,7 +7,9 @@ logged while the old one keeps serving. Routes:
 
 * ``GET /``: the page (drop or pick photos; caption, the other beam candidates, time taken);
 * ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file;
-* ``GET /api/model``: the version in use; ``GET /healthz``.
+* ``GET /api/model``: the version in use; ``GET /healthz``;
+* with ``--index PATH``: ``GET /api/search?q=`` (photos of the index, best first) and
+  ``GET /api/photo?path=`` (a thumbnail of an indexed photo, and only of one).
 """
 
 import json
@@ -73,13 +75,61 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(champion: ChampionHolder, poll_seconds: float):
-    """The FastAPI app; the poller runs while the app does."""
+class PhotoSearch:
+    """The index the app serves search over (``captioner app --index PATH``)."""
+
+    def __init__(self, index: str):
+        from pipeline.search.photo_index import PhotoIndex
+        from pipeline.search.ranking import Searcher
+
+        self.store = PhotoIndex(index)
+        self.root = self.store.root()
+        if self.root is None:
+            from pipeline.search.photo_index import PhotoIndexError
+
+            raise PhotoIndexError(f"{self.store.url} holds no index yet: run captioner index DIR first")
+        self.searcher = Searcher(self.store)
+        self._lock = threading.Lock()
+
+    def search(self, query: str, limit: int, ranking: str, model):
+        with self._lock:  # one query at a time: the feature cache and the model's step graphs
+            self.searcher.refresh()
+            self.searcher.model = model
+            return self.searcher.search(query, limit, ranking)
+
+    def photo_file(self, relative: str) -> Path | None:
+        """The file of an indexed photo, or None: only paths the index holds, resolved inside the
+        indexed folder (a request's path never reaches the file system unchecked)."""
+        photo = self.store.by_path(relative)
+        if photo is None:
+            return None
+        path = (self.root / photo.path).resolve()
+        return path if path.is_relative_to(self.root.resolve()) and path.is_file() else None
+
+
+def thumbnail_jpeg(path: Path, size: int = 320) -> bytes:
+    import io
+
+    from PIL import Image, ImageOps
+
+    from pipeline.data.images import to_rgb8
+
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        img = to_rgb8(ImageOps.exif_transpose(img))
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+
+def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearch | None = None):
+    """The FastAPI app; the poller runs while the app does. With ``photos``, also search."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, File, HTTPException, UploadFile
+    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     @asynccontextmanager
     async def lifespan(app):
@@ -133,17 +183,45 @@ def create_app(champion: ChampionHolder, poll_seconds: float):
                 "ms": round(took_ms, 1),
                 "results": [{"filename": u.filename, **r} for u, r in zip(file, results)]}
 
+    @app.get("/api/search")
+    def search(q: str = Query("", max_length=10_000, description="what is in the photos, in English"),
+               limit: int = Query(12, ge=1, le=200), ranking: str = Query("likelihood")):
+        if photos is None:
+            raise HTTPException(404, "no photo index is served: start the app with --index PATH")
+        from pipeline.search.ranking import RANKINGS
+
+        if ranking not in RANKINGS:
+            raise HTTPException(400, f"ranking must be one of {', '.join(RANKINGS)}")
+        served = champion.current
+        result = photos.search(q, limit, ranking, served.model if served else None)
+        return {**result.to_json(), "model": served.info["version"] if served else None}
+
+    @app.get("/api/photo")
+    def photo(path: str = Query(..., max_length=4096, description="a path the index holds")):
+        found = photos.photo_file(path) if photos is not None else None
+        if found is None:
+            raise HTTPException(404, "no such indexed photo")
+        try:
+            return Response(thumbnail_jpeg(found), media_type="image/jpeg")
+        except (OSError, ValueError) as err:
+            raise HTTPException(422, f"cannot read the photo: {str(err).splitlines()[0]}") from None
+
+    @app.get("/api/search/info")
+    def search_info():
+        return {"enabled": photos is not None, **({"photos": photos.store.counts()} if photos else {})}
+
     return app
 
 
-def serve(name: str, alias: str, host: str, port: int, poll_seconds: float) -> int:
+def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, index: str | None = None) -> int:
     import uvicorn
 
+    photos = PhotoSearch(index) if index else None
     champion = ChampionHolder(name, alias, retry_s=poll_seconds)
     if not champion.refresh():
         log.error("cannot start: %s", champion.last_error)
         return 2
     log.info("serving %s v%s on http://%s:%d (checking @%s every %g s)", name,
              champion.current.info["version"], host, port, alias, poll_seconds)
-    uvicorn.run(create_app(champion, poll_seconds), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(champion, poll_seconds, photos), host=host, port=port, log_level="warning")
     return 0

@@ -29,6 +29,7 @@ OpenVINO cannot load its file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -371,6 +372,15 @@ class BackboneFolder:
 
     def spec(self) -> BackboneSpec:
         return BackboneSpec(**self.record()["spec"])
+
+    def digest(self) -> str:
+        """What the embeddings depend on: the weights' bytes and how they run (runtime, precision,
+        input size). Two folders with the same digest embed every image alike."""
+        h = hashlib.sha256(json.dumps(self.spec().to_dict(), sort_keys=True).encode())
+        with self.weights.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
 
     def metadata(self) -> dict[str, str]:
         """The spec's provenance, plus how ``auto`` chose (each runtime's speed and cosine), for the

@@ -10,6 +10,10 @@ that file only if the import fails. Import it before ``keras`` / ``tensorflow``.
 from __future__ import annotations
 
 import os
+
+# Before TensorFlow: TF carries its own SQLite, built without FTS5, and once it is loaded the
+# sqlite3 module binds to it (photo search's full-text index then cannot be opened).
+import sqlite3  # noqa: F401
 import sys
 import tempfile
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+from pipeline.errors import ReportedError
+
 log = logging.getLogger(__name__)
 
 ALIAS = "champion"
@@ -41,6 +43,29 @@ class ChampionRun:
     def summary(self) -> dict:
         return {"version": self.version, "status": self.status, "error": self.error,
                 "failed_images": sum(1 for e in self.errors if e)}
+
+
+def load_champion_model(model_name: str, alias: str = ALIAS):
+    """(``name/version``, the loaded CaptionModel) of the version ``alias`` points at, in this
+    process (for apps and tools that run today's code: photo search, alt text)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        version = str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except Exception as err:  # MlflowException: no such model or alias
+        raise ChampionError(f"no model version holds {model_name}@{alias} in {mlflow.get_tracking_uri()} "
+                            f"({str(err).splitlines()[0]}): run the pipeline (dvc repro) first") from None
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").unwrap_python_model()
+    except Exception as err:
+        raise ChampionError(f"{model_name} v{version} cannot be loaded: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:300]}") from None
+    return f"{model_name}/{version}", model
+
+
+class ChampionError(ReportedError):
+    """The champion cannot be found or loaded."""
 
 
 def current_version(client, model_name: str) -> str | None:

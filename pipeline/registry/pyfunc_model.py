@@ -115,6 +115,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         config = json.loads(Path(context.artifacts["config"]).read_text())
         backbone = BackboneFolder(Path(context.artifacts["backbone"]))
         self.spec = backbone.spec()
+        self.backbone_digest = backbone.digest()  # photo search reuses embeddings of the same CNN
         self.decoding = DecodingSettings.from_stored(config["decoding"])
         self.limits = ServingSettings.model_validate(config["limits"])
         self.embed = backbone.embedder(fallback_to_keras=True)

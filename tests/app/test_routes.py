@@ -224,3 +224,89 @@ def test_a_version_that_failed_is_retried_and_the_error_names_its_missing_files(
     assert champion.refresh() and champion.current.info["version"] == "1"
     champion.last_error = "stale"
     assert not champion.refresh() and champion.last_error == ""  # the alias is on the served version
+
+
+@pytest.fixture
+def photo_index(store, tmp_path):
+    """12 of the synthetic photos indexed by the champion; (index path, folder)."""
+    from pipeline.registry.champion import load_champion_model
+    from pipeline.search.indexing import index_folder
+    from pipeline.search.photo_index import PhotoIndex
+
+    folder = tmp_path / "Photos"
+    (folder / "album").mkdir(parents=True)
+    for i in range(12):
+        (folder / ("album" if i % 3 else "") / f"photo-{i:02d}.jpg").write_bytes(photo(i))
+    identity, model = load_champion_model(NAME)
+    db = tmp_path / "photos.db"
+    index_folder(folder, PhotoIndex(db), model, identity, batch_size=12, progress=False)
+    return db, folder
+
+
+def test_search_answers_with_photos_and_serves_only_indexed_thumbnails(store, photo_index, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pipeline.app.routes import PhotoSearch
+    from pipeline.search.photo_index import PhotoIndex
+
+    db, folder = photo_index
+    (tmp_path / "secret.jpg").write_bytes(photo(0))
+    (folder / "not-indexed.jpg").write_bytes(photo(1))  # inside the folder, but not in the index
+    stored = PhotoIndex(db).all(with_embeddings=False)
+    with TestClient(create_app(ChampionHolder(NAME), 3600, PhotoSearch(str(db)))) as client:
+        body = client.get("/api/search", params={"q": stored[0].caption, "limit": 5}).json()
+        assert body["ranking"] == "likelihood" and len(body["results"]) == 5
+        assert {r["path"] for r in body["results"]} <= {p.path for p in stored}
+        for query in ("", "x" * 10_000, '"', "*", "NEAR red", "zebra"):
+            response = client.get("/api/search", params={"q": query})
+            assert response.status_code == 200, (query, response.text)
+        assert client.get("/api/search", params={"q": "x" * 10_001}).status_code == 422
+        assert client.get("/api/search", params={"q": "red", "ranking": "random"}).status_code == 400
+        thumb = client.get("/api/photo", params={"path": stored[0].path})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        for hostile in ("../secret.jpg", str(tmp_path / "secret.jpg"), "/etc/passwd", "not-indexed.jpg",
+                        "album/../../secret.jpg", "%2e%2e/secret.jpg", ""):
+            assert client.get("/api/photo", params={"path": hostile}).status_code in (404, 422), hostile
+        assert client.get("/api/search/info").json() == {"enabled": True, "photos": {"ok": 12}}
+    with TestClient(create_app(ChampionHolder(NAME), 3600)) as client:  # no index served
+        assert client.get("/api/search", params={"q": "red"}).status_code == 404
+
+
+@pytest.mark.timeout(1200)
+def test_searching_photos_in_a_browser(store, photo_index):
+    """Type a query in the page's search box and see the right photo first."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline.registry.champion import load_champion_model
+    from pipeline.search.photo_index import PhotoIndex
+    from pipeline.search.ranking import Searcher
+
+    db, _ = photo_index
+    _, model = load_champion_model(NAME)
+    index = PhotoIndex(db)
+    searcher = Searcher(index, model)
+    # a photo the model's own caption finds first: that caption is the query, that photo the answer
+    target = next(p for p in index.all(False) if searcher.search(p.caption, 1).hits[0].photo.path == p.path)
+    browser_path = chromium()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
+    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
+                            "--index", str(db), "--poll-seconds", "60"], cwd=store, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", app, 480, "captioner app")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(url)
+            page.locator("#q").fill(target.caption)
+            page.locator("#search button").click()
+            expect(page.locator(".hit")).to_have_count(12, timeout=120_000)
+            expect(page.locator(".hit .meta").first).to_have_text(target.path)
+            page.wait_for_function("() => { const i = document.querySelector('.hit img');"
+                                   " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+            browser.close()
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)

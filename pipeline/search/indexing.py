@@ -1,0 +1,208 @@
+"""``captioner index DIR``: caption every photo of a folder with the champion, into a photo index.
+
+Incremental, and each step costs only what changed:
+
+* a file whose path, size and mtime are in the index, captioned by the current model, is skipped;
+* a new file whose content (sha256) matches a photo that vanished from its old path was moved:
+  its row follows it, nothing is recomputed;
+* a file no longer on disk leaves the index;
+* a file that cannot be read or decoded is recorded with its error and skipped: it never stops
+  the run (and is tried again when it changes or the model does);
+* when the champion changes, every photo is captioned again, but if its CNN is the same
+  (``BackboneFolder.digest``) the stored embeddings are reused and only the decoder runs.
+
+Photos are embedded and captioned ``batch_size`` at a time, each batch committed on its own, so
+a killed run keeps what it finished and the next run goes on from there. Files are found by
+walking the folder; links are followed only when they lead inside it (never outside the folder).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data.images import ImageError, load_rgb
+from pipeline.search.photo_index import Photo, PhotoIndex, PhotoIndexError
+
+log = logging.getLogger("pipeline.search")
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what the app and the served model take
+
+
+@dataclass
+class IndexReport:
+    on_disk: int = 0
+    unchanged: int = 0
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    removed: int = 0
+    recaptioned: int = 0  # only the decoder ran: the stored embedding was reused
+    embedded: int = 0  # the CNN ran
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def photos_per_s(self) -> float:
+        done = self.embedded + self.recaptioned
+        return done / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "errors"}, "errors": len(self.errors),
+                "photos_per_s": round(self.photos_per_s, 2)}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def photo_files(folder: Path) -> dict[str, tuple[Path, int, int]]:
+    """Every photo under ``folder`` (by suffix, any case): relative '/'-separated path ->
+    (absolute path, size, mtime_ns). A link is followed only when it resolves inside the folder."""
+    root = folder.resolve()
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).resolve().is_relative_to(root)]
+        for name in filenames:
+            if not name.lower().endswith(PHOTO_SUFFIXES) or name.startswith("._"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                resolved = path.resolve()
+                if not resolved.is_relative_to(root) or not resolved.is_file():
+                    continue
+                stat = resolved.stat()
+            except OSError:
+                continue
+            found[path.relative_to(root).as_posix()] = (path, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def caption_features(model, features: np.ndarray) -> list[tuple[str, list[dict]]]:
+    """(caption, candidates) per row of ``features``, chosen as the model chooses for an upload."""
+    out = []
+    for ranked in model.chooser.choose(features):
+        candidates = [{"caption": model.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
+                       **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
+                      for c in ranked[:model.decoding.beam_size]]
+        out.append((candidates[0]["caption"], candidates))
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_size: int,
+                 progress: bool = True) -> IndexReport:
+    """Bring ``store`` up to date with the photos under ``folder`` and the captions ``model``
+    (a loaded ``CaptionModel``, registered as ``identity`` = name/version) writes for them."""
+    start = time.perf_counter()
+    root = folder.expanduser().resolve()
+    if not root.is_dir():
+        raise PhotoIndexError(f"{folder} is not a folder")
+    indexed_root = store.root()
+    if indexed_root is not None and indexed_root != root:
+        raise PhotoIndexError(f"{store.url} indexes {indexed_root}, not {root}: give another --db for this folder")
+    store.set_meta("root", str(root))
+    digest = model.backbone_digest
+    report = IndexReport()
+    on_disk = photo_files(root)
+    report.on_disk = len(on_disk)
+    rows = {r.path: r for r in store.iter_paths()}
+    fresh, stale = [], []  # (rel, abs, size, mtime): files to hash; rows of this model to recaption
+    for rel, (path, size, mtime) in on_disk.items():
+        row = rows.get(rel)
+        if row is not None and (row.size, row.mtime_ns) == (size, mtime):
+            if row.model == identity:
+                report.unchanged += 1
+            else:
+                stale.append(row)
+        else:
+            fresh.append((rel, path, size, mtime))
+            if row is None:
+                report.new += 1
+            else:
+                report.changed += 1
+    vanished = {r.sha256: r for rel, r in rows.items() if rel not in on_disk}
+    work: list[tuple[str, Path, int, int, str]] = []  # files that need the CNN (or decoding)
+    for rel, path, size, mtime in fresh:
+        try:
+            sha = sha256_of(path)
+        except OSError as err:
+            work.append((rel, path, size, mtime, ""))  # recorded as an error below
+            log.debug("cannot read %s: %s", path, err)
+            continue
+        mover = vanished.get(sha)
+        if mover is not None and rel not in rows:
+            store.move(mover.id, rel, size, mtime)
+            del vanished[sha]
+            report.moved += 1
+            report.new -= 1
+            if mover.model != identity:  # moved and the champion changed: caption it again
+                stale.append(mover._replace(path=rel, size=size, mtime_ns=mtime))
+            continue
+        work.append((rel, path, size, mtime, sha))
+    store.delete(r.id for r in vanished.values())
+    report.removed = len(vanished)
+
+    bar = tqdm(total=len(work) + len(stale), desc="index", unit="photo", disable=not progress)
+    try:
+        # the champion changed, the file did not: decode again, from the stored embedding if the CNN is the same
+        reusable = [r for r in stale if r.backbone == digest]
+        for lo in range(0, len(reusable), batch_size):
+            chunk = store.by_ids(r.id for r in reusable[lo:lo + batch_size])
+            photos = [p for p in chunk.values() if p.embedding is not None and p.status == "ok"]
+            for photo, (caption, candidates) in zip(photos, caption_features(
+                    model, np.stack([p.embedding for p in photos])) if photos else []):
+                photo.caption, photo.candidates, photo.model, photo.indexed_at = caption, candidates, identity, _now()
+            store.save(photos)
+            report.recaptioned += len(photos)
+            bar.update(len(reusable[lo:lo + batch_size]))
+            work += [(p.path, root / p.path, p.size, p.mtime_ns, p.sha256) for p in chunk.values()
+                     if p.embedding is None or p.status != "ok"]
+        work += [(r.path, root / r.path, r.size, r.mtime_ns, r.sha256) for r in stale if r.backbone != digest]
+        for lo in range(0, len(work), batch_size):
+            batch = work[lo:lo + batch_size]
+            report.embedded += _embed_and_save(batch, store, model, identity, digest, report)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - start
+    log.info("indexed %s: %s", root, report.summary())
+    return report
+
+
+def _embed_and_save(batch, store: PhotoIndex, model, identity: str, digest: str, report: IndexReport) -> int:
+    """Decode, embed and caption one batch; unreadable files become error rows. Returns how
+    many photos the CNN embedded."""
+    pixels, good, saved = [], [], []
+    for rel, path, size, mtime, sha in batch:
+        try:
+            if not sha:
+                raise OSError("the file cannot be read")
+            pixels.append(load_rgb(path, model.spec.image_size, model.limits.max_image_pixels))
+            good.append((rel, size, mtime, sha))
+        except (ImageError, OSError, ValueError) as err:
+            error = str(err).splitlines()[0]
+            report.errors.append((rel, error))
+            saved.append(Photo(rel, size, mtime, sha or "", "error", error, model=identity, indexed_at=_now()))
+    if good:
+        features = model.embed(np.stack(pixels))
+        for (rel, size, mtime, sha), vector, (caption, candidates) in zip(good, features, caption_features(model, features)):
+            saved.append(Photo(rel, size, mtime, sha, "ok", "", caption, candidates, identity, digest,
+                               np.asarray(vector, np.float32), _now()))
+    store.save(saved)
+    return len(good)
