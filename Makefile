@@ -40,6 +40,9 @@ browser:
 	    echo "warning: chromium not found and no root: the browser tests will skip (apt-get install chromium)"; exit 0; fi; \
 	  echo "installing Debian's chromium for the browser tests"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@# axe-core, the accessibility engine the alt-text tests run in chromium, pinned in tests/axe/package-lock.json
+	@test -f tests/axe/node_modules/axe-core/axe.min.js || { command -v npm >/dev/null && \
+	  npm ci --prefix tests/axe --no-audit --no-fund --silent || echo "warning: npm not found: the axe-core test will fail"; }
 
 bench: bench-features bench-train bench-decode bench-serving
 

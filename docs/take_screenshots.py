@@ -2,8 +2,9 @@
 
     .venv/bin/python docs/take_screenshots.py        # after `make run`, from the project root
 
-Starts `captioner app` and an MLflow server over the project's own store (ports chosen free),
-drops a few test photos on the app, opens the runs table and the registered model, and writes
+Indexes the dataset's test photos into a temporary photo index, starts `captioner app` (with that
+index) and an MLflow server over the project's own store (ports chosen free), searches the photos,
+drops a few on the app, opens the runs table and the registered model, and writes docs/search.png,
 docs/app.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
 (`apt-get install chromium`) and the Python playwright package (in requirements.lock).
 """
@@ -11,10 +12,12 @@ docs/app.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -72,7 +75,14 @@ def main() -> None:
     images_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
     photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())[:3]
     app_port, ui_port = free_port(), free_port()
-    app = start([str(BIN / "captioner"), "app", "--port", str(app_port), "--poll-seconds", "30"], env)
+    index_dir = Path(tempfile.mkdtemp(prefix="captioner-screenshots-"))
+    db = index_dir / "photos.db"
+    test_photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())
+    (index_dir / "Photos").mkdir()
+    for name in test_photos:
+        shutil.copy(images_dir / name, index_dir / "Photos" / name)
+    subprocess.run([str(BIN / "captioner"), "index", str(index_dir / "Photos"), "--db", str(db), "-q"], env=env, check=True)
+    app = start([str(BIN / "captioner"), "app", "--port", str(app_port), "--poll-seconds", "30", "--index", str(db)], env)
     ui = start([str(BIN / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                 "--port", str(ui_port), "--workers", "1"], env)
     try:
@@ -80,7 +90,14 @@ def main() -> None:
         wait_for(f"http://127.0.0.1:{ui_port}/health", ui)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 860})
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            page.goto(f"http://127.0.0.1:{app_port}")
+            page.locator("#q").fill("a red circle on a blue background")
+            page.locator("#search button").click()
+            expect(page.locator(".hit")).to_have_count(12, timeout=120_000)
+            page.wait_for_timeout(1500)  # let the thumbnails load
+            page.screenshot(path=str(DOCS / "search.png"))
+            page.set_viewport_size({"width": 1200, "height": 860})
             page.goto(f"http://127.0.0.1:{app_port}")
             page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
             expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
@@ -103,7 +120,8 @@ def main() -> None:
         for proc in (app, ui):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
-    print(f"wrote {', '.join(str(DOCS / n) for n in ('app.png', 'mlflow-runs.png', 'mlflow-model.png'))}")
+        shutil.rmtree(index_dir, ignore_errors=True)
+    print(f"wrote {', '.join(str(DOCS / n) for n in ('search.png', 'app.png', 'mlflow-runs.png', 'mlflow-model.png'))}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ serve the champion as a web app.
     captioner caption photo1.jpg photo2.jpg [--model models:/flickr8k-captioner@champion] [--beam 3]
     captioner index ~/Photos [--db PATH]          # caption every photo with the champion
     captioner search "two dogs in the snow" [--limit 10] [--json] [--like PHOTO]
+    captioner alt-text ./site [--review] [--apply [--yes] [--dry-run]]
     captioner app [--port 8000] [--poll-seconds 10] [--index PATH]
 
 Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
@@ -218,6 +219,112 @@ def _like_vector(photo: str, root: Path, store, model):
     return model.embed(pixels[None])[0], None
 
 
+def alt_text(args: argparse.Namespace) -> int:
+    """Scan a site, propose alt texts, review them, apply them (see ``pipeline/alttext``)."""
+    from pipeline.alttext import proposals as alt
+    from pipeline.alttext.scanning import scan_site
+
+    site = Path(args.site).expanduser()
+    if not site.is_dir():
+        print(f"captioner: {site} is not a folder", file=sys.stderr)
+        return 1
+    try:
+        cfg = load_settings(args.params).alt_text
+    except ConfigError as err:
+        print(f"captioner: {err}", file=sys.stderr)
+        return 2
+    review = Path(args.review_file) if args.review_file else site / alt.REVIEW_FILE
+    if args.apply and not args.yes:  # apply what a person accepted: no model needed
+        return _apply(site, review, alt.load_review(review), args.dry_run)
+    scan = scan_site(site, cfg.max_page_bytes)
+    for page, problem in scan.problems:
+        print(f"{page}\tNOT READ: {problem}", file=sys.stderr)
+    if args.review:
+        proposals = alt.load_review(review)
+    else:
+        identity, model = _champion(args)
+        proposals = _keep_decisions(alt.propose(scan, model, identity, cfg, progress=not args.quiet),
+                                    review if review.is_file() else None)
+        alt.save_review(review, proposals)
+    for found in scan.found:
+        if found.state == "skipped":
+            print(f"{found.page}:{found.line}\t{found.src[:80]}\tSKIPPED: {found.reason}", file=sys.stderr)
+    if args.review:
+        _review(proposals, review, cfg)
+    elif args.apply:  # --yes: every proposal that keeps the conventions, no person in between
+        for p in proposals:
+            if p.status == "proposed" and not p.lint:
+                p.status = "accepted"
+        alt.save_review(review, proposals)
+        return _apply(site, review, proposals, args.dry_run)
+    else:
+        for p in proposals:
+            flags = f"  [{'; '.join(p.lint)}]" if p.lint else ""
+            print(f"{p.page}:{p.line}\t{p.src[:60]}\t{p.status}: {p.alt}{flags}")
+        for label, count in alt.summary(scan, proposals):
+            print(f"{label:>40}: {count}")
+        print(f"review file: {review} (review: captioner alt-text {site} --review; then --apply)")
+    return 0
+
+
+def _keep_decisions(proposals, review_path):
+    """A person's decisions on an earlier scan of the same, unchanged page stay."""
+    from pipeline.alttext import proposals as alt
+
+    if review_path is None:
+        return proposals
+    try:
+        earlier = {p.id: p for p in alt.load_review(review_path)}
+    except ValueError:
+        return proposals
+    for p in proposals:
+        old = earlier.get(p.id)
+        if old and old.page_sha256 == p.page_sha256 and old.status in ("accepted", "edited", "rejected"):
+            p.status, p.alt = old.status, old.alt
+    return proposals
+
+
+def _review(proposals, review_path, cfg) -> None:
+    """Ask about each proposal: accept, edit, reject, skip, quit; saved after every answer."""
+    from pipeline.alttext import proposals as alt
+
+    todo = [p for p in proposals if p.status == "proposed"]
+    print(f"{len(todo)} proposals to review ({review_path})")
+    for p in todo:
+        print(f"\n{p.page}:{p.line}  {p.src}\n  proposed: {p.alt}" + (f"\n  note: {'; '.join(p.lint)}" if p.lint else ""))
+        answer = input("  [a]ccept, [e]dit, [r]eject, [s]kip, [q]uit? ").strip().lower()[:1]
+        if answer == "q":
+            break
+        if answer == "a":
+            p.status = "accepted"
+        elif answer == "r":
+            p.status = "rejected"
+        elif answer == "e":
+            text = input("  alt text: ").strip()
+            problems = alt.lint(text, cfg)
+            if problems:
+                print(f"  kept as proposed: {'; '.join(problems)}")
+                continue
+            p.alt, p.status = text, "edited"
+        alt.save_review(review_path, proposals)
+    alt.save_review(review_path, proposals)
+
+
+def _apply(site: Path, review_path: Path, proposals, dry_run: bool) -> int:
+    from pipeline.alttext import proposals as alt
+
+    result = alt.apply(site, proposals, dry_run=dry_run)
+    for page, why in result.skipped:
+        print(f"{page}\tNOT CHANGED: {why}", file=sys.stderr)
+    if dry_run:
+        print("".join(result.diffs.values()), end="")
+        return 0
+    alt.save_review(review_path, proposals)
+    written = sum(1 for p in proposals if p.status == "applied" and p.page in result.pages)
+    print(f"applied {written} alt texts to {len(result.pages)} pages")
+    return 0 if not result.skipped else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning with Flickr8k models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +362,22 @@ def main(argv: list[str] | None = None) -> None:
     sea.add_argument("--db", default=default_index(), help=f"the index (default: {default_index()})")
     sea.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
     sea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    alt = sub.add_parser("alt-text", help="find images without alt text in a website and propose some",
+                         description="Scan SITE_DIR's .html/.htm/.md pages for images without a text "
+                                     "alternative, caption them with the champion and write proposals to a "
+                                     "review file (nothing else is changed). --review asks about each one; "
+                                     "--apply writes the accepted ones into the pages (--dry-run: the diff "
+                                     "only); --apply --yes applies every proposal that keeps the conventions.")
+    alt.add_argument("site", help="the website's folder")
+    alt.add_argument("--review", action="store_true", help="accept, edit or reject each proposal")
+    alt.add_argument("--apply", action="store_true", help="write the accepted alt texts into the pages")
+    alt.add_argument("--yes", action="store_true", help="with --apply: accept every proposal that keeps the conventions")
+    alt.add_argument("--dry-run", action="store_true", help="with --apply: print the diff, write nothing")
+    alt.add_argument("--review-file", default=None, help="default: SITE_DIR/.captioner-alt-text.json")
+    alt.add_argument("--params", default="params.yaml", help="the conventions (alt_text.*) and model name")
+    alt.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    alt.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    alt.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     app = sub.add_parser("app", help="serve a caption web page and JSON API over the champion",
                          description="A web page (drop photos, get captions) and POST /api/caption, "
                                      "GET /api/model, GET /healthz over models:/<name>@<alias>; the "
@@ -288,6 +411,15 @@ def main(argv: list[str] | None = None) -> None:
         except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(2)
+    if args.command == "alt-text":
+        setup_logging(level=logging.WARNING)
+        if (args.yes or args.dry_run) and not args.apply:
+            parser.error("--yes and --dry-run go with --apply")
+        try:
+            sys.exit(alt_text(args))
+        except (ReportedError, ValueError) as err:
+            print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(1)
     if args.command in ("index", "search"):
         setup_logging(level=logging.WARNING)
         if args.command == "search" and not args.query.strip() and args.like is None:

@@ -279,6 +279,16 @@ class ServingSettings(_Section):
     batch_size: int = Field(ge=1, le=256)
 
 
+class AltTextSettings(_Section):
+    """Conventions an alt text proposal must keep (``captioner alt-text``)."""
+
+    max_length: int = Field(ge=10, le=1000)  # characters (screen readers read long ones poorly)
+    banned_prefixes: list[str]  # screen readers already say it is an image
+    capital_first: bool
+    full_stop: bool
+    max_page_bytes: int = Field(ge=1)  # pages above this are reported, not read
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
@@ -297,6 +307,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
     serving: ServingSettings
+    alt_text: AltTextSettings
     mlflow: MlflowSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)

@@ -20,7 +20,7 @@ ALLOWED = {"pipeline/__init__.py", "pipeline/stages/__init__.py", "pipeline/stag
            "pipeline/config.py", "pipeline/paths.py", "pipeline/atomic.py", "pipeline/logs.py", "pipeline/errors.py",
            "pipeline/captioning/quiet_tensorflow.py",
            # subpackage markers: docstrings only
-           *(f"pipeline/{room}/__init__.py" for room in ("data", "captioning", "registry", "search", "ops", "app"))}
+           *(f"pipeline/{room}/__init__.py" for room in ("data", "captioning", "registry", "search", "alttext", "ops", "app"))}
 
 
 def _module_file(module: str, root: Path) -> str | None:

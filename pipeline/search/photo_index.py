@@ -107,6 +107,12 @@ class PhotoIndex:
         if self.url.startswith("sqlite:///"):
             Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
+            backend = sa.engine.make_url(self.url).get_backend_name()
+        except sa.exc.ArgumentError as err:
+            raise PhotoIndexError(f"{text} is neither a file path nor a database URL: {err}") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise PhotoIndexError(f"{self.url}: photo indexes live in SQLite or PostgreSQL, not {backend}")
+        try:
             self.engine = sa.create_engine(self.url)
             self.dialect = self.engine.dialect.name
             with self.engine.begin() as conn:
@@ -117,8 +123,6 @@ class PhotoIndex:
                 elif self.dialect == "postgresql":
                     conn.exec_driver_sql("ALTER TABLE photos ADD COLUMN IF NOT EXISTS words tsvector")
                     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS photos_words ON photos USING gin(words)")
-                else:
-                    raise PhotoIndexError(f"{self.url}: photo indexes live in SQLite or PostgreSQL, not {self.dialect}")
                 conn.execute(sa.text("SELECT 1 FROM photos LIMIT 1"))
         except sa.exc.SQLAlchemyError as err:
             raise PhotoIndexError(f"cannot open the photo index {self.url}: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,258 @@
+"""Alt-text proposals: written by the champion, reviewed by a person, applied to the pages.
+
+``propose`` captions every image a scan found without a text alternative (and, for alts a model
+wrote, re-proposes when the model differs) and turns each caption into alt text by the site's
+conventions (``alt_text.*`` params): a capital first letter, a full stop, no leading "image of"
+/ "picture of" / "photo of", at most ``max_length`` characters; a proposal that still breaks one
+of them carries the reason (``lint``) and is never applied without a person's word.
+
+The review file (JSON, default ``<site>/.captioner-alt-text.json``) holds one entry per image:
+page, line, src, the proposed alt, the alt to apply, the model, and its ``status``
+(``proposed`` -> ``accepted`` | ``edited`` | ``rejected`` -> ``applied``).
+
+``apply`` inserts the accepted alts into the pages and changes nothing else: each page's text is
+edited only at the recorded offsets (``alt="..."`` and ``data-alt-source="<model>"`` after
+``<img``, in the quoting the tag already uses; the text between ``![`` and ``]`` in Markdown,
+whose provenance goes to a sidecar file), then encoded in the page's own encoding, line endings
+untouched, and written atomically (a temporary file renamed over the page: a crash leaves every
+page either old or new). A page changed since the scan is left alone, with a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.alttext.scanning import PROVENANCE, Found, Scan, decode_page
+from pipeline.config import AltTextSettings
+
+REVIEW_FILE = ".captioner-alt-text.json"
+SIDECAR = ".captioner-alt-sources.json"  # which Markdown alts a model wrote
+STATUSES = ("proposed", "accepted", "edited", "rejected", "applied")
+
+
+@dataclass
+class Proposal:
+    id: str
+    page: str
+    line: int
+    column: int
+    offset: int
+    kind: str  # html | markdown
+    src: str
+    image: str
+    proposed_alt: str
+    alt: str  # what apply writes (the proposal, or a person's edit)
+    model: str
+    status: str
+    lint: list[str]
+    page_sha256: str
+    quote: str = '"'
+    replaces: list[int] | None = None  # (start, end) of a machine alt to replace (refresh)
+    previous_alt: str = ""
+
+
+def as_alt_text(caption: str, cfg: AltTextSettings) -> str:
+    """A caption by the site's conventions: no leading "image of", a capital, a full stop."""
+    text = " ".join(caption.split())
+    lowered = text.lower()
+    for prefix in cfg.banned_prefixes:
+        if lowered.startswith(prefix.lower()):
+            text = text[len(prefix):].lstrip(" ,:-")
+            lowered = text.lower()
+    if cfg.capital_first and text:
+        text = text[0].upper() + text[1:]
+    if cfg.full_stop and text and text[-1] not in ".!?":
+        text += "."
+    return text
+
+
+def lint(alt: str, cfg: AltTextSettings) -> list[str]:
+    """What breaks the conventions; empty when the alt text keeps them all."""
+    problems = []
+    if not alt.strip():
+        problems.append("empty")
+    if len(alt) > cfg.max_length:
+        problems.append(f"{len(alt)} characters, over alt_text.max_length ({cfg.max_length})")
+    if any(alt.lower().startswith(p.lower()) for p in cfg.banned_prefixes):
+        problems.append("starts with a phrase screen readers already say (image of / picture of / photo of)")
+    if cfg.capital_first and alt[:1] and not alt[:1].isupper():
+        problems.append("does not start with a capital letter")
+    if cfg.full_stop and alt and alt[-1] not in ".!?":
+        problems.append("does not end with a full stop")
+    if re.search(r"[<>]", alt):
+        problems.append("holds < or > (markup)")
+    return problems
+
+
+def proposal_for(found: Found, page_sha256: str, caption: str, model: str, cfg: AltTextSettings) -> Proposal:
+    alt = as_alt_text(caption, cfg)
+    refresh = found.state == "refresh"
+    return Proposal(f"{found.page}:{found.line}:{found.column}", found.page, found.line, found.column,
+                    found.alt_span[0] if refresh else found.offset, found.kind, found.src, found.image, alt, alt, model,
+                    "proposed", lint(alt, cfg), page_sha256, found.quote,
+                    list(found.alt_span) if refresh else None, found.alt if refresh else "")
+
+
+def save_review(path: Path, proposals: list[Proposal]) -> None:
+    _atomic_write(path, (json.dumps([asdict(p) for p in proposals], indent=1) + "\n").encode())
+
+
+def load_review(path: Path) -> list[Proposal]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        proposals = [Proposal(**entry) for entry in entries]
+    except FileNotFoundError:
+        raise ValueError(f"no review file at {path}: run captioner alt-text SITE_DIR first") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a review file this tool wrote ({err})") from None
+    for p in proposals:
+        if p.status not in STATUSES:
+            raise ValueError(f"{path}: {p.id} has status {p.status!r}, not one of {', '.join(STATUSES)}")
+    return proposals
+
+
+def _escape(alt: str, quote: str) -> str:
+    text = html.escape(alt, quote=False)
+    return text.replace('"', "&quot;") if quote == '"' else text.replace("'", "&#39;")
+
+
+def _markdown_escape(alt: str) -> str:
+    return alt.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+
+
+def edited_text(text: str, proposals: list[Proposal]) -> str:
+    """``text`` with each proposal's alt inserted at its offset (or replacing a machine alt), from
+    the end so earlier offsets stay valid; nothing else changes."""
+    for p in sorted(proposals, key=lambda p: p.offset, reverse=True):
+        if p.kind == "markdown":
+            text = text[:p.offset] + _markdown_escape(p.alt) + text[p.offset:]
+        elif p.replaces:
+            start, end = p.replaces
+            text = text[:start] + _escape(p.alt, p.quote or '"') + text[end:]
+        else:
+            q = p.quote or '"'
+            text = text[:p.offset] + f" alt={q}{_escape(p.alt, q)}{q} {PROVENANCE}={q}{_escape(p.model, q)}{q}" \
+                + text[p.offset:]
+    return text
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write beside ``path`` and rename over it: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Applied:
+    pages: list[str]
+    diffs: dict[str, str]
+    skipped: list[tuple[str, str]]
+
+
+def apply(site: Path, proposals: list[Proposal], dry_run: bool = False) -> Applied:
+    """Write the accepted and edited proposals into their pages (see the module docstring);
+    with ``dry_run`` only the diffs. Marks what was written ``applied``."""
+    root = site.resolve()
+    chosen = [p for p in proposals if p.status in ("accepted", "edited")]
+    result = Applied([], {}, [])
+    sidecar_path = root / SIDECAR
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    for page in sorted({p.page for p in chosen}):
+        items = [p for p in chosen if p.page == page]
+        path = (root / page).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            result.skipped.append((page, "not a page of the site any more"))
+            continue
+        data = path.read_bytes()
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != items[0].page_sha256:
+            result.skipped.append((page, "changed since it was scanned: scan again, review, then apply"))
+            continue
+        text, encoding = decode_page(data)
+        new_text = edited_text(text, items)
+        try:
+            new_data = new_text.encode("utf-8-sig" if encoding == "utf-8-sig" else encoding)
+        except UnicodeEncodeError as err:
+            result.skipped.append((page, f"an alt text cannot be written in the page's {encoding}: {err.reason}"))
+            continue
+        result.diffs[page] = "".join(difflib.unified_diff(text.splitlines(keepends=True),
+                                                          new_text.splitlines(keepends=True), f"a/{page}", f"b/{page}"))
+        if dry_run:
+            continue
+        _atomic_write(path, new_data)
+        result.pages.append(page)
+        for p in items:
+            p.status = "applied"
+            if p.kind == "markdown":
+                sidecar.setdefault(page, {})[f"{p.src}"] = {"alt": p.alt, "model": p.model}
+    if not dry_run and any(p.kind == "markdown" and p.status == "applied" for p in chosen):
+        _atomic_write(sidecar_path, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())
+    return result
+
+
+def machine_markdown_alts(site: Path) -> dict[str, dict]:
+    """page -> src -> {alt, model} of the Markdown alts a model wrote (the sidecar file)."""
+    path = site.resolve() / SIDECAR
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary(scan: Scan, proposals: list[Proposal]) -> list[tuple[str, int]]:
+    """The counts a person wants first."""
+    states: dict[str, int] = {}
+    for f in scan.found:
+        key = f"skipped: {f.reason}" if f.state == "skipped" else f.state
+        states[key] = states.get(key, 0) + 1
+    return [("pages scanned", len(scan.pages)), ("pages not read", len(scan.problems)),
+            *sorted(states.items()), ("proposals", len(proposals)),
+            ("proposals breaking a convention", sum(1 for p in proposals if p.lint))]
+
+
+def propose(scan: Scan, model, identity: str, cfg: AltTextSettings, batch_size: int = 16,
+            progress: bool = True) -> list[Proposal]:
+    """Caption every image of ``scan`` that lacks an alt (and every machine alt another model
+    wrote) with ``model``; an image that cannot be decoded is marked skipped with the reason."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from pipeline.data.images import load_rgb
+
+    wanted = [f for f in scan.found if f.state == "missing-alt" or (f.state == "refresh" and f.machine != identity)]
+    pixels: dict[str, np.ndarray] = {}
+    for found in wanted:
+        key = found.image if found.image != "data:" else f"data:{id(found)}"
+        if key in pixels:
+            continue
+        source = found.data if found.image == "data:" else scan.site / found.image
+        try:
+            pixels[key] = load_rgb(source, model.spec.image_size, model.limits.max_image_pixels)
+        except ValueError as err:  # ImageError: not an image, too large, unreadable
+            found.state, found.reason = "skipped", f"not a usable image: {str(err).splitlines()[0]}"
+    keys = list(pixels)
+    captions: dict[str, str] = {}
+    for lo in tqdm(range(0, len(keys), batch_size), desc="caption", unit="batch", disable=not progress):
+        chunk = keys[lo:lo + batch_size]
+        for key, ranked in zip(chunk, model.chooser.choose(model.embed(np.stack([pixels[k] for k in chunk])))):
+            captions[key] = model.vocab.decode(ranked[0].caption.tokens)
+    out = []
+    for found in wanted:
+        key = found.image if found.image != "data:" else f"data:{id(found)}"
+        if found.state == "skipped" or key not in captions:
+            continue
+        out.append(proposal_for(found, scan.pages[found.page].sha256, captions[key], identity, cfg))
+    return out

@@ -1,0 +1,75 @@
+"""The photo index store on SQLite (FTS5) and on the team's PostgreSQL (a fresh database per run):
+rows round-trip, full-text search ranks by the captions, and query syntax is only ever text."""
+
+import uuid
+
+import numpy as np
+import pytest
+
+from pipeline.search.photo_index import Photo, PhotoIndex, PhotoIndexError
+from tests.helpers import POSTGRES, require_services
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, tmp_path):
+    if request.param == "sqlite":
+        yield PhotoIndex(tmp_path / "photos.db")
+        return
+    require_services()
+    import psycopg2
+
+    name = f"captioner_test_{uuid.uuid4().hex[:10]}_photos"
+    admin = psycopg2.connect(dbname="postgres", connect_timeout=10, **POSTGRES)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    store = PhotoIndex(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+    try:
+        yield store
+    finally:
+        store.engine.dispose()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def photo(path: str, caption: str, others: tuple[str, ...] = (), seed: int = 0) -> Photo:
+    vector = np.random.default_rng(seed).normal(size=8).astype(np.float32)
+    return Photo(path, 100, 1, f"{seed:064d}", "ok", "", caption,
+                 [{"caption": c, "score": -1.0} for c in (caption, *others)], "m/1", "cnn", vector)
+
+
+def test_rows_round_trip_and_text_search_ranks_by_the_captions(index):
+    index.save([photo("a.jpg", "a dog runs on the grass", ("a brown dog",), 1),
+                photo("b/c.jpg", "two children play in the water", seed=2),
+                photo("d.jpg", "a man rides a bike", ("a dog sits",), 3)])
+    rows = {p.path: p for p in index.all()}
+    assert rows["b/c.jpg"].candidates[0]["caption"] == "two children play in the water"
+    np.testing.assert_array_equal(rows["a.jpg"].embedding, photo("a.jpg", "", seed=1).embedding)
+    hits = index.text_search("dog", 10)
+    assert [rows_id for rows_id, _ in hits][0] == rows["a.jpg"].id  # its caption and a candidate say dog
+    assert {pid for pid, _ in hits} == {rows["a.jpg"].id, rows["d.jpg"].id}
+    assert index.text_search("zebra", 10) == [] and index.text_search("", 10) == []
+    for hostile in ('"dog', "dog*", "dog NEAR man", "dog'); DROP TABLE photos; --", "dog & | ! :*"):
+        assert index.text_search(hostile, 10)  # the words are searched, the syntax is not
+    assert len(index.all()) == 3
+
+
+def test_moves_deletes_and_the_cheap_version_check(index):
+    index.save([photo("a.jpg", "a dog", seed=1), photo("b.jpg", "a cat", seed=2)])
+    before = index.version()
+    a = index.by_path("a.jpg")
+    index.move(a.id, "album/a.jpg", 100, 2)
+    assert index.by_path("album/a.jpg").id == a.id and index.by_path("a.jpg") is None
+    index.delete([index.by_path("b.jpg").id])
+    assert index.version() != before and index.text_search("cat", 5) == []
+    ids, features, backbones = index.embeddings()
+    assert ids == [a.id] and features.shape == (1, 8) and backbones == ["cnn"]
+
+
+def test_a_path_that_is_not_a_database_is_a_clear_error(tmp_path):
+    (tmp_path / "photos.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(PhotoIndexError, match=r"cannot open the photo index sqlite:///.*photos.db"):
+        PhotoIndex(tmp_path / "photos.db")
+    with pytest.raises(PhotoIndexError, match="SQLite or PostgreSQL"):
+        PhotoIndex("mysql+pymysql://nobody@127.0.0.1:1/photos")
