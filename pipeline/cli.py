@@ -29,10 +29,10 @@ from pipeline.registry.pyfunc_model import (
 )
 
 
-def _model_name() -> str | None:
-    """register.model_name from ./params.yaml; None outside the project."""
+def _model_name(params: str = "params.yaml") -> str | None:
+    """register.model_name from params.yaml (./ by default); None outside the project."""
     try:
-        return load_settings().registry.model_name
+        return load_settings(params).registry.model_name
     except ConfigError:
         return None
 
@@ -137,7 +137,7 @@ def _champion(args) -> tuple[str, object]:
     from pipeline.captioning import quiet_tensorflow  # noqa: F401
     from pipeline.registry.champion import load_champion_model
 
-    name = args.model_name or _model_name()
+    name = args.model_name or _model_name(getattr(args, "params", "params.yaml"))
     if name is None:
         print("captioner: no params.yaml here to read register.model_name from: run from the project root "
               "or pass --model-name", file=sys.stderr)
@@ -325,6 +325,12 @@ def _apply(site: Path, review_path: Path, proposals, dry_run: bool) -> int:
     return 0 if not result.skipped else 1
 
 
+def registry_args(parser: argparse.ArgumentParser) -> None:
+    """Which registered model and tracking store a command uses."""
+    parser.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning with Flickr8k models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,8 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ind.add_argument("--db", default=default_index(), help=f"the index: a file, or a SQLAlchemy URL "
                                                             f"(default: {default_index()})")
     ind.add_argument("--batch", type=positive, default=32, help="photos embedded and captioned together (default: 32)")
-    ind.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
-    ind.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    registry_args(ind)
     ind.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sea = sub.add_parser("search", help="find indexed photos by what is in them",
                          description="Print '<score>\\t<path>\\t<caption>' for the photos that best fit QUERY, best "
@@ -360,8 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="how to rank (default: likelihood; bm25 needs no model)")
     sea.add_argument("--json", action="store_true", help="JSON instead of lines")
     sea.add_argument("--db", default=default_index(), help=f"the index (default: {default_index()})")
-    sea.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
-    sea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    registry_args(sea)
     alt = sub.add_parser("alt-text", help="find images without alt text in a website and propose some",
                          description="Scan SITE_DIR's .html/.htm/.md pages for images without a text "
                                      "alternative, caption them with the champion and write proposals to a "
@@ -375,8 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     alt.add_argument("--dry-run", action="store_true", help="with --apply: print the diff, write nothing")
     alt.add_argument("--review-file", default=None, help="default: SITE_DIR/.captioner-alt-text.json")
     alt.add_argument("--params", default="params.yaml", help="the conventions (alt_text.*) and model name")
-    alt.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
-    alt.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    registry_args(alt)
     alt.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     app = sub.add_parser("app", help="serve a caption web page and JSON API over the champion",
                          description="A web page (drop photos, get captions) and POST /api/caption, "
