@@ -101,7 +101,7 @@ def main() -> None:
         def stage_run(label: str, tag: str, subset: list[str]) -> Path:
             target = out / f"{tag}.parquet"
             target.unlink(missing_ok=True)
-            extract_features(folder, subset, target, out / f"{tag}.parts", backbones[label],
+            extract_features({n: folder / n for n in subset}, subset, target, out / f"{tag}.parts", backbones[label],
                              args.batch_size, rows_per_part=256)
             return target
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_report  # noqa: E402
-from tests.helpers import git_project, missing_services  # noqa: E402
-from tests.test_services import free_port  # noqa: E402
-from tests.test_team import Api, Launcher, _free_redis_db, _postgres  # noqa: E402
+from tests.helpers import free_port, git_project, missing_services  # noqa: E402
+from tests.ops.test_team import Api, Launcher, _free_redis_db, _postgres  # noqa: E402
 
 DAG = "caption_retraining"
 

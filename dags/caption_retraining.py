@@ -14,10 +14,13 @@ retries and scheduling, DVC owns caching (an unchanged stage is skipped in secon
   each task receives its upstream tasks' `dvc.lock` entries of this run (XCom), pulls exactly
   those outputs, and pushes its own; its XCom shows the lock entries and whether it ran.
 * Trigger with `{"force": ["train"]}` (or `true` for all) to rerun stages even if unchanged.
+* Scheduled on the asset `captioner://feedback/<name>` as well as the cron: the app posts an
+  event of it when `feedback.min_new` corrections arrived since the last export, and the run
+  trains on them (`feedback` stage). With no new feedback, code or params, a run does nothing.
 
 Settings (environment, read when the DAG is parsed): `CAPTIONER_PROJECT_DIR` (default: the
 folder above `dags/`; the Airflow Variable `captioner_project_dir` overrides it at run time),
-`CAPTIONER_SCHEDULE` (default `@weekly`; empty: triggered runs only), `CAPTIONER_RETRIES` (default 2),
+`CAPTIONER_SCHEDULE` (default `@weekly`; empty: on new feedback and triggers only), `CAPTIONER_RETRIES` (default 2),
 `CAPTIONER_RETRY_DELAY_S` (default 120), `CAPTIONER_TASK_QUEUES` (`stage=queue,...`: pin
 stages to Celery queues; others use the default queue).
 """
@@ -30,9 +33,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import Asset, Param, dag
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
 
 from pipeline.config import load_settings
+from pipeline.feedback.retraining import asset_uri
 from pipeline.ops.airflow_tasks import handover_env, stage_command, task_id, task_queues
 from pipeline.ops.dvc_graph import stage_graph
 
@@ -40,13 +44,16 @@ PROJECT_DIR = Path(os.environ.get("CAPTIONER_PROJECT_DIR", Path(__file__).resolv
 VENV_BIN = os.path.dirname(sys.executable)  # dvc and the stages' python come from this env
 MODEL_NAME = load_settings(PROJECT_DIR / "params.yaml").registry.model_name
 MODEL_ASSET = Asset(f"mlflow://models/{MODEL_NAME}")
+FEEDBACK_ASSET = Asset(name=f"{MODEL_NAME}-feedback", uri=asset_uri(MODEL_NAME))
+CRON = os.environ.get("CAPTIONER_SCHEDULE", "@weekly")
 STAGES = stage_graph(PROJECT_DIR)
 QUEUES = task_queues(os.environ.get("CAPTIONER_TASK_QUEUES", ""), STAGES)
 
 
 @dag(
     dag_id="caption_retraining",
-    schedule=os.environ.get("CAPTIONER_SCHEDULE", "@weekly") or None,  # empty: API/UI triggers only
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CRON, timezone="UTC"), assets=FEEDBACK_ASSET)
+    if CRON else FEEDBACK_ASSET,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

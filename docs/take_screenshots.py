@@ -4,8 +4,8 @@
 
 Indexes the dataset's test photos into a temporary photo index, starts `captioner app` (with that
 index) and an MLflow server over the project's own store (ports chosen free), searches the photos,
-drops a few on the app, opens the runs table and the registered model, and writes docs/search.png,
-docs/app.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
+drops a few on the app, corrects one caption, opens the runs table and the registered model, and
+writes docs/search.png, docs/app.png, docs/correction.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
 (`apt-get install chromium`) and the Python playwright package (in requirements.lock).
 """
 
@@ -79,9 +79,11 @@ def main() -> None:
     db = index_dir / "photos.db"
     test_photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())
     (index_dir / "Photos").mkdir()
-    for name in test_photos:
-        shutil.copy(images_dir / name, index_dir / "Photos" / name)
+    for photo in test_photos:
+        shutil.copy(images_dir / photo, index_dir / "Photos" / photo)
     subprocess.run([str(BIN / "captioner"), "index", str(index_dir / "Photos"), "--db", str(db), "-q"], env=env, check=True)
+    # the correction shown goes to a throwaway feedback store, not the project's
+    env = {**env, "CAPTIONER_FEEDBACK_DB": str(index_dir / "feedback.db")}
     app = start([str(BIN / "captioner"), "app", "--port", str(app_port), "--poll-seconds", "30", "--index", str(db)], env)
     ui = start([str(BIN / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                 "--port", str(ui_port), "--workers", "1"], env)
@@ -102,6 +104,12 @@ def main() -> None:
             page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
             expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
             page.screenshot(path=str(DOCS / "app.png"))
+            card = page.locator(".card").first
+            card.locator(".rate-wrong").click()
+            card.locator("input.correction").fill("A yellow square on the right of a blue picture .")
+            card.locator("button[type=submit]").click()
+            expect(card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
+            card.screenshot(path=str(DOCS / "correction.png"))
             from mlflow import MlflowClient
 
             experiment = MlflowClient(uri).get_experiment_by_name(settings.mlflow.experiment).experiment_id
@@ -121,7 +129,8 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         shutil.rmtree(index_dir, ignore_errors=True)
-    print(f"wrote {', '.join(str(DOCS / n) for n in ('search.png', 'app.png', 'mlflow-runs.png', 'mlflow-model.png'))}")
+    shots = ("search.png", "app.png", "correction.png", "mlflow-runs.png", "mlflow-model.png")
+    print(f"wrote {', '.join(str(DOCS / n) for n in shots)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ serve the champion as a web app.
     captioner index ~/Photos [--db PATH]          # caption every photo with the champion
     captioner search "two dogs in the snow" [--limit 10] [--json] [--like PHOTO]
     captioner alt-text ./site [--review] [--apply [--yes] [--dry-run]]
-    captioner app [--port 8000] [--poll-seconds 10] [--index PATH]
+    captioner app [--port 8000] [--poll-seconds 10] [--index PATH] [--no-feedback]
 
 Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
 an unreadable file is reported at once; the CLI reads each file itself and hands the model its
@@ -395,6 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     app.add_argument("--index", default=None, metavar="PATH",
                      help="also serve search over this photo index (GET /api/search, thumbnails)")
+    app.add_argument("--params", default="params.yaml",
+                     help="feedback.* settings: where ratings and corrections go (default: params.yaml)")
+    app.add_argument("--no-feedback", action="store_true",
+                     help="no caption ids, ratings, corrections or traces")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.command == "app":
@@ -409,8 +413,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("no params.yaml here to read register.model_name from: run from the project root "
                          "or pass --model-name")
         _use_tracking_uri(args.tracking_uri)
+        feedback = None
+        if not args.no_feedback:
+            try:
+                feedback = load_settings(args.params).feedback
+            except ConfigError as err:
+                print(f"captioner: feedback is off: {err}", file=sys.stderr)
         try:
-            sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, args.index))
+            sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, args.index, feedback))
         except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(2)

@@ -11,6 +11,7 @@ Each stage's pure core takes its own section (``settings.train`` ...), never the
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -289,6 +290,24 @@ class AltTextSettings(_Section):
     max_page_bytes: int = Field(ge=1)  # pages above this are reported, not read
 
 
+class FeedbackSettings(_Section):
+    """People's word on served captions: the store, its limits, and how corrections train."""
+
+    db: str = Field(min_length=1)  # SQLAlchemy URL or a SQLite file; CAPTIONER_FEEDBACK_DB wins
+    max_correction_chars: int = Field(ge=10, le=10_000)
+    max_per_minute: int = Field(ge=1)  # per client address
+    test_share: float = Field(ge=0, lt=1)  # corrected photos held out (stable hash of the photo)
+    train_repeats: int = Field(ge=1, le=100)  # a correction's weight in training, in captions
+    min_new: int = Field(ge=1)  # corrections since the last export that ask for a retraining run
+    experiment: str = Field(min_length=1)  # MLflow experiment of the app's traces
+    trace: bool
+
+    @property
+    def store_url(self) -> str:
+        """Where the feedback lives: ``CAPTIONER_FEEDBACK_DB`` if set, else ``db``."""
+        return os.environ.get("CAPTIONER_FEEDBACK_DB") or self.db
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
@@ -308,6 +327,7 @@ class Settings(_Section):
     register_: RegisterSettings = Field(alias="register")
     serving: ServingSettings
     alt_text: AltTextSettings
+    feedback: FeedbackSettings
     mlflow: MlflowSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)

@@ -45,12 +45,12 @@ def features_file(backbone: str) -> Path:
     return FEATURES_DIR / f"{backbone}.parquet"
 
 
-def feature_shard_file(backbone: str, shard: int) -> Path:
+def feature_shard_file(backbone: str, shard: int | str) -> Path:
     """One shard's features (stage ``features@<shard>``), merged by ``merge_features``."""
     return FEATURES_DIR / "shards" / f"{backbone}-{shard}.parquet"
 
 
-def feature_parts_dir(backbone: str, shard: int) -> Path:
+def feature_parts_dir(backbone: str, shard: int | str) -> Path:
     """Finished batches of an unfinished shard, so a rerun resumes (not a DVC out)."""
     return FEATURES_DIR / "parts" / f"{backbone}-{shard}"
 
@@ -59,3 +59,10 @@ def backbone_dir(backbone: str) -> Path:
     """The exact CNN used for the features (weights, TFLite model, resolved spec), bundled
     later into the served model."""
     return FEATURES_DIR / f"{backbone}.backbone"
+
+
+FEEDBACK_DIR = Path("data/feedback")  # corrections exported by the feedback stage (Flickr8k layout)
+FEEDBACK_CAPTIONS = FEEDBACK_DIR / "captions.parquet"  # the corrections validate's rules kept
+FEEDBACK_REJECTS = FEEDBACK_DIR / "rejects.parquet"  # and those they quarantined, with the reason
+FEEDBACK_REPORT = FEEDBACK_DIR / "validation.json"
+FEEDBACK_SHARD = "feedback"  # the features of corrected photos: one more shard (feature_shard_file)

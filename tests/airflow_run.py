@@ -13,6 +13,15 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.utils import db
 
 
+def asset_uris(condition) -> list[str]:
+    """The URIs of the assets an asset condition (an Asset, or AssetAll/AssetAny of them) names."""
+    if condition is None:
+        return []
+    if hasattr(condition, "uri"):
+        return [condition.uri]
+    return [uri for part in getattr(condition, "objects", []) for uri in asset_uris(part)]
+
+
 def main() -> None:
     folder, parse_only = sys.argv[1], "--parse-only" in sys.argv
     bag = DagBag(dag_folder=folder)
@@ -21,6 +30,9 @@ def main() -> None:
     if dag is not None:
         result["tasks"] = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
         result["schedule"] = str(dag.schedule)
+        timetable = dag.timetable
+        result["timetable"] = getattr(getattr(timetable, "timetable", timetable), "summary", str(timetable))
+        result["schedule_assets"] = sorted(asset_uris(getattr(timetable, "asset_condition", None)))
         result["max_active_runs"] = dag.max_active_runs
         result["outlets"] = {t.task_id: [getattr(o, "uri", str(o)) for o in t.outlets] for t in dag.tasks}
     if dag is not None and not parse_only:

@@ -52,12 +52,16 @@ def tiny_settings(**overrides) -> Settings:
 
 
 def run_features(settings: Settings) -> None:
-    """The feature stages in dvc.yaml order: backbone, every shard, merge."""
-    from pipeline.stages import backbone, features, merge_features
+    """The feature stages in dvc.yaml order: backbone, every shard, the corrections people made
+    (feedback: none unless the test stored some in ./feedback.db) and their shard, merge."""
+    from pipeline import paths
+    from pipeline.stages import backbone, features, feedback, merge_features
 
     backbone.run(settings)
     for shard in settings.features.shards:
         features.run(settings, shard)
+    feedback.run(settings)
+    features.run(settings, paths.FEEDBACK_SHARD)
     merge_features.run(settings)
 
 
@@ -235,6 +239,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def drop_files(page, files: dict[str, tuple[bytes, str]]) -> None:
+    """A real drop event on the app page's drop zone carrying File objects (name -> (bytes,
+    MIME type)), as a user's drag from the desktop."""
+    payload = {n: (list(data), mime) for n, (data, mime) in files.items()}
+    page.evaluate("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, [bytes, mime]] of Object.entries(files))
+            dt.items.add(new File([new Uint8Array(bytes)], name, {type: mime}));
+        const zone = document.getElementById('drop');
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", payload)
+
+
+def synthetic_photos(count: int, seed: int, size: int = 48) -> list[tuple[bytes, str]]:
+    """New synthetic photos (in no dataset) with a true caption of each, as one person who
+    corrects the model's captions would write them: always in the same words ("A red circle on
+    the left on a blue background .") (JPEG bytes, caption)."""
+    import random
+    import re
+
+    from pipeline.data.synthetic import make_scene
+
+    style = re.compile(r"^An? \w+ (circle|square|triangle) .* on an? \w+ background \.$")
+    rng, out = random.Random(seed), []
+    while len(out) < count:
+        image, captions = make_scene(rng, size)
+        chosen = [c for c in captions if style.match(c)]
+        if not chosen:
+            continue
+        captions = chosen
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        out.append((buf.getvalue(), captions[0]))
+    return out
 
 
 def wait_for_http(url: str, proc, timeout_s: float, what: str) -> None:

@@ -60,6 +60,7 @@ class TeamConfig:
     mlflow_port: int = 5000
     airflow_db: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/captioner_airflow"
     mlflow_db: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/captioner_mlflow"
+    feedback_db: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/captioner_feedback"
     broker: str = "redis://127.0.0.1:6379/0"
     dvc_remote: str = ""
     artifacts: str = ""
@@ -71,6 +72,7 @@ class TeamConfig:
         cfg = cls(project=project.resolve(), home=home.resolve(), **kwargs)
         cfg.airflow_db = env.get("CAPTIONER_AIRFLOW_DB", cfg.airflow_db)
         cfg.mlflow_db = env.get("CAPTIONER_MLFLOW_DB", cfg.mlflow_db)
+        cfg.feedback_db = env.get("CAPTIONER_FEEDBACK_DB", cfg.feedback_db)
         cfg.broker = env.get("CAPTIONER_BROKER_URL", cfg.broker)
         cfg.dvc_remote = env.get("CAPTIONER_DVC_REMOTE") or str(cfg.home / "dvc-remote")
         cfg.artifacts = env.get("CAPTIONER_ARTIFACTS") or str(cfg.home / "mlflow-artifacts")
@@ -137,6 +139,7 @@ def airflow_env(cfg: TeamConfig, venv_bin: Path) -> dict[str, str]:
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": os.environ.get("CAPTIONER_AIRFLOW_USERS", "admin:admin"),
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
+        "CAPTIONER_FEEDBACK_DB": cfg.feedback_db,  # the feedback stage exports from it, on any worker
     }
 
 
@@ -210,8 +213,9 @@ def run_team(cfg: TeamConfig, venv_bin: Path, start_timeout_s: float = 600) -> i
     base = airflow_env(cfg, venv_bin)
     airflow = str(venv_bin / "airflow")
     try:
-        for url in (cfg.airflow_db, cfg.mlflow_db):
-            ensure_database(url)
+        for url in (cfg.airflow_db, cfg.mlflow_db, cfg.feedback_db):
+            if url.startswith("postgresql"):
+                ensure_database(url)
         if "://" not in cfg.artifacts:  # a local folder (s3://... is the server's to reach)
             Path(cfg.artifacts).mkdir(parents=True, exist_ok=True)
         print("team: migrating the Airflow database", flush=True)

@@ -141,15 +141,37 @@ def caption_with_champion(client, model_name: str, images: list[Path], beam_size
     return ChampionRun(version, "scored", captions=result["captions"], errors=result["errors"])
 
 
+def _paired(scores: "pd.DataFrame", mode: str, key: str, image_set: str) -> dict | None:
+    """Paired bootstrap of the new model against the champion on one image set (None: no rows)."""
+    from pipeline.captioning.comparison import paired_bootstrap
+
+    both = scores[(scores["mode"] == mode) & (scores["set"] == image_set)] if "set" in scores else (
+        scores[scores["mode"] == mode] if image_set == "test" else scores.iloc[0:0])
+    candidate = both[both["model"] == "candidate"].set_index("image")
+    champion = both[both["model"] == "champion"].set_index("image")
+    if candidate.empty or champion.empty:
+        return None
+    return paired_bootstrap(candidate.reset_index(), champion.loc[candidate.index].reset_index(), key)
+
+
+def _interval(metric: str, c: dict, where: str) -> str:
+    return (f"{metric} {c['difference']:+.4f} on {c['images']} {where}, 95% interval "
+            f"[{c['ci95_low']:.4f}, {c['ci95_high']:.4f}]")
+
+
 def judge(scores: "pd.DataFrame", evaluated: dict, current: str | None, metric: str, mode: str,
           key: str, min_improvement: float) -> tuple[str, str, dict | None]:
     """The paired decision (pure): (decision, why, comparison). ``scores`` are evaluate's per-image
-    scores of the new model and the champion, ``evaluated`` is eval.json's champion entry,
-    ``current`` the version holding the alias now. Promoted when there is no champion, when it
-    could not be loaded, or when the 95% interval of the paired bootstrap lies above
-    ``min_improvement``."""
-    from pipeline.captioning.comparison import paired_bootstrap
+    scores of the new model and the champion (column ``set``: ``test``, and ``feedback`` for the
+    corrected photos held out from training), ``evaluated`` is eval.json's champion entry,
+    ``current`` the version holding the alias now.
 
+    Promoted when there is no champion, when it could not be loaded, or when on one image set the
+    95% interval of the paired bootstrap lies above ``min_improvement`` ("better") while on the
+    other it does not lie below 0 ("not worse"). The held-out corrections are photos people found
+    the champion wrong on, so any challenger tends to look better there: that alone never promotes,
+    the Flickr8k test images must not get worse; and a model better on the test images must not get
+    worse on what people corrected."""
     if current is None:
         return "promoted", "there was no champion", None
     if evaluated.get("version") != current:
@@ -159,15 +181,24 @@ def judge(scores: "pd.DataFrame", evaluated: dict, current: str | None, metric: 
             "run `dvc repro -f -s evaluate register` to compare with the current one")
     if evaluated["status"] == "unloadable":
         return "promoted", f"champion v{current} could not be loaded ({evaluated['error']}); replaced", None
-    both = scores[scores["mode"] == mode]
-    candidate = both[both["model"] == "candidate"].set_index("image")
-    champion = both[both["model"] == "champion"].set_index("image").loc[candidate.index]
-    comparison = paired_bootstrap(candidate.reset_index(), champion.reset_index(), key)
-    comparison["min_improvement"] = min_improvement
-    if comparison["ci95_low"] > min_improvement:
-        return "promoted", (f"{metric} +{comparison['difference']:.4f} on the same "
-                            f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
-                            f"{comparison['ci95_high']:.4f}] above {min_improvement}"), comparison
-    return "kept_champion", (f"{metric} {comparison['difference']:+.4f} on the same "
-                             f"{comparison['images']} images, 95% interval [{comparison['ci95_low']:.4f}, "
-                             f"{comparison['ci95_high']:.4f}] does not clear {min_improvement}"), comparison
+    test = _paired(scores, mode, key, "test")
+    feedback = _paired(scores, mode, key, "feedback")
+    comparison = {**test, "min_improvement": min_improvement}
+    if feedback is not None:
+        comparison["feedback"] = feedback
+
+    def better(c: dict | None) -> bool:
+        return c is not None and c["ci95_low"] > min_improvement
+
+    def not_worse(c: dict | None) -> bool:
+        return c is None or c["ci95_high"] >= 0
+
+    why = _interval(metric, test, "test images")
+    if feedback is not None:
+        why += "; " + _interval(metric, feedback, "held-out corrected photos, against the corrections")
+    if better(test) and not_worse(feedback):
+        return "promoted", f"{why}: better on the test images (above {min_improvement})" + (
+            ", not worse on the corrections" if feedback else ""), comparison
+    if better(feedback) and not_worse(test):
+        return "promoted", f"{why}: better on the corrected photos, not worse on the test images", comparison
+    return "kept_champion", f"{why}: does not clear {min_improvement} on one set without getting worse on the other", comparison

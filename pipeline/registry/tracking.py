@@ -208,12 +208,16 @@ def resume_run(settings: Settings, ref_path: Path, run_name: str):
     return active
 
 
-def data_identity(settings: Settings, captions_file: Path, features_file: Path) -> dict[str, str]:
+def data_identity(settings: Settings, captions_file: Path, features_file: Path,
+                  feedback_file: Path | None = None) -> dict[str, str]:
     """Tags that say which code and data a training run used; ``short_id`` names the run and
-    changes with the data, the features or the training params (not with the clock)."""
+    changes with the data, the corrections, the features or the training params (not with the clock)."""
     identity = {"data.source": settings.data.source, "dvc.captions_md5": file_md5(captions_file),
                 "dvc.features_md5": file_md5(features_file), "git.commit": git_commit() or "unknown"}
-    recipe = json.dumps({"train": settings.train.model_dump(), **identity, "git.commit": None}, sort_keys=True)
+    if feedback_file is not None and feedback_file.exists():
+        identity["dvc.feedback_md5"] = file_md5(feedback_file)
+    recipe = json.dumps({"train": settings.train.model_dump(), **identity, "git.commit": None,
+                         "train_repeats": settings.feedback.train_repeats}, sort_keys=True)
     identity["short_id"] = hashlib.sha256(recipe.encode()).hexdigest()[:6]
     return identity
 

@@ -10,6 +10,9 @@ The registry's current champion (if any, and if it loads) captions the same test
 the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
 (``pipeline/captioning/comparison.py``), so ``register`` judges them on the same images. A champion that
 cannot be loaded is recorded (``eval.json`` ``champion.status``), never fatal.
+When people's corrections hold photos out (split ``feedback``, see the ``feedback`` stage), both
+models are scored on them too, against the corrections (``eval.json`` ``feedback``, rows of
+``test_scores.parquet`` with ``set`` = ``feedback``).
 Also writes ``reports/test_captions.parquet`` and ``reports/gallery.html``, and logs all of it
 to the training run in MLflow.
 """
@@ -17,6 +20,7 @@ to the training run in MLflow.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,7 +37,7 @@ from pipeline.captioning.metrics import JavaMissingError, caption_health, score
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import DecodingSettings, Settings
 from pipeline.data.features_file import read_features, row_index, rows_of
-from pipeline.data.flickr8k import image_file
+from pipeline.data.sources import FEEDBACK_TEST, image_files, prepared_captions
 from pipeline.registry.champion import caption_with_champion
 from pipeline.registry.tracking import flatten, resume_run, setup
 from pipeline.stages._cli import reported, require, stage_main
@@ -45,16 +49,16 @@ HEALTH = "caption_health"  # per mode: distinct captions and words, repeats, len
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
                    features: np.ndarray, decoding: DecodingSettings,
-                   neighbours: Neighbours | None = None) -> tuple[dict, pd.DataFrame]:
-    """Pure core: (metrics per mode, one row per test image with its captions). With
+                   neighbours: Neighbours | None = None, split: str = "test") -> tuple[dict, pd.DataFrame]:
+    """Pure core: (metrics per mode, one row per image of ``split`` with its captions). With
     ``decoding.consensus.neighbours`` > 0 the beam is reranked by consensus with the
     ``neighbours`` (by default the train split of ``captions``; ``run`` passes the file the
     served model carries); the image-blind baseline keeps the decoder's ranking. Raises
-    ValueError when the test split is empty or an image has no features."""
+    ValueError when the split is empty or an image has no features."""
     index = row_index(images)
-    test = captions[captions["split"] == "test"]
+    test = captions[captions["split"] == split]
     if test.empty:
-        raise ValueError("the test split has no captions")
+        raise ValueError(f"the {split} split has no captions")
     refs = test.groupby("image")["caption"].apply(list)
     test_images = list(refs.index)
     feats = features[rows_of(index, test_images)]
@@ -64,7 +68,7 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     if d.consensus.neighbours and neighbours is None:
         neighbours = Neighbours.from_split(captions, "train", images, features)
     chooser = CaptionChooser(models, vocab, d, neighbours)
-    log.info("decoding %d test images (greedy, beam-%d%s, image-blind baseline)", len(test_images),
+    log.info("decoding %d %s images (greedy, beam-%d%s, image-blind baseline)", len(test_images), split,
              d.beam_size, f" reranked by consensus with {chooser.scorer.k} train images" if chooser.scorer else "")
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=d.no_repeat_ngram,
@@ -103,26 +107,32 @@ def scores_table(table: pd.DataFrame, references: list, model: str, mode: str,
                      axis=1)
 
 
-def compare_with_champion(settings: Settings, table: pd.DataFrame, image_dir) -> tuple[dict, pd.DataFrame]:
-    """(champion summary with its metrics, per-image scores of the new model and the champion)
-    on the test images of ``table``, in the mode of register.metric."""
+def compare_with_champion(settings: Settings, tables: dict[str, pd.DataFrame],
+                          files: dict[str, Path]) -> tuple[dict[str, dict], pd.DataFrame]:
+    """The champion on the same images as the new model, for each image set of ``tables`` (the
+    test split, the held-out corrections), captioned in one call in the mode of register.metric:
+    ({set: champion summary with its metrics}, per-image scores of both models with a ``set``
+    column)."""
     from mlflow import MlflowClient
 
     from pipeline.captioning.metrics import score
 
     mode = settings.registry.mode
     beam = settings.decoding.beam_size if mode == "beam" else 1
-    references = [[r.split() for r in refs] for refs in table["references"]]
-    scores = scores_table(table, references, "candidate", mode, table[mode].tolist())
-    log.info("captioning the test images with the registry's champion (beam size %d)", beam)
-    run = caption_with_champion(MlflowClient(), settings.registry.model_name,
-                                [image_file(image_dir, name) for name in table["image"]], beam)
-    summary = {**run.summary(), "mode": mode}
-    if run.status == "scored":
-        summary[mode] = score(references, [c.split() for c in run.captions])
-        scores = pd.concat([scores, scores_table(table, references, "champion", mode, run.captions)],
-                           ignore_index=True)
-    return summary, scores
+    names = [name for table in tables.values() for name in table["image"]]
+    log.info("captioning %d images with the registry's champion (beam size %d)", len(names), beam)
+    run = caption_with_champion(MlflowClient(), settings.registry.model_name, [files[n] for n in names], beam)
+    summaries, frames, start = {}, [], 0
+    for image_set, table in tables.items():
+        references = [[r.split() for r in refs] for refs in table["references"]]
+        frames.append(scores_table(table, references, "candidate", mode, table[mode].tolist()).assign(set=image_set))
+        summaries[image_set] = {**run.summary(), "mode": mode}
+        if run.status == "scored":
+            captions = run.captions[start:start + len(table)]
+            summaries[image_set][mode] = score(references, [c.split() for c in captions])
+            frames.append(scores_table(table, references, "champion", mode, captions).assign(set=image_set))
+        start += len(table)
+    return summaries, pd.concat(frames, ignore_index=True)
 
 
 CAPTION_TABLE = "test_captions.json"
@@ -140,18 +150,26 @@ def run(settings: Settings) -> dict:
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file, *([paths.NEIGHBOURS] if consensus else []))
     vocab = Vocabulary.load(paths.VOCAB)
     models = decoding_models(load_decoder(paths.DECODER))
-    captions = pd.read_parquet(paths.CAPTIONS)
+    captions = prepared_captions()
     images, features, _ = read_features(feature_file)
-    image_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
     setup(settings)
     with reported(JavaMissingError, ValueError):
+        files = image_files(captions, settings.data.source)
         neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
         metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours)
-        metrics["champion"], scores = compare_with_champion(settings, table, image_dir)
+        tables = {"test": table}
+        if (captions["split"] == FEEDBACK_TEST).any():  # corrected photos held out from training
+            feedback_metrics, tables["feedback"] = evaluate_model(
+                models, vocab, captions, images, features, settings.decoding, neighbours, split=FEEDBACK_TEST)
+            metrics["feedback"] = {k: feedback_metrics[k] for k in ("n_images", "greedy", "beam")}
+        champion, scores = compare_with_champion(settings, tables, files)
+        metrics["champion"] = champion["test"]
+        if "feedback" in champion:
+            metrics["feedback"]["champion"] = champion["feedback"]
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)
     write_parquet(scores, paths.TEST_SCORES)
-    items = [{"path": image_file(image_dir, r.image), "image": r.image, "beam": r.beam, "greedy": r.greedy,
+    items = [{"path": files[r.image], "image": r.image, "beam": r.beam, "greedy": r.greedy,
               "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""
@@ -164,12 +182,19 @@ def run(settings: Settings) -> dict:
                f"{health['distinct_words']} distinct words, {health['repeated_bigram_share']:.0%} with a "
                f"repeated bigram, {health['unk_share']:.0%} with <unk>, mean length "
                f"{health['mean_length']:.1f} words (references {health['reference_mean_length']:.1f}).")
+    if "feedback" in metrics:
+        fb = metrics["feedback"]
+        summary += (f" Held-out corrected photos ({fb['n_images']}): beam BLEU-4 {fb['beam']['bleu4']:.3f}, "
+                    f"CIDEr {fb['beam']['cider']:.3f} against the corrections.")
     write_text(paths.GALLERY, render(items, "captioner: test images", summary))
     with resume_run(settings, paths.TRAIN_RUN, "evaluate") as active:
         import mlflow
 
         mlflow.log_metrics({k.replace(".", "_"): v for k, v in
                             flatten("", {m: metrics[m] for m in (*MODES, HEALTH)}).items()})
+        if "feedback" in metrics:  # the held-out corrected photos, as feedback_beam_bleu4, ...
+            mlflow.log_metrics({k.replace(".", "_"): v for k, v in flatten("feedback", {
+                m: metrics["feedback"][m] for m in ("greedy", "beam")}).items()})
         for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
         # The same captions as a table the UI shows (Artifacts, and Evaluation's table view)

@@ -11,6 +11,10 @@ why the two do not overlap). Finished batches are written to
 ``data/features/parts/<backbone>-<I>/`` every ``rows_per_part`` images, and whatever is
 buffered is written too when the stage fails or is stopped (SIGTERM, Ctrl-C), so a rerun
 resumes where it stopped; the final file appears by atomic rename.
+
+``--shard feedback`` (the stage ``feedback_features``) embeds the photos people corrected in the
+app (``data/feedback/``) into ``data/features/shards/<backbone>-feedback.parquet``: new
+corrections never recompute the dataset's features.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from pipeline.atomic import write_text
 from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec
 from pipeline.config import Settings
 from pipeline.data.features_file import embedding_table, shard_of, sorted_by_image, write_table
-from pipeline.data.flickr8k import image_file
 from pipeline.data.images import CORRUPT, ImageError, load_rgb
+from pipeline.data.sources import FEEDBACK, RAW, image_files
 from pipeline.stages._cli import StageError, reported, require, stage_main
 
 log = logging.getLogger("pipeline.features")
@@ -94,10 +98,10 @@ class _Parts:
         write_table(embedding_table(images, embeddings), self.folder / f"part-{index:05d}.parquet")
 
 
-def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: Path,
+def extract_features(files: dict[str, Path], images: list[str], out: Path, parts_dir: Path,
                      backbone: BackboneFolder, batch_size: int, rows_per_part: int) -> dict:
-    """Write features of ``images`` (names in ``image_dir``) to ``out`` with the CNN saved in
-    ``backbone``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
+    """Write features of ``images`` (``files`` maps each name to its file) to ``out`` with the CNN
+    saved in ``backbone``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
     cannot be decoded)."""
     spec = backbone.spec()
     parts = _Parts(parts_dir, {**spec.to_dict(), "images": len(images)})
@@ -105,13 +109,13 @@ def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: P
     todo = [n for n in images if n not in done]
     if done:
         log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
-    embed = backbone.embedder()
+    embed = backbone.embedder() if todo else None  # nothing to do: no CNN to load
 
     start, buffer_names, buffer_vecs = time.perf_counter(), [], []
     names_iter = iter(todo)
     bar = tqdm(total=len(todo), desc="features", unit="img")
     try:
-        for batch in _image_batches([image_file(image_dir, n) for n in todo], spec.image_size, batch_size):
+        for batch in _image_batches([files[n] for n in todo], spec.image_size, batch_size):
             vectors = embed(batch)
             buffer_names += [next(names_iter) for _ in range(len(vectors))]
             buffer_vecs.append(vectors)
@@ -144,31 +148,41 @@ def extract_features(image_dir: Path, images: list[str], out: Path, parts_dir: P
             "seconds": elapsed, "images_per_s": rate}
 
 
-def run(settings: Settings, shard: int = 0) -> dict:
-    """Extract features for the images of ``data/prepared/captions.parquet`` in ``shard``."""
+def run(settings: Settings, shard: int | str = 0) -> dict:
+    """Extract features for the images of ``data/prepared/captions.parquet`` in ``shard``, or,
+    for ``--shard feedback``, of the corrected photos in ``data/feedback/captions.parquet``."""
     cfg = settings.features
-    if shard not in cfg.shards:
-        raise StageError(f"--shard {shard} is not one of features.shards {cfg.shards}")
+    if shard == paths.FEEDBACK_SHARD:
+        captions_file, folder = paths.FEEDBACK_CAPTIONS, FEEDBACK
+    elif shard in cfg.shards:
+        captions_file, folder = paths.CAPTIONS, RAW
+    else:
+        raise StageError(f"--shard {shard} is not one of features.shards {cfg.shards} or {paths.FEEDBACK_SHARD}")
     backbone = BackboneFolder(paths.backbone_dir(cfg.backbone))
-    require(paths.CAPTIONS, backbone.spec_file)
+    require(captions_file, backbone.spec_file)
     with reported(BackboneError):
         saved, agrees = backbone.spec(), backbone.agrees_with(cfg)
     if not agrees:
         raise StageError(f"{backbone.path} holds {saved} (made for {backbone.record().get('requested')}), but "
                          f"params.yaml asks for runtime {cfg.runtime}, precision {cfg.precision} of "
                          f"{BackboneSpec.from_settings(cfg)}: rerun the backbone stage first")
-    everything = pd.read_parquet(paths.CAPTIONS, columns=["image"])["image"].unique()
-    images = sorted(n for n in everything if shard_of(n, len(cfg.shards)) == shard)
-    log.info("shard %d of %d: %d of %d images", shard, len(cfg.shards), len(images), len(everything))
+    table = pd.read_parquet(captions_file, columns=["image"]).assign(folder=folder)
     with reported(BackboneError, ImageError, ValueError, OSError):
-        return extract_features(paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR,
-                                images, paths.feature_shard_file(cfg.backbone, shard),
+        files = image_files(table, settings.data.source)  # a name that is a path: ValueError, nothing opened
+        images = sorted(n for n in files if folder == FEEDBACK or shard_of(n, len(cfg.shards)) == shard)
+        log.info("shard %s: %d of %d images", shard, len(images), len(files))
+        return extract_features(files, images, paths.feature_shard_file(cfg.backbone, shard),
                                 paths.feature_parts_dir(cfg.backbone, shard), backbone,
                                 cfg.batch_size, cfg.rows_per_part)
 
 
+def _shard(text: str) -> int | str:
+    return text if text == paths.FEEDBACK_SHARD else int(text)
+
+
 def _add_shard(parser) -> None:
-    parser.add_argument("--shard", type=int, default=0, help="which shard to embed (default: 0)")
+    parser.add_argument("--shard", type=_shard, default=0,
+                        help=f"which shard to embed (default: 0; {paths.FEEDBACK_SHARD}: the corrected photos)")
 
 
 def main() -> None:

@@ -4,9 +4,12 @@
 ``evaluate`` scored the new model and the champion image by image
 (``reports/test_scores.parquet``). A seeded paired bootstrap over those images (1,000
 resamples, ``pipeline/captioning/comparison.py``) gives the difference in ``register.metric`` with a 95%
-interval; the new model is promoted when the interval's lower bound is above
-``register.min_improvement``, or when there is no champion, or when the champion could not be
-loaded (it is then reported and replaced). Otherwise the new version gets ``challenger``.
+interval, on the test images and, when people's corrections hold photos out, on those against
+the corrections. The new model is promoted when the interval's lower bound is above
+``register.min_improvement`` on one set and its upper bound is not below 0 on the other
+(better on one, not worse on the other; the rule and why: ``judge`` in
+``pipeline/registry/champion.py``), or when there is no champion, or when the champion could
+not be loaded (it is then reported and replaced). Otherwise the new version gets ``challenger``.
 Decision, both scores, the interval and versions go to ``reports/registry.json``, to
 model-version tags and to the MLflow run.
 
@@ -44,6 +47,14 @@ def metric_value(metrics: dict, mode: str, key: str) -> float:
     except KeyError:
         raise ValueError(f"register.metric {mode}_{key} is not in {paths.EVAL_METRICS} "
                          f"(modes {[k for k in metrics if isinstance(metrics[k], dict)]})") from None
+
+
+def comparison_values(comparison: dict, keys: tuple[str, ...] | None = None) -> dict:
+    """``vs_champion.<key>`` of the test images and ``vs_champion_feedback.<key>`` of the held-out
+    corrections, for MLflow metrics and tags."""
+    sets = {"vs_champion": comparison, "vs_champion_feedback": comparison.get("feedback") or {}}
+    return {f"{prefix}.{k}": v for prefix, values in sets.items() for k, v in values.items()
+            if k != "feedback" and (keys is None or k in keys)}
 
 
 def log_caption_model(settings: Settings, model_dir: Path):
@@ -136,8 +147,8 @@ def run(settings: Settings) -> dict:
             fail_pending_models(client, active.info.experiment_id, active.info.run_id)
             raise
         if comparison:
-            mlflow.log_metrics({f"vs_champion.{k}": v for k, v in comparison.items()
-                                if k in ("candidate", "champion", "difference", "ci95_low", "ci95_high")})
+            mlflow.log_metrics(comparison_values(comparison, ("candidate", "champion", "difference",
+                                                              "ci95_low", "ci95_high")))
         run_id = active.info.run_id
     version = str(info.registered_model_version)
     alias = ALIAS if decision == "promoted" else "challenger"
@@ -145,7 +156,7 @@ def run(settings: Settings) -> dict:
     tags = {f"metric.{reg.metric}": str(new_score), "decision": decision, "decision_reason": why,
             "previous_champion": str(old_version)}
     if comparison:
-        tags.update({f"vs_champion.{k}": str(v) for k, v in comparison.items()})
+        tags.update({k: str(v) for k, v in comparison_values(comparison).items()})
     if decision == "promoted":  # apps show since when a champion serves
         tags["promoted_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for key, value in tags.items():

@@ -1,5 +1,9 @@
 """Stage ``train``: fit the caption decoder on the train split -> ``models/``.
 
+The train split is the dataset's and the corrections people made in the app
+(``data/feedback/captions.parquet``, not the held-out ones), each correction counted
+``feedback.train_repeats`` times (``pipeline/data/sources.py``).
+
 Teacher forcing over whole captions (one example per caption), masked cross-entropy with
 label smoothing, the learning rate cut when dev loss stalls, early stopping on dev loss with
 the best weights restored, fixed seeds. Then, when ``train.self_critical.epochs`` > 0,
@@ -31,6 +35,7 @@ from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import Settings, TrainSettings
 from pipeline.data.caption_text import references_by_image
 from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.data.sources import FEEDBACK, prepared_captions, training_rows
 from pipeline.registry.tracking import (
     data_identity,
     flatten,
@@ -171,10 +176,11 @@ def run(settings: Settings) -> dict:
     """Train on data/prepared + data/features; write models/ and the history."""
     feature_file = paths.features_file(settings.features.backbone)
     require(paths.CAPTIONS, feature_file)
-    captions = pd.read_parquet(paths.CAPTIONS)
+    captions = prepared_captions()  # the dataset's and the corrections people made
+    corrected = captions[(captions["folder"] == FEEDBACK) & (captions["split"] == "train")]
     images, features, feature_meta = read_features(feature_file)
     mlflow = setup(settings)
-    identity = data_identity(settings, paths.CAPTIONS, feature_file)
+    identity = data_identity(settings, paths.CAPTIONS, feature_file, paths.FEEDBACK_CAPTIONS)
     tags = {**identity, **owner_tags(), "mlflow.source.name": "pipeline/stages/train.py"}  # not __main__.py
     with mlflow.start_run(run_name=run_name(settings, identity["short_id"]), tags=tags) as active:
         log_training_data(captions, identity, paths.CAPTIONS, feature_file)
@@ -182,7 +188,9 @@ def run(settings: Settings) -> dict:
                            **flatten("features", feature_meta),
                            "data.source": settings.data.source,
                            "data.train_captions": int((captions["split"] == "train").sum()),
-                           "data.dev_captions": int((captions["split"] == "dev").sum())})
+                           "data.dev_captions": int((captions["split"] == "dev").sum()),
+                           "data.feedback_corrections": len(corrected),
+                           "feedback.train_repeats": settings.feedback.train_repeats})
 
         def metric(member: int, name: str) -> str:  # member_1/dev_loss when an ensemble is trained
             return name if settings.train.ensemble == 1 else f"member_{member}/{name}"
@@ -197,7 +205,8 @@ def run(settings: Settings) -> dict:
 
         with reported(ValueError):
             model, vocab, history, self_critical = train_decoder(
-                captions, images, features, settings.train, log_epoch, log_self_critical)
+                training_rows(captions, settings.feedback.train_repeats), images, features, settings.train,
+                log_epoch, log_self_critical)
         per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
         summary = {"best_epoch": int(per_member["epoch"].iloc[0]),  # member 0's
                    "best_dev_loss": float(per_member["val_loss"].mean()), "epochs_run": len(history),

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pipeline.app.hot_swap import ChampionHolder
 from pipeline.app.routes import create_app
-from tests.helpers import PROJECT, chromium, free_port, tiny_params, wait_for_http
+from tests.helpers import PROJECT, chromium, drop_files, free_port, tiny_params, wait_for_http
 
 NAME = "flickr8k-captioner"
 
@@ -143,15 +143,7 @@ def test_the_page_in_a_browser(store, tmp_path):
             expect(page.locator("#model")).to_contain_text("version 1", timeout=60_000)
 
             def drop(files: dict[str, tuple[bytes, str]]) -> None:
-                """A real drop event carrying File objects, as a user's drag from the desktop."""
-                payload = {n: (list(data), mime) for n, (data, mime) in files.items()}
-                page.evaluate("""(files) => {
-                    const dt = new DataTransfer();
-                    for (const [name, [bytes, mime]] of Object.entries(files))
-                        dt.items.add(new File([new Uint8Array(bytes)], name, {type: mime}));
-                    const zone = document.getElementById('drop');
-                    zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-                }""", payload)
+                drop_files(page, files)
 
             drop({"shapes-1.jpg": (images["shapes-1.jpg"], "image/jpeg")})
             expect(page.locator(".card .caption")).to_have_count(1, timeout=120_000)
@@ -307,6 +299,176 @@ def test_searching_photos_in_a_browser(store, photo_index):
             page.wait_for_function("() => { const i = document.querySelector('.hit img');"
                                    " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
             browser.close()
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)
+
+
+@pytest.fixture
+def feedback_api(store):
+    """The app with feedback on: a SQLite feedback store beside the copy's mlflow.db, traces in
+    the copy's MLflow store."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.app.feedback_desk import FeedbackDesk
+    from tests.helpers import tiny_settings
+
+    cfg = tiny_settings().feedback.model_copy(update={"db": str(store / "feedback.db")})
+    desk = FeedbackDesk(cfg, NAME)
+    champion = ChampionHolder(NAME)
+    with TestClient(create_app(champion, poll_seconds=3600, desk=desk)) as client:
+        yield client, desk
+
+
+def caption_one(client, index: int = 0) -> dict:
+    response = client.post("/api/caption", files=[("file", (f"{index}.jpg", photo(index), "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    return response.json()["results"][0]
+
+
+def test_ratings_and_corrections_are_stored_traced_in_mlflow_and_can_be_taken_back(feedback_api):
+    import base64
+
+    client, desk = feedback_api
+    first, second = caption_one(client, 0), caption_one(client, 1)
+    assert len(first["caption_id"]) == 32 and first["caption_id"] != second["caption_id"]
+    right = client.post("/api/feedback", json={"caption_id": first["caption_id"], "rating": "right"},
+                        headers={"X-Submitter": "ana"})
+    assert right.status_code == 201, right.text
+    assert right.json()["rating"] == "right" and right.json()["submitter"] == "ana"
+    fix = client.post("/api/feedback", json={
+        "caption_id": second["caption_id"], "correction": "  a blue   square at the top ", "submitter": "ben",
+        "image": base64.b64encode(photo(1)).decode()})
+    assert fix.status_code == 201, fix.text
+    assert fix.json()["rating"] == "wrong" and fix.json()["correction"] == "a blue square at the top"
+    listed = client.get("/api/feedback").json()
+    assert listed["count"] == 2 and {r["model"] for r in listed["feedback"]} == {f"{NAME}/1"}
+    assert client.get("/api/feedback", params={"since": right.json()["created_at"]}).json()["count"] == 1
+    assert client.get("/api/feedback/summary").json() == {
+        "per_model": {f"{NAME}/1": {"right": 1, "wrong": 1, "corrections": 1}}}
+
+    # MLflow: one trace per request, tagged with the model; the rating and the correction on it
+    desk.drain()
+    traces = mlflow.search_traces(locations=[mlflow.get_experiment_by_name("captioner-serving").experiment_id],
+                                  return_type="list", flush=True)
+    assert len(traces) == 2 and {t.info.tags["model.version"] for t in traces} == {"1"}
+    by_id = {t.info.trace_id: t for t in traces}
+    stored = {r["caption_id"]: r for r in desk.store.rows()}
+    rated = mlflow.get_trace(stored[first["caption_id"]]["trace_id"]).info.assessments
+    assert [(a.name, a.value, a.source.source_type, a.source.source_id) for a in rated] == [
+        ("caption_right", True, "HUMAN", "ana")]
+    corrected = {a.name: a for a in mlflow.get_trace(stored[second["caption_id"]]["trace_id"]).info.assessments}
+    assert corrected["caption_right"].value is False
+    assert corrected["correct_caption"].value == "a blue square at the top"
+    assert set(by_id) == {stored[c]["trace_id"] for c in stored}
+    tags = MlflowClient().get_model_version(NAME, "1").tags
+    assert (tags["feedback.right"], tags["feedback.wrong"], tags["feedback.corrections"]) == ("1", "1", "1")
+
+    # only who sent it takes it back; then it is out of every export
+    fix_id = fix.json()["id"]
+    assert client.delete(f"/api/feedback/{fix_id}", headers={"X-Submitter": "ana"}).status_code == 403
+    assert client.delete(f"/api/feedback/{fix_id}", params={"submitter": "ben"}).status_code == 200
+    assert client.delete(f"/api/feedback/{fix_id}", params={"submitter": "ben"}).status_code == 404
+    assert desk.store.corrections() == [] and client.get("/api/feedback").json()["count"] == 1
+
+
+def test_bad_feedback_is_refused_with_the_reason_and_nothing_stored_is_lost(feedback_api):
+    import base64
+
+    client, desk = feedback_api
+    result = caption_one(client, 2)
+    image = base64.b64encode(photo(2)).decode()
+
+    def send(**body):
+        return client.post("/api/feedback", json={"caption_id": result["caption_id"], **body})
+
+    kept = send(correction="a green circle in the middle", image=image)
+    assert kept.status_code == 201
+    refused = {
+        "empty": (send(correction="   ", image=image), 422, "empty"),
+        "long": (send(correction="word " * 60, image=image), 422, "at most 200"),
+        "html": (send(correction="<script>alert(1)</script> a dog", image=image), 422, "HTML"),
+        "entity": (send(correction="a cat &amp; a dog", image=image), 422, "HTML"),
+        "control": (send(correction="a cat\x07 on a mat", image=image), 422, "control"),
+        "rating": (send(rating="maybe"), 422, "right, wrong"),
+        "nothing": (send(), 422, "say something"),
+        "contradiction": (send(rating="right", correction="a dog", image=image), 422, "says right"),
+        "no photo": (send(correction="a dog"), 422, "needs the photo"),
+        "other photo": (send(correction="a dog", image=base64.b64encode(photo(3)).decode()), 422,
+                        "not the photo"),
+        "not base64": (send(correction="a dog", image="%%%"), 422, "not base64"),
+        "oversized": (send(correction="a dog", image="A" * 300_000), 413, "200000 bytes"),
+        "unknown id": (client.post("/api/feedback", json={"caption_id": "f" * 32, "rating": "right"}), 404,
+                       "no caption was served"),
+    }
+    for name, (response, status, words) in refused.items():
+        assert response.status_code == status, (name, response.text)
+        assert words in str(response.json()["detail"]), (name, response.text)
+    huge = client.post("/api/feedback", content=b"{" + b" " * 400_000 + b"}",
+                       headers={"content-type": "application/json"})
+    assert huge.status_code == 413  # refused before it is parsed
+
+    # a flood: the address gets feedback.max_per_minute requests a minute, then 429s
+    codes = [send(rating="wrong").status_code for _ in range(1000)]
+    assert set(codes) == {201, 429}
+    assert codes.index(429) == codes.count(201) and codes[-1] == 429
+    response = send(rating="right")
+    assert response.status_code == 429 and "feedback.max_per_minute" in response.json()["detail"]
+    assert response.headers["retry-after"] == "60"
+
+    rows = desk.store.rows()
+    assert sum(1 for r in rows if r["correction"]) == 1  # the one accepted correction, intact
+    assert rows[0]["correction"] == "a green circle in the middle"
+    assert len(rows) == 1 + codes.count(201)
+    assert caption_one(client, 4)["caption"] and client.get("/healthz").status_code == 200
+
+
+def test_correcting_a_caption_in_a_browser(store, tmp_path):
+    """Say a caption is right, correct another in the card's box, take one back: the rows the
+    database holds are what the person did."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline.feedback.store import FeedbackStore
+    from tests.helpers import write_params
+
+    write_params(store)  # the app reads feedback.* from it: feedback.db beside mlflow.db
+    browser_path = chromium()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
+    env.pop("CAPTIONER_FEEDBACK_DB", None)
+    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
+                            "--poll-seconds", "60"], cwd=store, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", app, 480, "captioner app")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 820})
+            page.goto(url)
+            page.locator("#picker").set_input_files([
+                {"name": f"shapes-{i}.jpg", "mimeType": "image/jpeg", "buffer": photo(i)} for i in (0, 1)])
+            expect(page.locator(".card .caption")).to_have_count(2, timeout=120_000)
+            page.locator("#submitter").fill("ana")
+            cards = page.locator(".card")
+            # the newest card is first; the photos were sent together, in order
+            right_card, wrong_card = cards.nth(0), cards.nth(1)
+            right_card.locator(".rate-right").click()
+            expect(right_card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
+            wrong_card.locator(".rate-wrong").click()
+            box = wrong_card.locator("input.correction")
+            expect(box).to_be_focused()
+            box.fill("a blue square near the top of a white picture")
+            wrong_card.locator("button[type=submit]").click()
+            expect(wrong_card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
+            page.screenshot(path=str(tmp_path / "correction.png"))
+            right_card.locator(".take-back").click()
+            expect(right_card.locator(".status")).to_contain_text("taken back", timeout=60_000)
+            browser.close()
+        rows = FeedbackStore(store / "feedback.db").rows()
+        assert [(r["rating"], r["correction"], r["submitter"]) for r in rows] == [
+            ("wrong", "a blue square near the top of a white picture", "ana")]
+        assert FeedbackStore(store / "feedback.db").image(rows[0]["image_sha256"]) in (photo(0), photo(1))
     finally:
         os.killpg(app.pid, signal.SIGTERM)
         app.wait(timeout=60)

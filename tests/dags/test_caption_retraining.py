@@ -44,7 +44,8 @@ def test_each_feature_shard_is_a_task(tmp_path):
     assert result["import_errors"] == {}
     tasks = result["tasks"]
     assert [t for t in tasks if t.startswith("features-")] == ["features-0", "features-1", "features-2"]
-    assert set(tasks["merge_features"]) == {"validate", "features-0", "features-1", "features-2"}
+    assert set(tasks["merge_features"]) == {"validate", "features-0", "features-1", "features-2", "feedback",
+                                            "feedback_features"}
     assert all(tasks[f"features-{i}"] == ["backbone", "download", "validate"] for i in range(3))
 
 
@@ -57,12 +58,15 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
     result = run_airflow(project, tmp_path / "airflow", "--parse-only")
     assert result["import_errors"] == {}
     assert result["dags"] == ["caption_retraining"]
-    assert list(result["tasks"]) == ["download", "validate", "backbone", "features-0", "merge_features",
-                                     "train", "evaluate", "register"]
+    assert list(result["tasks"]) == ["download", "validate", "backbone", "features-0", "feedback",
+                                     "feedback_features", "merge_features", "train", "evaluate", "register"]
     dag_edges = {(up, down) for down, ups in result["tasks"].items() for up in ups}
     assert dag_edges == {(task_id(u), task_id(d)) for u, d in dvc_graph_edges(project)}
     assert dag_edges == {(task_id(u), task_id(d)) for d, ups in stage_graph(project).items() for u in ups}
-    assert result["max_active_runs"] == 1 and result["schedule"] == "@weekly"
+    assert result["max_active_runs"] == 1
+    # weekly, and whenever the app posts the feedback asset's event (enough new corrections)
+    assert result["schedule_assets"] == ["captioner://feedback/flickr8k-captioner"]
+    assert "0 0 * * 0" in result["timetable"]
     assert result["outlets"]["register"] == ["mlflow://models/flickr8k-captioner"]
 
 

@@ -1,7 +1,8 @@
 """The team stack for real: `python -m pipeline.ops.launchers team` with two Celery workers, each
-in its own clone of the project, on the local Postgres (a fresh database per run) and Redis (a
+in its own clone of the project, on the local Postgres (fresh databases per run) and Redis (a
 free db number), an MLflow server with a Postgres store, a folder as the shared DVC remote.
-The DAG is triggered through Airflow's REST API, as a user would."""
+The DAG is triggered through Airflow's REST API, as a user would, and by the feedback asset the
+caption app posts when people corrected enough captions in a browser."""
 
 from __future__ import annotations
 
@@ -23,19 +24,29 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.captioning.metrics import nltk_bleu
+from pipeline.data.caption_text import clean_caption
 from tests.helpers import (
     POSTGRES,
+    PROJECT,
+    chromium,
+    drop_files,
     free_port,
     git_project,
     jpeg_bytes,
     require_services,
     run_features,
+    synthetic_photos,
     tiny_settings,
 )
 
 DAG = "caption_retraining"
 MODEL = "flickr8k-captioner"
-OVERRIDES = {"data.synthetic.n_images": 40, "features.shards": [0, 1], "train.epochs": 2}
+# enough epochs for the corrections to be learnt; CIDEr (per image) rather than corpus BLEU-4 for
+# the paired decision on a handful of held-out photos; the app asks for a run at the 12th correction
+CORRECTIONS = 12
+OVERRIDES = {"data.synthetic.n_images": 120, "features.shards": [0, 1], "train.epochs": 20, "train.units": 64,
+             "train.learning_rate": 0.003, "register.metric": "beam_cider", "feedback.min_new": CORRECTIONS}
 # consecutive pinned stages alternate between the workers; train, evaluate and register use the
 # default queue, which both consume, so a task of a dead worker is retried on the other
 PINS = {"download": "worker1", "validate": "worker2", "backbone": "worker1", "features@0": "worker1",
@@ -78,6 +89,9 @@ class Api:
                                          data=None if body is None else json.dumps(body).encode())
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read() or b"null")
+
+    def runs(self) -> list[dict]:
+        return self.call("GET", f"/api/v2/dags/{DAG}/dagRuns?limit=100")["dag_runs"]
 
     def trigger(self, conf: dict | None = None) -> str:
         run = self.call("POST", f"/api/v2/dags/{DAG}/dagRuns",
@@ -179,6 +193,78 @@ def _outs(lock: dict, stage: str) -> dict[str, str]:
     return {o["path"]: o["md5"] for o in lock[stage].get("outs", [])}
 
 
+def start_app(team: dict, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """`captioner app` on the team's MLflow server and feedback database, allowed to ask the
+    team's Airflow for retraining runs."""
+    port = free_port()
+    env = {**team["env"], "MLFLOW_TRACKING_URI": team["mlflow"], "CAPTIONER_AIRFLOW_URL": team["airflow"],
+           "CAPTIONER_AIRFLOW_USER": "admin", "CAPTIONER_AIRFLOW_PASSWORD": team["password"],
+           "PYTHONPATH": str(PROJECT)}
+    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--poll-seconds", "2"],
+                           cwd=team["project"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=open(tmp_path / "app.log", "wb"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 480
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5):
+                return app, url
+        except OSError:
+            assert app.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the app did not start within 480 s"
+            time.sleep(1)
+
+
+def correct_in_browser(url: str, photos: list[tuple[bytes, str]], tmp_path: Path) -> list[str]:
+    """Drop the photos on the page, then, card by card, say the caption is wrong and type the
+    right one; returns the captions the app showed (one per photo, in order)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    files = {f"photo-{i:02d}.jpg": data for i, (data, _) in enumerate(photos)}
+    corrections = {f"photo-{i:02d}.jpg": text for i, (_, text) in enumerate(photos)}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+        drop_files(page, {name: (data, "image/jpeg") for name, data in files.items()})
+        expect(page.locator(".card .caption")).to_have_count(len(files), timeout=300_000)
+        shown = {}
+        for i in range(len(files)):
+            card = page.locator(".card").nth(i)
+            name = card.locator(".meta").inner_text().split(":")[0]
+            shown[name] = card.locator(".caption").inner_text()
+            card.locator(".rate-wrong").click()
+            card.locator("input.correction").fill(corrections[name])
+            card.locator("button[type=submit]").click()
+            expect(card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "corrections.png"))
+        browser.close()
+    return [shown[name] for name in files]
+
+
+def wait_for_version(url: str, version: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/api/model", timeout=30) as response:
+            if json.loads(response.read())["version"] == version:
+                return True
+        time.sleep(1)
+    return False
+
+
+def caption_via_api(url: str, photos: list[tuple[bytes, str]]) -> list[str]:
+    """The served champion's captions of the photos (POST /api/caption, multipart)."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p{i}.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n" for i, (data, _) in enumerate(photos))
+    body += f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "/api/caption", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return [r["caption"] for r in json.loads(response.read())["results"]]
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     require_services()
@@ -186,16 +272,17 @@ def team(tmp_path_factory):
     project = git_project(root / "project", **OVERRIDES)
     home = root / "home"
     tag = uuid.uuid4().hex[:10]
-    databases = [f"captioner_test_{tag}_airflow", f"captioner_test_{tag}_mlflow"]
+    databases = [f"captioner_test_{tag}_airflow", f"captioner_test_{tag}_mlflow", f"captioner_test_{tag}_feedback"]
     redis_db = _free_redis_db()
     airflow_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "CAPTIONER_AIRFLOW_DB": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{databases[0]}",
            "CAPTIONER_MLFLOW_DB": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{databases[1]}",
+           "CAPTIONER_FEEDBACK_DB": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{databases[2]}",
            "CAPTIONER_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
            "CAPTIONER_TASK_QUEUES": ",".join(f"{s}={q}" for s, q in PINS.items()),
-           "CAPTIONER_SCHEDULE": "",  # triggered runs only
+           "CAPTIONER_SCHEDULE": "",  # no cron: triggered runs and the feedback asset
            "CAPTIONER_RETRY_DELAY_S": "2",
            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5"}
@@ -214,8 +301,9 @@ def team(tmp_path_factory):
                 assert err.code == 404 and time.monotonic() < deadline, err
                 time.sleep(2)
         api.call("PATCH", f"/api/v2/dags/{DAG}", {"is_paused": False})
-        yield {"api": api, "launcher": launcher, "home": home, "project": project,
-               "mlflow": f"http://127.0.0.1:{mlflow_port}"}
+        yield {"api": api, "launcher": launcher, "home": home, "project": project, "env": env,
+               "mlflow": f"http://127.0.0.1:{mlflow_port}", "airflow": f"http://127.0.0.1:{airflow_port}",
+               "password": password}
         launcher.proc.send_signal(signal.SIGINT)
         launcher.proc.wait(timeout=600)
         launcher.reader.join(timeout=30)
@@ -238,7 +326,7 @@ def team(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 6 minutes on a quiet 2-core machine
+@pytest.mark.timeout(3600)  # about 8 minutes on a quiet 2-core machine
 def test_team_run_shares_outputs_across_workers_skips_when_unchanged_and_survives_a_dead_worker(
         team, tmp_path, monkeypatch):
     api, home = team["api"], team["home"]
@@ -302,32 +390,60 @@ def test_team_run_shares_outputs_across_workers_skips_when_unchanged_and_survive
     assert api.wait_for_run(second, 1200) == "success", api.tasks(second)
     timings["unchanged run s"] = round(time.monotonic() - started)
     again = {task: api.xcom(second, task) for task in api.tasks(second)}
-    assert [t for t, x in again.items() if x["ran"]] == []
+    # the feedback stage exports every run (the database is outside DVC): the same bytes, nothing after it
+    assert [t for t, x in again.items() if x["ran"]] == ["feedback"]
     assert again["register"]["lock"] == lock
 
-    # 3. retrain (forced), and the worker running train dies: train is retried on the other
-    started = time.monotonic()
-    third = api.trigger({"force": ["train"]})
-    deadline = time.monotonic() + 900
-    while not (pid := _process_running("pipeline.stages.train", set(worker_of))):
-        assert time.monotonic() < deadline and api.run_state(third) in ("queued", "running"), api.tasks(third)
-        time.sleep(0.2)
-    import psutil
+    # 3. people correct captions in the app in a browser; at the last correction the app posts the
+    # feedback asset's event and the DAG runs on it; the worker running train dies (train is
+    # retried on the other); the new champion is swapped into the app, and writes captions closer
+    # to the corrections
+    app, url = start_app(team, tmp_path)
+    photos = synthetic_photos(CORRECTIONS, seed=11)
+    known_runs = {r["dag_run_id"] for r in api.runs()}
+    try:
+        before = correct_in_browser(url, photos, tmp_path)
+        started = time.monotonic()
+        deadline = time.monotonic() + 300
+        while not (new := [r for r in api.runs() if r["dag_run_id"] not in known_runs]):
+            assert time.monotonic() < deadline, "no DAG run on the feedback asset within 300 s"
+            time.sleep(1)
+        third = new[0]["dag_run_id"]
+        assert new[0]["run_type"] == "asset_triggered", new[0]
+        deadline = time.monotonic() + 900
+        while not (pid := _process_running("pipeline.stages.train", set(worker_of))):
+            assert time.monotonic() < deadline and api.run_state(third) in ("queued", "running"), api.tasks(third)
+            time.sleep(0.2)
+        import psutil
 
-    folder = str(Path(psutil.Process(pid).cwd()).resolve())
-    victim = worker_of[folder]
-    _kill_tree(team["launcher"].worker_pid(victim))
-    assert api.wait_for_run(third, 1200) == "success", api.tasks(third)
-    timings["run with a killed worker s"] = round(time.monotonic() - started)
+        folder = str(Path(psutil.Process(pid).cwd()).resolve())
+        victim = worker_of[folder]
+        _kill_tree(team["launcher"].worker_pid(victim))
+        assert api.wait_for_run(third, 1200) == "success", api.tasks(third)
+        timings["corrections to a new champion s"] = round(time.monotonic() - started)
+        registered = api.xcom(third, "register")
+        exported = api.xcom(third, "feedback")
+        assert exported["ran"] and api.xcom(third, "feedback_features")["ran"]
+        assert wait_for_version(url, "2", 120), "the app did not swap in the new champion"
+        after = caption_via_api(url, photos)
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)
+    references = [[clean_caption(text).split()] for _, text in photos]
+    bleu = [nltk_bleu(references, [clean_caption(c).split() for c in captions])["bleu4"] for captions in (before, after)]
+    print(f"BLEU-4 of the corrected photos' captions against the corrections: v1 {bleu[0]:.3f} -> v2 {bleu[1]:.3f}",
+          flush=True)
+    assert bleu[1] > bleu[0]
     print("team timings", timings, "tasks per worker",
           {w: list(ran_on.values()).count(w) for w in ("worker1", "worker2")}, flush=True)
     train = api.tasks(third)["train"]
     assert train["try_number"] >= 2
     retried = api.xcom(third, "train")
     assert retried["ran"] and worker_of[retried["project"]] != victim
-    final = api.xcom(third, "register")["lock"]
+    final = registered["lock"]
     assert _outs(final, "train") != _outs(lock, "train")  # a new model
-    for stage in ("validate", "merge_features"):
+    assert _outs(final, "feedback") != _outs(lock, "feedback")  # trained on the corrections dvc.lock pins
+    for stage in ("validate", "features@0", "features@1"):  # the dataset's features were not recomputed
         assert _outs(final, stage) == _outs(lock, stage)
     for dep in final["evaluate"]["deps"]:
         if dep["path"] in _outs(final, "train"):

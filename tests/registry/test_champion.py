@@ -65,3 +65,53 @@ def test_a_code_change_in_the_work_tree_does_not_change_the_champions_captions(r
     # what loading the champion in that process does: the changed code runs for it
     in_process = caption_from(changed, root, images, "in-process")
     assert not any(word in c.split() for c in in_process["captions"])
+
+
+def scores_of(sets: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """evaluate's per-image scores where, per image set, the candidate writes the reference on
+    ``(wins, losses)`` images and a wrong sentence on the others, the champion the other way
+    round; the remaining 6 images both get right."""
+    import itertools
+
+    from pipeline.captioning.comparison import per_image_scores
+
+    sentences = [f"a {c} {s} at the {p}" for c, s, p in itertools.product(
+        ("red", "blue", "green", "yellow"), ("circle", "square", "triangle"), ("top", "left", "bottom"))]
+    wrong = "two dogs run through deep snow together"
+    frames = []
+    for image_set, (wins, losses) in sets.items():
+        n = wins + losses + 6
+        right = sentences[:n]
+        refs = [[r.split()] for r in right]
+        candidate = right[:wins] + [wrong] * losses + right[wins + losses:]
+        champion = [wrong] * wins + right[wins:]
+        for model, captions in (("candidate", candidate), ("champion", champion)):
+            stats = per_image_scores(refs, [c.split() for c in captions])
+            frames.append(stats.assign(image=[f"{image_set}{i}.jpg" for i in range(n)], model=model,
+                                       mode="beam", set=image_set))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_promotion_needs_one_set_better_and_the_other_not_worse():
+    from pipeline.registry.champion import judge
+
+    champion = {"version": "4", "status": "scored"}
+
+    def decide(sets):
+        return judge(scores_of(sets), champion, "4", "beam_cider", "beam", "cider", 0.0)
+
+    decision, why, comparison = decide({"test": (8, 0)})  # no corrections held out
+    assert decision == "promoted" and "feedback" not in comparison
+    decision, why, comparison = decide({"test": (8, 0), "feedback": (0, 0)})
+    assert decision == "promoted" and comparison["feedback"]["difference"] == 0
+    assert "held-out corrected photos" in why
+    # better on what people corrected, the test images unchanged: promoted
+    assert decide({"test": (0, 0), "feedback": (8, 0)})[0] == "promoted"
+    # better on the corrections but clearly worse on the test images: kept
+    decision, why, _ = decide({"test": (0, 12), "feedback": (8, 0)})
+    assert decision == "kept_champion" and "without getting worse on the other" in why
+    # better on the test images, clearly worse on the corrections: kept
+    assert decide({"test": (8, 0), "feedback": (0, 12)})[0] == "kept_champion"
+    # no difference anywhere: kept
+    assert decide({"test": (0, 0), "feedback": (0, 0)})[0] == "kept_champion"
+    assert judge(scores_of({"test": (0, 0)}), champion, None, "beam_cider", "beam", "cider", 0.0)[0] == "promoted"

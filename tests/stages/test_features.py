@@ -12,7 +12,7 @@ import pytest
 from pipeline import paths
 from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec, build
 from pipeline.data.features_file import read_features
-from pipeline.stages import backbone, download, features, merge_features, validate
+from pipeline.stages import backbone, download, features, feedback, merge_features, validate
 from pipeline.stages._cli import StageError
 from tests.helpers import PROJECT, run_features, tiny_settings, write_params
 
@@ -32,6 +32,8 @@ def prepared_once(tmp_path_factory):
         download.run(settings)
         validate.run(settings)
         backbone.run(settings)
+        feedback.run(settings)  # no corrections yet: an empty export
+        features.run(settings, paths.FEEDBACK_SHARD)
     finally:
         os.chdir(old)
     return root, settings
@@ -118,8 +120,30 @@ def test_merge_refuses_shards_of_another_layout(prepared):
 
 
 def test_a_shard_outside_features_shards_is_an_error(prepared):
-    with pytest.raises(StageError, match=r"--shard 3 is not one of features.shards \[0\]"):
+    with pytest.raises(StageError, match=r"--shard 3 is not one of features.shards \[0\] or feedback"):
         features.run(prepared, 3)
+
+
+def test_a_corrected_photo_is_embedded_as_the_same_photo_in_the_dataset(prepared):
+    """The corrections' shard: only the corrected photos, each vector bit-identical to the one
+    the dataset's shard has for the same image, merged beside the dataset's."""
+    from pipeline.feedback.store import FeedbackStore, sha256_of
+
+    run_features(prepared)
+    names, vectors, _ = read_features(paths.features_file("xception"))
+    image = sorted((paths.dataset_dir("synthetic") / "Images").iterdir())[3]
+    data = image.read_bytes()
+    store = FeedbackStore("feedback.db")
+    store.served([{"id": "c1", "model": "m/1", "caption": "x", "image_sha256": sha256_of(data), "trace_id": None}])
+    store.add("c1", "wrong", "a green circle in the middle", None, data)
+    feedback.run(prepared)
+    stats = features.run(prepared, paths.FEEDBACK_SHARD)
+    assert stats["images"] == 1
+    merge_features.run(prepared)
+    merged, merged_vectors, _ = read_features(paths.features_file("xception"))
+    assert len(merged) == len(names) + 1 and f"{sha256_of(data)}.jpg" in merged
+    same = merged_vectors[merged.index(f"{sha256_of(data)}.jpg")]
+    assert np.array_equal(same, vectors[names.index(image.name)])
 
 
 def spec(**fields) -> BackboneSpec:
