@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_report  # noqa: E402
-from tests.helpers import free_port, git_project, missing_services  # noqa: E402
-from tests.ops.test_team import Api, Launcher, _free_redis_db, _postgres  # noqa: E402
+from tests.helpers import free_port, git_project, missing_services, postgres_admin  # noqa: E402
+from tests.ops.test_team import Api, Launcher, _free_redis_db  # noqa: E402
 
 DAG = "caption_retraining"
 
@@ -67,7 +67,7 @@ def one_run(workers: int, images: int, root: Path) -> dict:
         launcher.proc.send_signal(signal.SIGINT)
         launcher.proc.wait(timeout=600)
         for name in dbs:
-            _postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         import redis
 
         redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()

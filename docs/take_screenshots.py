@@ -73,7 +73,11 @@ def main() -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     captions = pd.read_parquet(paths.CAPTIONS)
     images_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
-    photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())[:3]
+    # the test photo the model captions worst (beam CIDEr in evaluate's per-image scores) first: the
+    # one a person would correct; then two others
+    scores = pd.read_parquet(paths.TEST_SCORES).query("model == 'candidate' and mode == 'beam' and set == 'test'")
+    worst = scores.sort_values(["cider", "image"])["image"].iloc[0]
+    photos = [worst, *[p for p in sorted(scores["image"]) if p != worst][:2]]
     app_port, ui_port = free_port(), free_port()
     index_dir = Path(tempfile.mkdtemp(prefix="captioner-screenshots-"))
     db = index_dir / "photos.db"
@@ -104,9 +108,11 @@ def main() -> None:
             page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
             expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
             page.screenshot(path=str(DOCS / "app.png"))
-            card = page.locator(".card").first
+            card = page.locator(".card").filter(has_text=photos[0])
             card.locator(".rate-wrong").click()
-            card.locator("input.correction").fill("A yellow square on the right of a blue picture .")
+            # what a person who sees the photo would write: here, its first reference caption
+            truth = captions.loc[captions["image"] == photos[0]].sort_values("caption_idx")["caption_raw"].iloc[0]
+            card.locator("input.correction").fill(truth)
             card.locator("button[type=submit]").click()
             expect(card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
             card.screenshot(path=str(DOCS / "correction.png"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import uuid
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -203,6 +205,31 @@ def missing_services() -> list[str]:
     except OSError as err:
         missing.append(f"Redis at {REDIS[0]}:{REDIS[1]} ({err})")
     return missing
+
+
+def postgres_admin(sql: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the local PostgreSQL, outside a transaction."""
+    import psycopg2
+
+    conn = psycopg2.connect(dbname="postgres", connect_timeout=10, **POSTGRES)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(purpose: str):
+    """A new, empty database on the local PostgreSQL for one test (its SQLAlchemy URL), dropped after."""
+    require_services()
+    name = f"captioner_test_{uuid.uuid4().hex[:10]}_{purpose}"
+    postgres_admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def require_services() -> None:

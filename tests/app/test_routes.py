@@ -2,6 +2,7 @@
 MLflow registry), the hot swap when the alias moves, and the page in a real browser (Debian
 chromium via Playwright)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -53,6 +54,25 @@ def api(store):
     with TestClient(create_app(champion, poll_seconds=3600)) as client:
         yield client, champion
 
+
+
+@contextlib.contextmanager
+def running_app(store: Path, *options: str, drop_env: tuple[str, ...] = ()):
+    """`captioner app` in its own process over the test store; yields it and its URL once healthy."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
+    for name in drop_env:
+        env.pop(name, None)
+    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
+                            *options], cwd=store, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", app, 480, "captioner app")  # ~15 s on a quiet machine
+        yield app, url
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=60)
 
 def test_a_jpeg_gets_a_caption_and_the_other_candidates(api):
     client, _ = api
@@ -126,16 +146,8 @@ def test_the_page_in_a_browser(store, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     browser_path = chromium()
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
-    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
-                            "--poll-seconds", "1"], cwd=store, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
     images = {name: photo(i) for i, name in enumerate(["shapes-1.jpg", "shapes-2.jpg", "shapes-3.jpg"])}
-    try:
-        wait_for_http(f"{url}/healthz", app, 480, "captioner app")  # ~15 s on a quiet machine
+    with running_app(store, "--poll-seconds", "1") as (app, url):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 820})
@@ -168,9 +180,6 @@ def test_the_page_in_a_browser(store, tmp_path):
             browser.close()
         assert app.poll() is None  # no restart
         print(f"new champion shown {swap_s:.1f} s after promotion")
-    finally:
-        os.killpg(app.pid, signal.SIGTERM)
-        app.wait(timeout=60)
 
 
 def test_an_oversized_upload_is_refused_before_it_is_parsed(api):
@@ -280,14 +289,7 @@ def test_searching_photos_in_a_browser(store, photo_index):
     # a photo the model's own caption finds first: that caption is the query, that photo the answer
     target = next(p for p in index.all(False) if searcher.search(p.caption, 1).hits[0].photo.path == p.path)
     browser_path = chromium()
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
-    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
-                            "--index", str(db), "--poll-seconds", "60"], cwd=store, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/healthz", app, 480, "captioner app")
+    with running_app(store, "--index", str(db), "--poll-seconds", "60") as (_, url):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -299,9 +301,6 @@ def test_searching_photos_in_a_browser(store, photo_index):
             page.wait_for_function("() => { const i = document.querySelector('.hit img');"
                                    " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
             browser.close()
-    finally:
-        os.killpg(app.pid, signal.SIGTERM)
-        app.wait(timeout=60)
 
 
 @pytest.fixture
@@ -433,15 +432,7 @@ def test_correcting_a_caption_in_a_browser(store, tmp_path):
 
     write_params(store)  # the app reads feedback.* from it: feedback.db beside mlflow.db
     browser_path = chromium()
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
-    env.pop("CAPTIONER_FEEDBACK_DB", None)
-    app = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--port", str(port), "--model-name", NAME,
-                            "--poll-seconds", "60"], cwd=store, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/healthz", app, 480, "captioner app")
+    with running_app(store, "--poll-seconds", "60", drop_env=("CAPTIONER_FEEDBACK_DB",)) as (_, url):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 820})
@@ -453,6 +444,7 @@ def test_correcting_a_caption_in_a_browser(store, tmp_path):
             cards = page.locator(".card")
             # the newest card is first; the photos were sent together, in order
             right_card, wrong_card = cards.nth(0), cards.nth(1)
+            expect(wrong_card.locator("input.correction")).to_be_hidden()  # until "This is wrong"
             right_card.locator(".rate-right").click()
             expect(right_card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
             wrong_card.locator(".rate-wrong").click()
@@ -469,6 +461,3 @@ def test_correcting_a_caption_in_a_browser(store, tmp_path):
         assert [(r["rating"], r["correction"], r["submitter"]) for r in rows] == [
             ("wrong", "a blue square near the top of a white picture", "ana")]
         assert FeedbackStore(store / "feedback.db").image(rows[0]["image_sha256"]) in (photo(0), photo(1))
-    finally:
-        os.killpg(app.pid, signal.SIGTERM)
-        app.wait(timeout=60)

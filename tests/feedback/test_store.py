@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from pipeline.feedback.store import FeedbackError, FeedbackStore, sha256_of
-from tests.helpers import POSTGRES, PROJECT, jpeg_bytes, require_services
+from tests.helpers import PROJECT, fresh_postgres_database, jpeg_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -18,25 +17,8 @@ def location(request, tmp_path):
     if request.param == "sqlite":
         yield str(tmp_path / "feedback.db")
         return
-    require_services()
-    import psycopg2
-
-    name = f"captioner_test_{uuid.uuid4().hex[:10]}_feedback"
-
-    def admin(sql: str) -> None:
-        conn = psycopg2.connect(dbname="postgres", connect_timeout=10, **POSTGRES)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
-    admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("feedback") as url:
+        yield url
 
 
 def serve(store: FeedbackStore, caption_id: str, photo: bytes, caption: str = "a red circle") -> None:

@@ -27,13 +27,13 @@ import pytest
 from pipeline.captioning.metrics import nltk_bleu
 from pipeline.data.caption_text import clean_caption
 from tests.helpers import (
-    POSTGRES,
     PROJECT,
     chromium,
     drop_files,
     free_port,
     git_project,
     jpeg_bytes,
+    postgres_admin,
     require_services,
     run_features,
     synthetic_photos,
@@ -51,18 +51,6 @@ OVERRIDES = {"data.synthetic.n_images": 120, "features.shards": [0, 1], "train.e
 # default queue, which both consume, so a task of a dead worker is retried on the other
 PINS = {"download": "worker1", "validate": "worker2", "backbone": "worker1", "features@0": "worker1",
         "features@1": "worker2", "merge_features": "worker1"}
-
-
-def _postgres(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(dbname="postgres", connect_timeout=10, **POSTGRES)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def _free_redis_db() -> int:
@@ -319,7 +307,7 @@ def team(tmp_path_factory):
         for pid_line in _left_over(home):
             os.kill(int(pid_line.split(":")[0]), signal.SIGKILL)
         for name in databases:
-            _postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         import redis
 
         redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()

@@ -1,13 +1,12 @@
 """The photo index store on SQLite (FTS5) and on the team's PostgreSQL (a fresh database per run):
 rows round-trip, full-text search ranks by the captions, and query syntax is only ever text."""
 
-import uuid
 
 import numpy as np
 import pytest
 
 from pipeline.search.photo_index import Photo, PhotoIndex, PhotoIndexError
-from tests.helpers import POSTGRES, require_services
+from tests.helpers import fresh_postgres_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -15,22 +14,12 @@ def index(request, tmp_path):
     if request.param == "sqlite":
         yield PhotoIndex(tmp_path / "photos.db")
         return
-    require_services()
-    import psycopg2
-
-    name = f"captioner_test_{uuid.uuid4().hex[:10]}_photos"
-    admin = psycopg2.connect(dbname="postgres", connect_timeout=10, **POSTGRES)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    store = PhotoIndex(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
-    try:
-        yield store
-    finally:
-        store.engine.dispose()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_postgres_database("photos") as url:
+        store = PhotoIndex(url)
+        try:
+            yield store
+        finally:
+            store.engine.dispose()
 
 
 def photo(path: str, caption: str, others: tuple[str, ...] = (), seed: int = 0) -> Photo:
