@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 import time
+import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,7 +36,9 @@ from pipeline.feedback.store import RATINGS, FeedbackStore, sha256_of
 log = logging.getLogger("pipeline.app")
 # a correction is a sentence: tags, entities and control characters are not (one rule, here)
 _MARKUP = re.compile(r"<\s*[a-zA-Z!/?]|&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+# control and format characters (Cc, Cf: bidi overrides, zero-width marks) and line separators:
+# invisible in the app, they would reach the training captions as they are
+_HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
 
 class Refused(Exception):
@@ -67,8 +70,9 @@ def check_correction(text: str, max_chars: int) -> str:
                            "(feedback.max_correction_chars): one sentence about the photo")
     if _MARKUP.search(text):
         raise Refused(422, "the correction contains HTML (a tag or an entity): write plain text")
-    if _CONTROL.search(text):
-        raise Refused(422, "the correction contains control characters: write plain text")
+    if any(unicodedata.category(ch) in _HIDDEN for ch in text):
+        raise Refused(422, "the correction contains control or invisible formatting characters "
+                           "(such as a bidi override or a zero-width mark): write plain text")
     return text
 
 

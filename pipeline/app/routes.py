@@ -263,7 +263,10 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
     @app.get(FEEDBACK_PATH)
     def list_feedback(since: str | None = Query(None, max_length=64, description="ISO time: only later rows"),
                       limit: int = Query(1000, ge=1, le=10_000)):
-        rows = feedback_desk().store.rows(since, limit)
+        try:
+            rows = feedback_desk().store.rows(since, limit)
+        except ValueError as err:  # a since that is not a time
+            raise HTTPException(422, str(err)) from None
         return {"feedback": rows, "count": len(rows)}
 
     @app.get(FEEDBACK_PATH + "/summary")

@@ -58,6 +58,18 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
+def as_timestamp(text: str) -> str:
+    """An ISO date or time (``2026-11-30``, ``2026-11-30T12:00``, with or without a zone; no zone
+    means UTC) in the form :func:`now` stores, so that times compare as text; ValueError otherwise."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"since={text[:64]!r} is not an ISO date or time, e.g. 2026-11-30 or "
+                         "2026-11-30T12:00:00+00:00") from None
+    when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    return when.isoformat(timespec="microseconds")
+
+
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -179,7 +191,7 @@ class FeedbackStore:
                  .join(served_captions, served_captions.c.id == feedback.c.caption_id)
                  .where(feedback.c.deleted_at.is_(None)).order_by(feedback.c.id))
         if since:
-            query = query.where(feedback.c.created_at > since)
+            query = query.where(feedback.c.created_at > as_timestamp(since))
         if limit:
             query = query.limit(limit)
         with self.engine.connect() as conn:
@@ -197,7 +209,7 @@ class FeedbackStore:
         query = sa.select(sa.func.count()).select_from(feedback).where(
             feedback.c.deleted_at.is_(None), feedback.c.correction.is_not(None))
         if since:
-            query = query.where(feedback.c.created_at > since)
+            query = query.where(feedback.c.created_at > as_timestamp(since))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar())
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.feedback.store import FeedbackError, FeedbackStore, sha256_of
+from pipeline.feedback.store import FeedbackError, FeedbackStore, as_timestamp, sha256_of
 from tests.helpers import PROJECT, fresh_postgres_database, jpeg_bytes
 
 
@@ -85,3 +85,19 @@ def test_a_store_that_cannot_be_opened_says_where_and_how_to_point_elsewhere(tmp
     blocked.write_text("not a folder")
     with pytest.raises(FeedbackError, match="cannot open the feedback store"):
         FeedbackStore(blocked / "feedback.db")
+
+
+def test_since_takes_any_iso_time_and_compares_it_as_a_time(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    photo = jpeg_bytes()
+    serve(store, "c1", photo)
+    row = store.add("c1", "right", None, None, None)
+    day = row["created_at"][:10]
+    assert as_timestamp(day) == f"{day}T00:00:00.000000+00:00"
+    assert as_timestamp("2026-11-30T13:00:00+01:00") == "2026-11-30T12:00:00.000000+00:00"
+    assert len(store.rows(since=day)) == 1  # a date: the rows from that day on
+    assert store.rows(since=row["created_at"]) == []
+    assert len(store.rows(since=row["created_at"].replace("+00:00", "-01:00"))) == 0
+    assert len(store.rows(since=row["created_at"].replace("+00:00", "+01:00"))) == 1  # an hour earlier
+    with pytest.raises(ValueError, match="not an ISO date or time"):
+        store.rows(since="yesterday")
