@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, append_report  # noqa: E402
@@ -79,7 +80,12 @@ def app_latency(root: Path, model, one, jpeg: bytes, requests: int) -> tuple[lis
 
     port = free_port()
     bin_dir = Path(sys.executable).parent
-    app = subprocess.Popen([str(bin_dir / "captioner"), "app", "--model-name", NAME, "--port", str(port)],
+    # one client sends every request: the per-address limit (app.max_captions_per_minute) is lifted
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["app"]["max_captions_per_minute"] = 10**9
+    (root / "bench_params.yaml").write_text(yaml.safe_dump(params))
+    app = subprocess.Popen([str(bin_dir / "captioner"), "app", "--model-name", NAME, "--port", str(port),
+                            "--params", str(root / "bench_params.yaml")],
                            env=os.environ.copy(), cwd=root, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_settings
+from pipeline.config import ConfigError, absolute_location, load_settings
 from pipeline.errors import ReportedError
 from pipeline.logs import setup_logging
 from pipeline.registry.champion import ALIAS
@@ -49,6 +49,7 @@ def _use_tracking_uri(uri: str | None) -> None:
     uri = uri or (tracking_uri(settings) if settings else os.environ.get("MLFLOW_TRACKING_URI"))
     if uri is None:
         return
+    uri = absolute_location(uri, Path.cwd())  # the same store for anything this command starts
     try:
         use_store(uri, settings.mlflow if settings else None)
     except ReportedError as err:
@@ -175,7 +176,7 @@ def search(args: argparse.Namespace) -> int:
     from pipeline.search.photo_index import PhotoIndex
     from pipeline.search.ranking import Searcher, SearchResult
 
-    store = PhotoIndex(args.db)
+    store = PhotoIndex(args.db, create=False)
     root = store.root()
     if root is None:
         print(f"captioner: {store.url} holds no index yet: run captioner index DIR first", file=sys.stderr)
@@ -193,11 +194,20 @@ def search(args: argparse.Namespace) -> int:
         return 0
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    for hit in result.hits:
-        print(f"{hit.score:.3f}\t{root / hit.photo.path}\t{hit.photo.caption}")
+    for hit in result.hits:  # one line per photo, whatever its name holds (tabs, line breaks)
+        print(f"{hit.score:.3f}\t{_one_field(str(root / hit.photo.path))}\t{_one_field(hit.photo.caption)}")
     if not result.hits:
         print("no photos found", file=sys.stderr)
     return 0
+
+
+def _one_field(text: str) -> str:
+    """A tab-separated field: tabs, line breaks and backslashes escaped as in Python, so that
+    a file name cannot split a line; bytes that are not UTF-8 as \\xNN."""
+    text = text.replace("\\", "\\\\")
+    if any("\udc80" <= c <= "\udcff" for c in text):  # os.fsdecode's escapes for undecodable bytes
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _like_vector(photo: str, root: Path, store, model):
@@ -249,6 +259,8 @@ def alt_text(args: argparse.Namespace) -> int:
     for found in scan.found:
         if found.state == "skipped":
             print(f"{found.page}:{found.line}\t{found.src[:80]}\tSKIPPED: {found.reason}", file=sys.stderr)
+        elif found.state == "needs-person":
+            print(f"{found.page}:{found.line}\t{found.src}\tNEEDS A PERSON: {found.reason}", file=sys.stderr)
     if args.review:
         _review(proposals, review, cfg)
     elif args.apply:  # --yes: every proposal that keeps the conventions, no person in between
@@ -281,7 +293,9 @@ def _keep_decisions(proposals, review_path):
         old = earlier.get(p.id)
         if old and old.page_sha256 == p.page_sha256 and old.status in ("accepted", "edited", "rejected"):
             p.status, p.alt = old.status, old.alt
-    return proposals
+    # what was applied stays on record (who wrote which alt, when it was accepted), after the new ones
+    new_ids = {p.id for p in proposals}
+    return proposals + [old for old in earlier.values() if old.status == "applied" and old.id not in new_ids]
 
 
 def _review(proposals, review_path, cfg) -> None:
@@ -313,6 +327,7 @@ def _review(proposals, review_path, cfg) -> None:
 def _apply(site: Path, review_path: Path, proposals, dry_run: bool) -> int:
     from pipeline.alttext import proposals as alt
 
+    earlier = {id(p) for p in proposals if p.status == "applied"}  # on record from an earlier apply
     result = alt.apply(site, proposals, dry_run=dry_run)
     for page, why in result.skipped:
         print(f"{page}\tNOT CHANGED: {why}", file=sys.stderr)
@@ -320,7 +335,7 @@ def _apply(site: Path, review_path: Path, proposals, dry_run: bool) -> int:
         print("".join(result.diffs.values()), end="")
         return 0
     alt.save_review(review_path, proposals)
-    written = sum(1 for p in proposals if p.status == "applied" and p.page in result.pages)
+    written = sum(1 for p in proposals if p.status == "applied" and id(p) not in earlier)
     print(f"applied {written} alt texts to {len(result.pages)} pages")
     return 0 if not result.skipped else 1
 
@@ -399,6 +414,12 @@ def main(argv: list[str] | None = None) -> None:
                      help="feedback.* settings: where ratings and corrections go (default: params.yaml)")
     app.add_argument("--no-feedback", action="store_true",
                      help="no caption ids, ratings, corrections or traces")
+    app.add_argument("--trusted-proxies", default=None, metavar="ADDRS",
+                     help="comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
+                          "(default: none; the connection's address counts, for rate limits too)")
+    app.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                     help="comma-separated Host names the app answers besides the defaults (on 127.0.0.1: the "
+                          "loopback names only; on another address: any, unless listed here)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.command == "app":
@@ -413,14 +434,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("no params.yaml here to read register.model_name from: run from the project root "
                          "or pass --model-name")
         _use_tracking_uri(args.tracking_uri)
-        feedback = None
-        if not args.no_feedback:
-            try:
-                feedback = load_settings(args.params).feedback
-            except ConfigError as err:
-                print(f"captioner: feedback is off: {err}", file=sys.stderr)
         try:
-            sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, args.index, feedback))
+            settings = load_settings(args.params)
+        except ConfigError as err:
+            parser.error(f"the app reads its limits (app.*) and feedback.* from params.yaml: {err}; run from the "
+                         "project root or pass --params FILE")
+        feedback = None if args.no_feedback else settings.feedback
+        listed = [[a.strip() for a in (text or "").split(",") if a.strip()]
+                  for text in (args.trusted_proxies, args.allowed_hosts)]
+        try:
+            sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, settings.app, args.index,
+                           feedback, trusted_proxies=listed[0], extra_hosts=listed[1]))
         except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(2)
@@ -437,10 +461,17 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging(level=logging.WARNING)
         if args.command == "search" and not args.query.strip() and args.like is None:
             parser.error("give a QUERY (what is in the photos) or --like PHOTO")
+        import sqlalchemy as sa
+
+        from pipeline.search.photo_index import damaged, index_url
+
         try:
             sys.exit(index(args) if args.command == "index" else search(args))
         except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(1)
+        except sa.exc.SQLAlchemyError as err:  # the index file was readable at first, damaged further in
+            print(f"captioner: {damaged(index_url(args.db), err)}", file=sys.stderr)
             sys.exit(1)
     setup_logging(level=logging.WARNING)
     if args.model is None:

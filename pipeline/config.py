@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -296,6 +297,7 @@ class FeedbackSettings(_Section):
     db: str = Field(min_length=1)  # SQLAlchemy URL or a SQLite file; CAPTIONER_FEEDBACK_DB wins
     max_correction_chars: int = Field(ge=10, le=10_000)
     max_per_minute: int = Field(ge=1)  # per client address
+    max_photo_bytes: int = Field(ge=0)  # photos of corrections the store may hold (HTTP 507 above)
     test_share: float = Field(ge=0, lt=1)  # corrected photos held out (stable hash of the photo)
     train_repeats: int = Field(ge=1, le=100)  # a correction's weight in training, in captions
     min_new: int = Field(ge=1)  # corrections since the last export that ask for a retraining run
@@ -304,8 +306,15 @@ class FeedbackSettings(_Section):
 
     @property
     def store_url(self) -> str:
-        """Where the feedback lives: ``CAPTIONER_FEEDBACK_DB`` if set, else ``db``."""
-        return os.environ.get("CAPTIONER_FEEDBACK_DB") or self.db
+        """Where the feedback lives: ``CAPTIONER_FEEDBACK_DB`` if set, else ``db``; a relative
+        location in the environment is relative to the working directory."""
+        return absolute_location(os.environ.get("CAPTIONER_FEEDBACK_DB") or self.db, Path.cwd())
+
+
+class AppSettings(_Section):
+    """``captioner app``: what one client address may ask of it."""
+
+    max_captions_per_minute: int = Field(ge=1)  # POST /api/caption per client address (HTTP 429 above)
 
 
 class MlflowSettings(_Section):
@@ -328,6 +337,7 @@ class Settings(_Section):
     serving: ServingSettings
     alt_text: AltTextSettings
     feedback: FeedbackSettings
+    app: AppSettings
     mlflow: MlflowSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
@@ -377,8 +387,52 @@ def parse_settings(raw: dict) -> Settings:
         raise ConfigError("invalid params.yaml:\n" + _format_errors(err)) from None
 
 
+# Settings that name a file, a folder or a store (section, key): relative values mean relative to
+# the project folder, whatever folder a command runs in.
+LOCATION_SETTINGS = (("mlflow", "tracking_uri"), ("feedback", "db"), ("data", "local_path"),
+                     ("features", "weights"))
+_NOT_PATHS = {"imagenet", "none"}  # features.weights keywords
+
+
+def absolute_location(value: str, base: Path) -> str:
+    """``value`` (a store URI or a path) made independent of the working directory: a relative
+    SQLite file (``sqlite:///mlflow.db``), ``file:`` URI or plain path is resolved against
+    ``base``; absolute ones, server URLs (``http://``, ``postgresql://``...), in-memory SQLite and
+    keywords (``imagenet``, ``none``) come back as they are.
+
+    Why: a relative location means "relative to whichever folder the process runs in", and the
+    processes this project starts run elsewhere (the champion's scoring process in a temporary
+    folder, Airflow tasks, Celery workers): each would open a new, empty store of its own."""
+    if not value or value in _NOT_PATHS:
+        return value
+    if value.startswith("sqlite:///"):
+        path, sep, query = value[len("sqlite:///"):].partition("?")
+        if not path or path == ":memory:" or path.startswith("/"):
+            return value
+        return f"sqlite:///{(base / Path(path).expanduser()).resolve()}{sep}{query}"
+    parts = urlsplit(value)
+    if parts.scheme == "file":
+        if parts.netloc or parts.path.startswith("/"):
+            return value
+        return (base / parts.path).resolve().as_uri()
+    if parts.scheme and len(parts.scheme) > 1:  # a URL of a server or a service (not C:\...)
+        return value
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def _absolute_locations(raw: dict, base: Path) -> dict:
+    """``raw`` params with every LOCATION_SETTINGS string made absolute against ``base``."""
+    out = dict(raw)
+    for section, key in LOCATION_SETTINGS:
+        values = out.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            out[section] = {**values, key: absolute_location(values[key], base)}
+    return out
+
+
 def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml; relative locations in it (LOCATION_SETTINGS) are resolved
+    against its folder, the project folder, once, here."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -388,4 +442,4 @@ def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_settings(raw)
+    return parse_settings(_absolute_locations(raw, path.resolve().parent))

@@ -137,3 +137,48 @@ def test_decoding_keys_of_models_registered_before_the_decoding_section_are_mapp
     assert (latest.beam_size, latest.length_penalty, latest.no_repeat_ngram) == (3, 0.7, 3)
     assert latest.consensus == ConsensusSettings(neighbours=25, weight=0.25, samples=10, top_k=5, contrast=2.5,
                                                  sharpness=20.0, seed=0)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("sqlite:///mlflow.db", "sqlite:////proj/mlflow.db"),
+    ("sqlite:///./stores/m.db?timeout=30", "sqlite:////proj/stores/m.db?timeout=30"),
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("file:mlruns", "file:///proj/mlruns"),
+    ("file:///abs/mlruns", "file:///abs/mlruns"),
+    ("mlruns", "/proj/mlruns"),
+    ("../data/flickr8k.zip", "/data/flickr8k.zip"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("postgresql://u@127.0.0.1/db", "postgresql://u@127.0.0.1/db"),
+    ("imagenet", "imagenet"),
+    ("none", "none"),
+])
+def test_relative_locations_are_taken_against_the_project_folder(value, expected):
+    from pathlib import Path
+
+    from pipeline.config import absolute_location
+
+    assert absolute_location(value, Path("/proj")) == expected
+
+
+def test_params_read_from_another_folder_name_the_projects_stores(tmp_path, monkeypatch):
+    """The same params.yaml gives the same stores from any working directory (a subfolder,
+    an Airflow task, the champion's scoring process in a temporary folder)."""
+    import yaml
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    raw = tiny_params(**{"data.source": "local", "data.local_path": "incoming/photos"})
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("CAPTIONER_FEEDBACK_DB", raising=False)
+    settings = load_settings(project / "params.yaml")
+    real = project.resolve()
+    assert settings.mlflow.tracking_uri == f"sqlite:///{real}/mlflow.db"
+    assert settings.feedback.store_url == str(real / "feedback.db")
+    assert settings.data.local_path == str(real / "incoming/photos")
+    assert settings.features.weights == "none"
+    # a relative location given in the environment is the shell's: the working directory's
+    monkeypatch.setenv("CAPTIONER_FEEDBACK_DB", "fb.db")
+    assert settings.feedback.store_url == str(elsewhere.resolve() / "fb.db")

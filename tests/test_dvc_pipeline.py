@@ -1,6 +1,7 @@
 """Real `dvc repro` of the project's dvc.yaml in a temporary git copy of the project."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,38 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     assert "Running stage 'register'" in third.stdout
     assert running(third) == ["feedback", "register"]
     assert json.loads((repo / "reports/registry.json").read_text())["version"] == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_retraining_from_a_subfolder_under_the_default_store_is_judged_against_the_champion(repo):
+    """params.yaml's own relative `sqlite:///mlflow.db`, no MLFLOW_TRACKING_URI, `dvc repro` run
+    from a subfolder: the champion's scoring process (in a temporary folder) must open the
+    project's store, so the second model is compared with the first, never crowned unjudged."""
+    import os
+    import subprocess
+    import sys
+
+    if not (repo / "reports/registry.json").is_file():
+        sh(["dvc", "repro"], repo)
+    first = json.loads((repo / "reports/registry.json").read_text())
+    write_params(repo, **{"features.runtime": "auto", "train.seed": 8})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    try:
+        done = subprocess.run(["dvc", "repro", "../dvc.yaml"], cwd=repo / "docs", env=env, capture_output=True, text=True)
+    finally:
+        write_params(repo, **{"features.runtime": "auto"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage '../dvc.yaml:train'" in done.stdout  # DVC names stages by the file it was given
+    report = json.loads((repo / "reports/registry.json").read_text())
+    assert report["old_champion"]["version"] == first["champion"]
+    assert report["old_champion"]["status"] == "scored", report["old_champion"]
+    comparison = report["comparison"]
+    assert comparison is not None and comparison["images"] > 0
+    assert comparison["ci95_low"] <= comparison["difference"] <= comparison["ci95_high"]
+    assert report["tracking_uri"] == f"sqlite:///{repo.resolve()}/mlflow.db"
+    assert not (repo / "docs/mlflow.db").exists()  # no second store beside the folder it ran in
 
 
 @pytest.mark.slow

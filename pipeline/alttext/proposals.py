@@ -15,7 +15,7 @@ edited only at the recorded offsets (``alt="..."`` and ``data-alt-source="<model
 ``<img``, in the quoting the tag already uses; the text between ``![`` and ``]`` in Markdown,
 whose provenance goes to a sidecar file), then encoded in the page's own encoding, line endings
 untouched, and written atomically (a temporary file renamed over the page: a crash leaves every
-page either old or new). A page changed since the scan is left alone, with a message.
+page either old or new). A page changed since the scan, or read-only, is left alone, with a message.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import html
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,6 +178,9 @@ def apply(site: Path, proposals: list[Proposal], dry_run: bool = False) -> Appli
         path = (root / page).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             result.skipped.append((page, "not a page of the site any more"))
+            continue
+        if not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR:  # root ignores the mode
+            result.skipped.append((page, "read-only: not changed (make it writable, then apply again)"))
             continue
         data = path.read_bytes()
         import hashlib

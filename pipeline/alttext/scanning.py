@@ -9,9 +9,16 @@ non-empty alt a person wrote, and images inside ``<template>``, ``<noscript>``, 
 comments, ``<script>`` and Markdown code. A machine-written alt (marked ``data-alt-source``) is
 reported with the model that wrote it, so a better champion can propose it again.
 
+Other elements that need a text alternative only a person can write are reported and counted
+(state ``needs-person``), never captioned: an image button (``<input type=image>``, axe-core's
+``input-image-alt``: its alt says what the button does), an image-map ``<area href>`` (``area-alt``:
+its alt names the link) and any element with ``role="img"`` (``role-img-alt``: no picture of its own
+to caption). Text inside ``<title>``, ``<textarea>`` and the other raw-text elements is text, even
+when it reads ``<img ...>``.
+
 Sources: ``src``, else the first candidate of ``srcset``, else a ``<picture>``'s first
-``<source srcset>``; resolved against the page (or the site root for ``/...``), and only ever
-read inside the site folder. Remote (``http(s)://``, ``//``) images are reported as skipped,
+``<source srcset>``; resolved as the browser does, against the page's ``<base href>`` when it has
+one, else against the page (or the site root for ``/...``), and only ever read inside the site folder. Remote (``http(s)://``, ``//``) images are reported as skipped,
 ``data:`` images are decoded, missing files and paths that lead outside the site are reported.
 
 Every place is an offset into the page's text as decoded (UTF-8, or the charset the page
@@ -30,7 +37,8 @@ import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote as url_quote
+from urllib.parse import unquote, urljoin, urlsplit
 
 PAGE_SUFFIXES = (".html", ".htm", ".md")
 PROVENANCE = "data-alt-source"
@@ -61,14 +69,15 @@ class Found:
     offset: int  # where an alt text goes: after '<img' (HTML) or '![' (Markdown)
     kind: str  # html | markdown
     src: str
-    state: str  # missing-alt | refresh | decorative | has-alt | skipped
-    reason: str = ""  # why skipped: remote, missing file, outside the site, no source, not an image
+    state: str  # missing-alt | refresh | decorative | has-alt | skipped | needs-person
+    reason: str = ""  # why skipped (remote, missing file, outside the site, no source, not an image) or why a person
     image: str = ""  # the resolved file, relative to the site, or "data:" for an inline image
     data: bytes | None = field(default=None, repr=False)  # the decoded data: URI
     alt: str = ""  # the alt there now (has-alt, refresh)
     alt_span: tuple[int, int] | None = None  # offsets of the present alt value (refresh)
     machine: str = ""  # the model that wrote the present alt (data-alt-source)
     quote: str = '"'  # the quoting the tag uses, for what is inserted
+    base: str = ""  # the page's <base href>, which the browser resolves src against
 
 
 @dataclass
@@ -175,13 +184,17 @@ def _attributes(tag_text: str, tag_end: int) -> dict[str, tuple[str, int, int, s
 
 
 class _ImgFinder(HTMLParser):
-    """Start tags of <img> (outside <template>, <noscript>, <svg>), with <picture> sources."""
+    """Start tags of <img> (outside <template>, <noscript>, <svg> and raw text), with <picture>
+    sources; the elements that need a person's alt (``needs_person``); the first <base href>."""
 
-    SKIP = {"template", "noscript", "svg"}
+    # inert (template, noscript, svg) or raw text: what looks like a tag inside is not one
+    SKIP = {"template", "noscript", "svg", "title", "textarea", "xmp", "iframe", "noembed", "noframes"}
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.images: list[tuple[tuple[int, int], str, dict, str | None]] = []  # (pos, raw tag, attrs, picture src)
+        self.needs_person: list[tuple[tuple[int, int], str, str]] = []  # (pos, what it is, why)
+        self.base: str | None = None
         self.skip_depth = 0
         self.picture_src: list[str | None] = []
 
@@ -192,6 +205,10 @@ class _ImgFinder(HTMLParser):
         if self.skip_depth:
             return
         values = {k: (v if v is not None else "") for k, v in attrs}
+        if tag == "base" and self.base is None and values.get("href", "").strip():
+            self.base = values["href"].strip()
+        if tag != "img":
+            self._needs_person(tag, values)
         if tag == "picture":
             self.picture_src.append(None)
         elif tag == "source" and self.picture_src and self.picture_src[-1] is None and values.get("srcset"):
@@ -199,6 +216,21 @@ class _ImgFinder(HTMLParser):
         elif tag == "img":
             self.images.append((self.getpos(), self.get_starttag_text(), values,
                                 self.picture_src[-1] if self.picture_src else None))
+
+    def _needs_person(self, tag: str, values: dict) -> None:
+        labelled = any(values.get(a, "").strip() for a in ("aria-label", "aria-labelledby"))
+        if tag == "input" and values.get("type", "").strip().lower() == "image":
+            if not (labelled or values.get("alt", "").strip() or values.get("title", "").strip()):
+                self.needs_person.append((self.getpos(), "image button (input type=image)",
+                                          "an image button: its alt says what the button does; a person writes it"))
+        elif tag == "area" and "href" in values:
+            if not (labelled or values.get("alt", "").strip()):
+                self.needs_person.append((self.getpos(), "image-map area",
+                                          "an image-map area: its alt names where the link goes; a person writes it"))
+        elif values.get("role", "").strip().lower() == "img":
+            if not (labelled or values.get("title", "").strip()):
+                self.needs_person.append((self.getpos(), f"<{tag} role=img>",
+                                          "role=img without aria-label: no picture of its own to caption; a person names it"))
 
     def handle_startendtag(self, tag, attrs):
         self.handle_starttag(tag, attrs)
@@ -255,7 +287,12 @@ def _html_images(page: Page, skip: list[tuple[int, int]]) -> list[Found]:
             found.state, found.alt = "has-alt", values.get("aria-label", "")
         elif role in ("presentation", "none"):
             found.state = "decorative"
+        found.base = finder.base or ""
         out.append(found)
+    for (line, col), what, why in finder.needs_person:
+        offset = starts[line - 1] + col
+        if not any(a <= offset < b for a, b in skip):
+            out.append(Found(page.relative, line, col + 1, offset, "html", what, "needs-person", reason=why))
     return out
 
 
@@ -296,6 +333,8 @@ def _resolve(found: Found, page: Page, root: Path) -> None:
         except (binascii.Error, ValueError):
             found.state, found.reason = "skipped", "a data: URI whose base64 does not decode"
         return
+    if found.base and not urlsplit(src).scheme:  # the browser reads src against <base href>
+        src = _against_base(src, found.base, page.relative)
     parts = urlsplit(src)
     if parts.scheme in ("http", "https") or src.startswith("//"):
         found.state, found.reason = "skipped", "remote image (not fetched)"
@@ -312,3 +351,16 @@ def _resolve(found: Found, page: Page, root: Path) -> None:
         found.state, found.reason = "skipped", "missing on disk"
     else:
         found.image = target.relative_to(root).as_posix()
+
+
+_SITE = "http://site.invalid/"  # stands for the site's own origin while joining URLs
+
+
+def _against_base(src: str, base: str, page: str) -> str:
+    """``src`` as a browser reads it on ``page`` under ``<base href=base>``: a path from the site
+    root (``/sub/dog.jpg``), or a remote URL when the base points elsewhere."""
+    joined = urljoin(urljoin(_SITE + url_quote(page), base), src)
+    if not joined.startswith(_SITE):
+        return joined
+    parts = urlsplit(joined)
+    return parts.path + (f"?{parts.query}" if parts.query else "")

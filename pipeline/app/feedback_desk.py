@@ -11,27 +11,27 @@ what people thought. MLflow calls run in one background thread: a slow or unreac
 tracking server never holds a request up, and the database row, which the training data comes
 from, is written first.
 
-What is refused, and how: ``check`` (HTTP 4xx with the reason) and ``RateLimit`` (429).
+What is refused, and how: ``check`` (HTTP 4xx with the reason) and ``access.RateLimit`` (429).
+Who may do what (the owner token, the operator): ``pipeline/app/access.py``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import logging
 import re
-import threading
-import time
 import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pipeline.app.access import RateLimit
 from pipeline.config import FeedbackSettings
 from pipeline.feedback.retraining import AirflowApi, request_if_due
 from pipeline.feedback.store import RATINGS, FeedbackStore, sha256_of
+from pipeline.registry.tracking import ensure_experiment
 
 log = logging.getLogger("pipeline.app")
 # a correction is a sentence: tags, entities and control characters are not (one rule, here)
@@ -58,6 +58,17 @@ class Verdict:
     correction: str | None
     submitter: str | None
     image: bytes | None
+    owner: str | None = None  # access.owner_key of the token that sent it
+
+
+def clean_submitter(name: str | None) -> str | None:
+    """A typed name as it is stored and shown: NFC, invisible characters (NUL, bidi overrides,
+    zero-width marks) dropped, spaces collapsed, at most 200 characters; None when nothing is left.
+    An attribution only: who may take feedback back is decided by the owner token."""
+    if name is None:
+        return None
+    name = "".join(ch for ch in unicodedata.normalize("NFC", name) if unicodedata.category(ch) not in _HIDDEN)
+    return " ".join(name.split())[:200] or None
 
 
 def check_correction(text: str, max_chars: int) -> str:
@@ -76,28 +87,6 @@ def check_correction(text: str, max_chars: int) -> str:
     return text
 
 
-class RateLimit:
-    """At most ``per_minute`` requests per key (the client's address) in any 60 seconds."""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._seen: dict[str, collections.deque] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._seen) > 10_000:  # forget idle clients (bounded memory under a flood of addresses)
-                self._seen = {k: q for k, q in self._seen.items() if q and now - q[-1] < 60}
-            times = self._seen.setdefault(key, collections.deque())
-            while times and now - times[0] >= 60:
-                times.popleft()
-            if len(times) >= self.per_minute:
-                return False
-            times.append(now)
-            return True
-
-
 class FeedbackDesk:
     """The store, the limits, the tracing and the retraining request, as the app uses them."""
 
@@ -113,11 +102,8 @@ class FeedbackDesk:
             self._experiment_id = self._experiment()
 
     def _experiment(self) -> str | None:
-        import mlflow
-
         try:
-            experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
-            return experiment.experiment_id if experiment else mlflow.create_experiment(self.cfg.experiment)
+            return ensure_experiment(self.cfg.experiment).experiment_id
         except Exception as err:  # a tracking store that cannot be written: serve without traces
             log.warning("no MLflow traces (experiment %s): %s", self.cfg.experiment, str(err).splitlines()[0])
             return None
@@ -161,7 +147,7 @@ class FeedbackDesk:
 
     # -- feedback --------------------------------------------------------------------------------
     def check(self, caption_id: str, rating: str | None, correction: str | None, submitter: str | None,
-              image_b64: str | None, max_image_bytes: int) -> Verdict:
+              image_b64: str | None, max_image_bytes: int, owner: str | None = None) -> Verdict:
         """Refused(4xx) with the reason, or the request as it will be stored."""
         if rating is not None and rating not in RATINGS:
             raise Refused(422, f"rating must be one of {', '.join(RATINGS)}")
@@ -172,8 +158,7 @@ class FeedbackDesk:
             if rating == "right":
                 raise Refused(422, "a correction says the caption was wrong, but the rating says right")
             rating = "wrong"
-        if submitter is not None:
-            submitter = " ".join(submitter.split())[:200] or None
+        submitter = clean_submitter(submitter)
         caption = self.store.caption(caption_id)
         if caption is None:
             raise Refused(404, f"no caption was served with id {caption_id!r}")
@@ -189,11 +174,16 @@ class FeedbackDesk:
                 raise Refused(422, "image is not base64") from None
             if sha256_of(image) != caption["image_sha256"]:
                 raise Refused(422, f"this is not the photo caption {caption_id} was written for")
-        return Verdict(caption, rating, correction, submitter, image)
+            if not self.store.has_image(caption["image_sha256"]) and \
+                    self.store.image_bytes() + len(image) > self.cfg.max_photo_bytes:
+                raise Refused(507, f"the feedback store holds its budget of photos ({self.cfg.max_photo_bytes} bytes, "
+                                   "feedback.max_photo_bytes): a rating without a correction still works; an "
+                                   "operator exports the corrections (dvc repro) or raises the budget")
+        return Verdict(caption, rating, correction, submitter, image, owner)
 
     def add(self, verdict: Verdict) -> dict:
         row = self.store.add(verdict.caption["id"], verdict.rating, verdict.correction, verdict.submitter,
-                             verdict.image)
+                             verdict.image, owner=verdict.owner)
         self._background.submit(self._after, verdict, row)
         return row
 
@@ -232,8 +222,8 @@ class FeedbackDesk:
         for key in ("right", "wrong", "corrections"):
             client.set_model_version_tag(name, version, f"feedback.{key}", str(counts.get(key, 0)))
 
-    def delete(self, feedback_id: int, submitter: str | None) -> str:
-        return self.store.delete(feedback_id, submitter)
+    def delete(self, feedback_id: int, owner: str | None, operator: bool = False) -> str:
+        return self.store.delete(feedback_id, owner, operator)
 
     def drain(self, timeout_s: float = 30) -> None:
         """Wait for the background MLflow calls (tests, shutdown)."""

@@ -13,9 +13,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pipeline.registry.champion import ALIAS
+from pipeline.registry.champion import ALIAS, describe_load_error
 from pipeline.registry.pyfunc_model import CaptionModel
 
 log = logging.getLogger("pipeline.app")
@@ -90,22 +89,6 @@ class ChampionHolder:
                 self.refresh()
             except Exception:  # the poller must outlive any one bad check
                 log.exception("checking %s@%s failed", self.name, self.alias)
-
-
-def describe_load_error(client, name: str, version, err: Exception) -> str:
-    """Why a version did not load, in words: MLflow says ``No such artifact: ''`` when the
-    version's files are gone; name them instead."""
-    text = f"{type(err).__name__}: {str(err).strip()[:300]}"
-    try:
-        location = client.get_model_version_download_uri(name, version.version)
-    except Exception:
-        return text
-    local = location.removeprefix("file://")
-    if "://" not in local and not Path(local).exists():
-        return f"its files are missing: {local} does not exist (restore them or point @{ALIAS} at another version)"
-    if "://" not in local and not (Path(local) / "MLmodel").is_file():
-        return f"its files at {local} have no MLmodel: not a complete model ({text})"
-    return f"{text} (files at {location})"
 
 
 def load_version(client, name: str, version) -> Served:

@@ -12,8 +12,12 @@ logged while the old one keeps serving. Routes:
   ``GET /api/photo?path=`` (a thumbnail of an indexed photo, and only of one);
 * feedback (unless ``--no-feedback``; ``pipeline/app/feedback_desk.py``): each caption comes with
   a ``caption_id``; ``POST /api/feedback`` (JSON: caption_id, rating right|wrong, correction,
-  submitter, image = the photo in base64 with a correction), ``GET /api/feedback?since=`` (for
-  export), ``DELETE /api/feedback/{id}`` (take it back), ``GET /api/feedback/summary``.
+  submitter, image = the photo in base64 with a correction), ``GET /api/feedback?since=`` (the
+  caller's own feedback; everyone's for an operator), ``DELETE /api/feedback/{id}`` (take it back:
+  its sender or an operator), ``GET /api/feedback/summary``.
+
+Who may do what (owner tokens, the operator's credential, origins, hosts, proxies, rate limits):
+``pipeline/app/access.py``.
 """
 
 import json
@@ -22,7 +26,19 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.app.access import (
+    OWNER_COOKIE,
+    OperatorCredential,
+    RateLimit,
+    cookie_header,
+    cross_origin,
+    new_owner_token,
+    owner_key,
+    valid_token,
+)
 from pipeline.app.hot_swap import ChampionHolder, Served
+from pipeline.config import AppSettings
+from pipeline.errors import ReportedError
 
 FEEDBACK_PATH = "/api/feedback"
 
@@ -90,7 +106,7 @@ class PhotoSearch:
         from pipeline.search.photo_index import PhotoIndex
         from pipeline.search.ranking import Searcher
 
-        self.store = PhotoIndex(index)
+        self.store = PhotoIndex(index, create=False)
         self.root = self.store.root()
         if self.root is None:
             from pipeline.search.photo_index import PhotoIndexError
@@ -100,10 +116,17 @@ class PhotoSearch:
         self._lock = threading.Lock()
 
     def search(self, query: str, limit: int, ranking: str, model):
+        import sqlalchemy as sa
+
+        from pipeline.search.photo_index import damaged
+
         with self._lock:  # one query at a time: the feature cache and the model's step graphs
-            self.searcher.refresh()
-            self.searcher.model = model
-            return self.searcher.search(query, limit, ranking)
+            try:
+                self.searcher.refresh()
+                self.searcher.model = model
+                return self.searcher.search(query, limit, ranking)
+            except sa.exc.SQLAlchemyError as err:  # damaged past its first pages
+                raise damaged(self.store.safe_url, err) from None
 
     def photo_file(self, relative: str) -> Path | None:
         """The file of an indexed photo, or None: only paths the index holds, resolved inside the
@@ -115,34 +138,51 @@ class PhotoSearch:
         return path if path.is_relative_to(self.root.resolve()) and path.is_file() else None
 
 
-def thumbnail_jpeg(path: Path, size: int = 320) -> bytes:
-    import io
-
-    from PIL import Image, ImageOps
-
-    from pipeline.data.images import to_rgb8
-
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))
-        img = to_rgb8(ImageOps.exif_transpose(img))
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        return buf.getvalue()
+THUMBNAIL_SIZE = 320
 
 
-def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearch | None = None,
-               desk=None):
-    """The FastAPI app; the poller runs while the app does. With ``photos``, also search; with
-    ``desk`` (a FeedbackDesk), caption ids, traces and feedback."""
+class OriginGuard:
+    """ASGI middleware: a state-changing request from a page of another origin is refused (403)
+    before it reaches a route (``access.cross_origin``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            why = cross_origin(scope["method"], headers, scope.get("scheme", "http"))
+            if why is not None:
+                body = json.dumps({"detail": why}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSettings,
+               photos: PhotoSearch | None = None, desk=None, operator: OperatorCredential | None = None,
+               hosts: list[str] | None = None):
+    """The FastAPI app; the poller runs while the app does. ``limits``: requests per client
+    address. With ``photos``, also search; with ``desk`` (a FeedbackDesk), caption ids, traces and
+    feedback; ``operator`` (default: none) may list and take back anyone's feedback; ``hosts``:
+    the Host headers answered (default: any)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, File, Header, HTTPException, Query, Request, UploadFile
+    from fastapi import Path as PathParam
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     from pipeline.app.feedback_desk import Refused
+    from pipeline.data.images import ImageError, thumbnail_jpeg
+
+    operator = operator or OperatorCredential(None)
+    caption_limit = RateLimit(limits.max_captions_per_minute)
 
     class FeedbackBody(BaseModel):
         caption_id: str = Field(min_length=1, max_length=64, description="from a caption's result")
@@ -166,6 +206,20 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
 
     app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
     app.add_middleware(BodyLimit, champion=champion)
+    app.add_middleware(OriginGuard)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts or ["*"])  # outermost: checked first
+
+    def client_address(request: Request) -> str:
+        # the connection's peer: uvicorn rewrites it from X-Forwarded-For only for --trusted-proxies
+        return request.client.host if request.client else "?"
+
+    def owner_token(request: Request, response: Response) -> str:
+        """The token this browser holds, or a new one handed to it in a cookie."""
+        token = valid_token(request.cookies.get(OWNER_COOKIE))
+        if token is None:
+            token = new_owner_token()
+            response.headers.append("set-cookie", cookie_header(token, request.url.scheme == "https"))
+        return token
 
     def serving() -> Served:
         served = champion.current  # this request keeps this version, whatever the poller does
@@ -174,7 +228,9 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
         return served
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
+    def page(request: Request, response: Response) -> str:
+        if desk is not None:
+            owner_token(request, response)  # before the first feedback: two at once share one owner
         return PAGE.read_text(encoding="utf-8")
 
     @app.get("/healthz")
@@ -191,14 +247,18 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
                 "last_error": champion.last_error}
 
     @app.post("/api/caption")
-    def caption(file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+    def caption(request: Request, file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+        if not caption_limit.allow(client_address(request)):
+            raise HTTPException(429, f"more than {limits.max_captions_per_minute} caption requests a minute from "
+                                     "this address (app.max_captions_per_minute): try again in a minute",
+                                headers={"Retry-After": "60"})
         served = serving()
-        limits = served.model.limits
-        if len(file) > limits.max_rows:
-            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {limits.max_rows}")
+        model_limits = served.model.limits
+        if len(file) > model_limits.max_rows:
+            raise HTTPException(400, f"too many files: {len(file)} in one request, the limit is {model_limits.max_rows}")
         start = time.perf_counter()
         # never more than the limit + 1 bytes of a file: enough for the model to say it is too large
-        datas = [upload.file.read(limits.max_image_bytes + 1) for upload in file]
+        datas = [upload.file.read(model_limits.max_image_bytes + 1) for upload in file]
         if desk is None:
             results = served.model.caption_images(datas)
         else:
@@ -221,7 +281,10 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
         if ranking not in RANKINGS:
             raise HTTPException(400, f"ranking must be one of {', '.join(RANKINGS)}")
         served = champion.current
-        result = photos.search(q, limit, ranking, served.model if served else None)
+        try:
+            result = photos.search(q, limit, ranking, served.model if served else None)
+        except ReportedError as err:
+            raise HTTPException(503, str(err)) from None
         return {**result.to_json(), "model": served.info["version"] if served else None}
 
     @app.get("/api/photo")
@@ -229,10 +292,12 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
         found = photos.photo_file(path) if photos is not None else None
         if found is None:
             raise HTTPException(404, "no such indexed photo")
+        served = serving()  # its pixel limit holds here too: the index may hold refused photos
         try:
-            return Response(thumbnail_jpeg(found), media_type="image/jpeg")
-        except (OSError, ValueError) as err:
-            raise HTTPException(422, f"cannot read the photo: {str(err).splitlines()[0]}") from None
+            return Response(thumbnail_jpeg(found, THUMBNAIL_SIZE, served.model.limits.max_image_pixels),
+                            media_type="image/jpeg")
+        except (ImageError, OSError) as err:
+            raise HTTPException(422, f"cannot show the photo: {str(err).splitlines()[0]}") from None
 
     def feedback_desk():
         if desk is None:
@@ -241,46 +306,58 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
 
     def rate_limited(request: Request):
         found = feedback_desk()
-        if not found.limit.allow(request.client.host if request.client else "?"):
+        if not found.limit.allow(client_address(request)):
             raise HTTPException(429, f"more than {found.cfg.max_per_minute} feedback requests a minute from "
                                      "this address (feedback.max_per_minute): try again in a minute",
                                 headers={"Retry-After": "60"})
         return found
 
     @app.post(FEEDBACK_PATH, status_code=201)
-    def give_feedback(body: FeedbackBody, request: Request, x_submitter: str | None = Header(None, max_length=1000)):
+    def give_feedback(body: FeedbackBody, request: Request, response: Response,
+                      x_submitter: str | None = Header(None, max_length=1000)):
         found = rate_limited(request)
         served = champion.current
         max_bytes = served.model.limits.max_image_bytes if served else NO_MODEL_BODY_LIMIT
+        owner = owner_key(owner_token(request, response))
         try:
             verdict = found.check(body.caption_id, body.rating, body.correction, body.submitter or x_submitter,
-                                  body.image, max_bytes)
+                                  body.image, max_bytes, owner)
             row = found.add(verdict)
         except Refused as refused:
             raise HTTPException(refused.status, str(refused)) from None
         return {key: row[key] for key in ("id", "caption_id", "rating", "correction", "submitter", "created_at")}
 
     @app.get(FEEDBACK_PATH)
-    def list_feedback(since: str | None = Query(None, max_length=64, description="ISO time: only later rows"),
-                      limit: int = Query(1000, ge=1, le=10_000)):
+    def list_feedback(request: Request, since: str | None = Query(None, max_length=64, description="ISO time: only later rows"),
+                      limit: int = Query(1000, ge=1, le=10_000),
+                      authorization: str | None = Header(None, max_length=1000)):
+        """The caller's own feedback (by the browser's owner token); everyone's for an operator."""
+        everyone = operator.holds(authorization)
+        token = valid_token(request.cookies.get(OWNER_COOKIE))
+        if not everyone and token is None:
+            return {"feedback": [], "count": 0, "scope": "yours"}
         try:
-            rows = feedback_desk().store.rows(since, limit)
+            rows = feedback_desk().store.rows(since, limit, owner=None if everyone else owner_key(token))
         except ValueError as err:  # a since that is not a time
             raise HTTPException(422, str(err)) from None
-        return {"feedback": rows, "count": len(rows)}
+        rows = [{k: v for k, v in row.items() if k != "owner"} for row in rows]
+        return {"feedback": rows, "count": len(rows), "scope": "everyone" if everyone else "yours"}
 
     @app.get(FEEDBACK_PATH + "/summary")
     def feedback_summary():
         return {"per_model": feedback_desk().store.counts()}
 
     @app.delete(FEEDBACK_PATH + "/{feedback_id}")
-    def take_back(feedback_id: int, request: Request, submitter: str | None = Query(None, max_length=1000),
-                  x_submitter: str | None = Header(None, max_length=1000)):
-        outcome = rate_limited(request).delete(feedback_id, submitter or x_submitter)
+    def take_back(request: Request, feedback_id: int = PathParam(ge=1, le=2**63 - 1),
+                  authorization: str | None = Header(None, max_length=1000)):
+        token = valid_token(request.cookies.get(OWNER_COOKIE))
+        outcome = rate_limited(request).delete(feedback_id, owner_key(token) if token else None,
+                                               operator=operator.holds(authorization))
         if outcome == "not found":
             raise HTTPException(404, f"no feedback {feedback_id} (or it was taken back already)")
         if outcome == "not yours":
-            raise HTTPException(403, f"feedback {feedback_id} was sent by someone else (submitter differs)")
+            raise HTTPException(403, f"feedback {feedback_id} was not sent from this browser: only the browser that "
+                                     "sent it (its owner cookie) or an operator (CAPTIONER_ADMIN_TOKEN) may take it back")
         return {"id": feedback_id, "deleted": True}
 
     @app.get("/api/search/info")
@@ -290,11 +367,33 @@ def create_app(champion: ChampionHolder, poll_seconds: float, photos: PhotoSearc
     return app
 
 
-def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, index: str | None = None,
-          feedback=None) -> int:
-    """Run the app; ``feedback`` (FeedbackSettings, None = off) opens the feedback store."""
+def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, limits: AppSettings,
+          index: str | None = None, feedback=None, trusted_proxies: list[str] | None = None,
+          extra_hosts: list[str] | None = None) -> int:
+    """Run the app; ``feedback`` (FeedbackSettings, None = off) opens the feedback store;
+    ``trusted_proxies``: addresses whose X-Forwarded-For is believed (default: none);
+    ``extra_hosts``: Host headers answered besides the defaults (``access.allowed_hosts``)."""
+    import socket
+
     import uvicorn
 
+    from pipeline.app.access import allowed_hosts
+
+    try:
+        operator = OperatorCredential.from_env()
+    except ValueError as err:
+        log.error("cannot start: %s", err)
+        return 2
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # first: a busy port is said at once, not after the model loaded and "serving on" was logged
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        log.error("cannot start: %s:%d cannot be used (%s): pick another --port or stop what holds it",
+                  host, port, err.strerror or err)
+        return 2
     photos = PhotoSearch(index) if index else None
     desk = None
     if feedback is not None:
@@ -306,8 +405,14 @@ def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, inde
     champion = ChampionHolder(name, alias, retry_s=poll_seconds)
     if not champion.refresh():
         log.error("cannot start: %s", champion.last_error)
+        sock.close()
         return 2
-    log.info("serving %s v%s on http://%s:%d (checking @%s every %g s)", name,
-             champion.current.info["version"], host, port, alias, poll_seconds)
-    uvicorn.run(create_app(champion, poll_seconds, photos, desk), host=host, port=port, log_level="warning")
+    log.info("serving %s v%s on http://%s:%d (checking @%s every %g s)%s%s", name,
+             champion.current.info["version"], host, port, alias, poll_seconds,
+             "; operator credential set" if operator.configured else "",
+             f"; proxy headers believed from {', '.join(trusted_proxies)}" if trusted_proxies else "")
+    app = create_app(champion, poll_seconds, limits, photos, desk, operator, allowed_hosts(host, extra_hosts or []))
+    config = uvicorn.Config(app, log_level="warning", proxy_headers=bool(trusted_proxies),
+                            forwarded_allow_ips=trusted_proxies or [])
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

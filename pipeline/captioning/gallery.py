@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
-from pipeline.data.images import to_rgb8
+from pipeline.data.images import thumbnail_jpeg
 
 
-def thumbnail_data_uri(path: Path, size: int = 200) -> str:
-    with Image.open(path) as img:
-        img = to_rgb8(ImageOps.exif_transpose(img))  # 16-bit, alpha, CMYK: as the model saw them
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+def thumbnail_data_uri(path: Path, max_pixels: int | None, size: int = 200) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(path, size, max_pixels)).decode()
 
 
-def render(items: list[dict], title: str, summary: str) -> str:
-    """items: {path, image, beam, greedy, references}; images are embedded as data URIs."""
+def render(items: list[dict], title: str, summary: str, max_pixels: int | None) -> str:
+    """items: {path, image, beam, greedy, references}; images (at most ``max_pixels``) are embedded
+    as data URIs."""
     cards = []
     for item in items:
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in item["references"])
         cards.append(
-            f'<figure><img src="{thumbnail_data_uri(item["path"])}" alt="{html.escape(item["image"])}">'
+            f'<figure><img src="{thumbnail_data_uri(item["path"], max_pixels)}" alt="{html.escape(item["image"])}">'
             f'<figcaption><b>beam:</b> {html.escape(item["beam"])}<br>'
             f'<b>greedy:</b> {html.escape(item["greedy"])}<details><summary>references</summary>'
             f'<ul>{refs}</ul></details><small>{html.escape(item["image"])}</small></figcaption></figure>')

@@ -126,6 +126,23 @@ def load_rgb(source: ImageSource, size: int, max_pixels: int | None) -> np.ndarr
             raise ImageError(CORRUPT, f"cannot decode image: {err}") from None
 
 
+def thumbnail_jpeg(source: ImageSource, size: int, max_pixels: int | None) -> bytes:
+    """A JPEG at most ``size`` pixels on a side, upright, of an image at most ``max_pixels`` big
+    (ImageError otherwise, read from the header: a thumbnail endpoint is a decoder too)."""
+    with _open(source, max_pixels) as img:
+        try:
+            img.draft("RGB", (size, size))
+            img = to_rgb8(ImageOps.exif_transpose(img))
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            return buf.getvalue()
+        except ImageError:
+            raise
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageError(CORRUPT, f"cannot decode image: {err}") from None
+
+
 def check_image(path: Path, max_pixels: int | None) -> tuple[str, str]:
     """('ok', '') or (category, detail) for the image at ``path`` (a full decode: PIL's
     ``verify()`` misses truncated JPEG data)."""

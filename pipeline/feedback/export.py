@@ -49,17 +49,20 @@ def one_line(text: str) -> str:
 
 
 def export(store: FeedbackStore, out: Path, test_share: float) -> dict:
-    """Write every correction not taken back into ``out`` (an empty folder); returns counts."""
+    """Write every correction not taken back into ``out`` (an empty folder); returns counts, and
+    ``missing_photos``: the corrections left out because the store holds no photo for them."""
     images = out / paths.IMAGES_SUBDIR
     images.mkdir(parents=True)
     names: dict[str, str] = {}
     per_photo: dict[str, list[str]] = {}
+    missing: list[dict] = []  # corrections whose photo the store does not hold
     for row in store.corrections():
         sha = row["image_sha256"] or ""
         if sha not in names:
             data = store.image(sha) if _SHA256.match(sha) else None
             if data is None:  # never through the app: a database edited by hand is reported, not followed
                 log.warning("feedback %s: no stored photo %r; left out of the export", row["id"], sha[:80])
+                missing.append({"feedback_id": row["id"], "image": sha[:80], "caption_raw": row["correction"]})
                 continue
             names[sha] = photo_name(sha, data)
             (images / names[sha]).write_bytes(data)
@@ -71,4 +74,4 @@ def export(store: FeedbackStore, out: Path, test_share: float) -> dict:
         (out / paths.SPLIT_FILES[side]).write_text(
             "".join(f"{n}\n" for n in sorted(per_photo) if split[n] == side), encoding="utf-8")
     return {"corrections": len(lines), "photos": len(per_photo),
-            "test_photos": sum(1 for s in split.values() if s == "test")}
+            "test_photos": sum(1 for s in split.values() if s == "test"), "missing_photos": missing}

@@ -7,7 +7,8 @@ opened, under a lock so that two app processes starting together do not race.
 
 Tables: ``served_captions`` (one per caption the app returned: the model that wrote it, the
 photo's sha256, the MLflow trace of the request), ``feedback`` (a rating, "right" or "wrong",
-and/or a correction; who sent it, when; taken back when ``deleted_at`` is set),
+and/or a correction; the name typed, when; ``owner``: the sha256 of the browser's owner token,
+which alone may take it back; taken back when ``deleted_at`` is set),
 ``feedback_images`` (the photo of a correction, content-addressed by its sha256 and stored once:
 in the database, so that the ``feedback`` stage on any worker reads it where the app wrote it)
 and ``feedback_meta`` (when the last export ran, when retraining was last asked for). Several
@@ -38,13 +39,16 @@ feedback = sa.Table(
     "feedback", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True), sa.Column("caption_id", sa.String(32)),
     sa.Column("created_at", sa.String(32)), sa.Column("submitter", sa.String(200)), sa.Column("rating", sa.String(8)),
-    sa.Column("correction", sa.Text), sa.Column("image_sha256", sa.String(64)), sa.Column("deleted_at", sa.String(32)))
+    sa.Column("correction", sa.Text), sa.Column("image_sha256", sa.String(64)), sa.Column("deleted_at", sa.String(32)),
+    sa.Column("owner", sa.String(64)))
 feedback_images = sa.Table(
     "feedback_images", metadata, sa.Column("sha256", sa.String(64), primary_key=True),
     sa.Column("data", sa.LargeBinary), sa.Column("created_at", sa.String(32)))
 feedback_meta = sa.Table("feedback_meta", metadata, sa.Column("key", sa.String(64), primary_key=True),
                          sa.Column("value", sa.Text))
 
+SQLITE_BUSY_TIMEOUT_S = 30  # how long a write waits for another writer's lock
+SERVED_WAIT_S = 2.0  # ... except recording a served caption: the request it belongs to is waiting
 LAST_EXPORT = "last_export_at"  # set by the feedback stage
 LAST_REQUEST = "retraining_requested_at"  # set when the app asked Airflow for a run
 
@@ -66,7 +70,10 @@ def as_timestamp(text: str) -> str:
     except ValueError:
         raise ValueError(f"since={text[:64]!r} is not an ISO date or time, e.g. 2026-11-30 or "
                          "2026-11-30T12:00:00+00:00") from None
-    when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    try:
+        when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last UTC time Python knows
+        raise ValueError(f"since={text[:64]!r} is out of range: give a time between years 1 and 9999 (UTC)") from None
     return when.isoformat(timespec="microseconds")
 
 
@@ -91,7 +98,7 @@ class FeedbackStore:
             raise FeedbackError(f"{location} is neither a file path nor a database URL: {err}") from None
         if backend not in ("sqlite", "postgresql"):
             raise FeedbackError(f"{self.url}: the feedback store lives in SQLite or PostgreSQL, not {backend}")
-        kwargs = {"connect_args": {"timeout": 30}} if backend == "sqlite" else {"pool_pre_ping": True}
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if backend == "sqlite" else {"pool_pre_ping": True}
         try:
             if backend == "sqlite":
                 self._sqlite_file().parent.mkdir(parents=True, exist_ok=True)
@@ -138,12 +145,22 @@ class FeedbackStore:
                 conn.commit()
 
     # -- writes ----------------------------------------------------------------------------------
-    def served(self, rows: list[dict]) -> None:
-        """Record captions the app returned: dicts of id, model, caption, image_sha256, trace_id."""
+    def served(self, rows: list[dict], wait_s: float = SERVED_WAIT_S) -> None:
+        """Record captions the app returned: dicts of id, model, caption, image_sha256, trace_id.
+        Waits at most ``wait_s`` for a lock another writer holds (a caption request must not hang
+        on a busy or locked database: the caller serves the caption without an id instead)."""
         if rows:
             stamp = now()
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(served_captions), [{**row, "created_at": stamp} for row in rows])
+                if self.engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                else:
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_s * 1000)}ms'")
+                try:
+                    conn.execute(sa.insert(served_captions), [{**row, "created_at": stamp} for row in rows])
+                finally:
+                    if self.engine.dialect.name == "sqlite":  # the pooled connection keeps the usual wait
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
 
     def caption(self, caption_id: str) -> dict | None:
         with self.engine.connect() as conn:
@@ -151,7 +168,7 @@ class FeedbackStore:
         return dict(row._mapping) if row else None
 
     def add(self, caption_id: str, rating: str | None, correction: str | None, submitter: str | None,
-            image: bytes | None) -> dict:
+            image: bytes | None, owner: str | None = None) -> dict:
         """Record one person's word on a served caption; a correction keeps its photo."""
         sha = sha256_of(image) if image is not None else None
         if correction is not None and sha is None:
@@ -165,31 +182,34 @@ class FeedbackStore:
                 except sa.exc.IntegrityError:
                     pass
             new_id = conn.execute(sa.insert(feedback).values(
-                caption_id=caption_id, created_at=now(), submitter=submitter, rating=rating,
+                caption_id=caption_id, created_at=now(), submitter=submitter, rating=rating, owner=owner,
                 correction=correction, image_sha256=sha if correction is not None else None)).inserted_primary_key[0]
             row = conn.execute(sa.select(feedback).where(feedback.c.id == new_id)).one()
         return dict(row._mapping)
 
-    def delete(self, feedback_id: int, submitter: str | None) -> str:
-        """Take a feedback row back: "deleted", "not found" or "not yours". The row stays in the
-        table, marked, and is left out of every later export."""
+    def delete(self, feedback_id: int, owner: str | None, operator: bool = False) -> str:
+        """Take a feedback row back: "deleted", "not found" or "not yours". Its ``owner`` may, an
+        ``operator`` may; a row without an owner (stored before owners) only an operator. The row
+        stays in the table, marked, and is left out of every later export."""
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(feedback).where(feedback.c.id == feedback_id)).first()
             if row is None or row.deleted_at:
                 return "not found"
-            if row.submitter and row.submitter != submitter:
+            if not operator and (row.owner is None or row.owner != owner):
                 return "not yours"
             conn.execute(sa.update(feedback).where(feedback.c.id == feedback_id).values(deleted_at=now()))
         return "deleted"
 
     # -- reads -----------------------------------------------------------------------------------
-    def rows(self, since: str | None = None, limit: int | None = None) -> list[dict]:
-        """Feedback not taken back, oldest first, with the caption it was about and the model
-        that wrote it (no photo bytes: ``image`` reads one)."""
+    def rows(self, since: str | None = None, limit: int | None = None, owner: str | None = None) -> list[dict]:
+        """Feedback not taken back, oldest first (only ``owner``'s when given), with the caption it
+        was about and the model that wrote it (no photo bytes: ``image`` reads one)."""
         query = (sa.select(feedback, served_captions.c.caption, served_captions.c.model,
                            served_captions.c.trace_id)
                  .join(served_captions, served_captions.c.id == feedback.c.caption_id)
                  .where(feedback.c.deleted_at.is_(None)).order_by(feedback.c.id))
+        if owner is not None:
+            query = query.where(feedback.c.owner == owner)
         if since:
             query = query.where(feedback.c.created_at > as_timestamp(since))
         if limit:
@@ -200,6 +220,17 @@ class FeedbackStore:
     def corrections(self) -> list[dict]:
         """Every correction not taken back (what the ``feedback`` stage exports), oldest first."""
         return [r for r in self.rows() if r["correction"] is not None]
+
+    def has_image(self, sha: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(feedback_images.c.sha256).where(feedback_images.c.sha256 == sha)).first() \
+                is not None
+
+    def image_bytes(self) -> int:
+        """Bytes of the stored photos (feedback.max_photo_bytes bounds them)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(feedback_images.c.data)), 0)))
+                       .scalar())
 
     def image(self, sha: str) -> bytes | None:
         with self.engine.connect() as conn:

@@ -22,11 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_settings
+from pipeline.config import ConfigError, absolute_location, load_settings
 from pipeline.ops.processes import healthy, stop_group, wait_until_healthy
 from pipeline.registry.tracking import tracking_uri
 
 PROJECT = Path.cwd()
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "CAPTIONER_FEEDBACK_DB")  # locations a user may set in the shell
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -72,7 +73,9 @@ PARALLELISM = "4"
 def airflow_environment(home: Path, port: int, project: Path, venv_bin: Path) -> dict[str, str]:
     """What every Airflow process of this project sees, standalone or in the team stack: its home,
     the DAGs of ``project``, the API on 127.0.0.1:``port``, and this environment's bin first on PATH."""
-    return {**os.environ, "AIRFLOW_HOME": str(home),
+    # the tasks run in the project folder, not here: a relative store in the environment is made absolute
+    stores = {k: absolute_location(os.environ[k], Path.cwd()) for k in STORE_VARIABLES if os.environ.get(k)}
+    return {**os.environ, **stores, "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": PARALLELISM,
@@ -101,7 +104,7 @@ def ui(port: int) -> int:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             print(f"mlflow: {err}; run from the project root or set MLFLOW_TRACKING_URI", file=sys.stderr)
             return 1
-        uri = os.environ["MLFLOW_TRACKING_URI"]
+        uri = absolute_location(os.environ["MLFLOW_TRACKING_URI"], Path.cwd())
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # 0.5 GB instead of 2 GB
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", uri,

@@ -9,6 +9,7 @@ A store that cannot be opened or read (a damaged ``mlflow.db``, a server down) i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.config import MlflowSettings, Settings
+from pipeline.config import MlflowSettings, Settings, absolute_location
 from pipeline.errors import ReportedError
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,17 @@ PROBE_TIMEOUT_S = 5  # a tracking server that does not accept a connection this 
 
 
 def tracking_uri(settings: Settings) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` from params."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow.tracking_uri
+    """``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` from params; always absolute
+    (``load_settings`` resolved the params' value against the project folder; a relative value in
+    the environment or in settings built in code is taken against the working directory)."""
+    return absolute_location(os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow.tracking_uri, Path.cwd())
+
+
+def current_tracking_uri() -> str:
+    """The URI this process's MLflow uses, absolute: what a process started from here is handed."""
+    import mlflow
+
+    return absolute_location(mlflow.get_tracking_uri(), Path.cwd())
 
 
 class TrackingStoreError(ReportedError):
@@ -51,6 +61,24 @@ def store_error(uri: str, err: BaseException) -> TrackingStoreError:
                               "at another store")
 
 
+def check_sqlite_store(uri: str) -> None:
+    """A SQLite store that exists must read as a database end to end (``PRAGMA quick_check``):
+    damage found later, mid-command, surfaces as an SQLAlchemy error with a web link, or as "no
+    such model", which sends people the wrong way. A file not there yet is fine (MLflow makes it)."""
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///"):].partition("?")[0])
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as err:
+        raise store_error(uri, err) from None
+    if verdict is None or verdict[0] != "ok":
+        raise store_error(uri, sqlite3.DatabaseError(f"integrity check failed: {verdict[0] if verdict else 'no answer'}"))
+
+
 def use_store(uri: str, requests: MlflowSettings | None = None) -> None:
     """Point this process's MLflow at ``uri``. An HTTP(S) server is probed first: a refused
     connection or an unknown host is a TrackingStoreError within seconds. ``requests`` bounds
@@ -61,6 +89,8 @@ def use_store(uri: str, requests: MlflowSettings | None = None) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(requests.request_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(requests.request_timeout_s))
     parsed = urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        check_sqlite_store(uri)
     if parsed.scheme in ("http", "https"):
         try:
             socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
@@ -125,6 +155,30 @@ def clear_ghosts(client, experiment_id: str) -> dict[str, list[str]]:
     return {"runs": runs, "models": models}
 
 
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: ``mlruns/`` beside the
+    database file (MLflow's own default is ``./mlruns`` of whichever folder the process that creates
+    the experiment runs in). None for other stores: a tracking server has its own artifact root."""
+    if not uri.startswith("sqlite:///") or uri.partition("?")[0].endswith(":memory:"):
+        return None
+    database = Path(uri[len("sqlite:///"):].partition("?")[0])
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).strip(".") or "experiment"
+    return (database.parent / "mlruns" / slug).as_uri()
+
+
+def ensure_experiment(name: str):
+    """The experiment ``name`` of the current store, created (artifacts beside a local SQLite
+    store: ``default_artifact_location``) when missing."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = default_artifact_location(current_tracking_uri(), name)
+        mlflow.create_experiment(name, artifact_location=location)
+        experiment = mlflow.get_experiment_by_name(name)
+    return experiment
+
+
 def setup(settings: Settings):
     """Point MLflow at the configured store and experiment (tagged as model training, also when
     it already existed); returns the mlflow module. TrackingStoreError when the store cannot be
@@ -134,7 +188,7 @@ def setup(settings: Settings):
     uri = tracking_uri(settings)
     use_store(uri, settings.mlflow)
     try:
-        experiment = mlflow.set_experiment(settings.mlflow.experiment)
+        experiment = mlflow.set_experiment(experiment_id=ensure_experiment(settings.mlflow.experiment).experiment_id)
         key, value = EXPERIMENT_KIND
         client = mlflow.MlflowClient()
         if experiment.tags.get(key) != value:

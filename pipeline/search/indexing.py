@@ -68,9 +68,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def photo_files(folder: Path) -> dict[str, tuple[Path, int, int]]:
+NOT_UTF8 = ("file name is not valid UTF-8: rename it (the index, search and the app name photos in UTF-8; "
+            "e.g. convmv -f latin1 -t utf8 --notest)")
+
+
+def shown_name(rel: str) -> str:
+    """A path as it can be printed and stored: bytes that are not UTF-8 as ``\\xff``."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def photo_files(folder: Path, refused: list[tuple[str, str]] | None = None) -> dict[str, tuple[Path, int, int]]:
     """Every photo under ``folder`` (by suffix, any case): relative '/'-separated path ->
-    (absolute path, size, mtime_ns). A link is followed only when it resolves inside the folder."""
+    (absolute path, size, mtime_ns). A link is followed only when it resolves inside the folder.
+    A path that is not valid UTF-8 cannot be stored or shown as text: it goes to ``refused``
+    (shown name, reason) instead, and the other photos are indexed."""
     root = folder.resolve()
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -86,7 +97,14 @@ def photo_files(folder: Path) -> dict[str, tuple[Path, int, int]]:
                 stat = resolved.stat()
             except OSError:
                 continue
-            found[path.relative_to(root).as_posix()] = (path, stat.st_size, stat.st_mtime_ns)
+            rel = path.relative_to(root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # os.walk's surrogate escapes for undecodable bytes
+                if refused is not None:
+                    refused.append((shown_name(rel), NOT_UTF8))
+                continue
+            found[rel] = (path, stat.st_size, stat.st_mtime_ns)
     return found
 
 
@@ -119,7 +137,7 @@ def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_si
     store.set_meta("root", str(root))
     digest = model.backbone_digest
     report = IndexReport()
-    on_disk = photo_files(root)
+    on_disk = photo_files(root, report.errors)
     report.on_disk = len(on_disk)
     rows = {r.path: r for r in store.iter_paths()}
     fresh, stale = [], []  # (rel, abs, size, mtime): files to hash; rows of this model to recaption

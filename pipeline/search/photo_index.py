@@ -55,6 +55,29 @@ class PhotoIndexError(ReportedError):
     """The index cannot be opened, or is not an index of the folder asked for."""
 
 
+def _ours(table: str) -> bool:
+    return table in ("photos", "index_meta") or table == "photos_fts" or table.startswith("photos_fts_")
+
+
+def index_url(location: str | Path) -> str:
+    """A SQLAlchemy URL for ``location``: a URL as it is, a file path as SQLite."""
+    text = str(location)
+    return text if "://" in text else f"sqlite:///{Path(text).expanduser()}"
+
+
+def damaged(url: str, err: BaseException) -> PhotoIndexError:
+    """One paragraph: the index, what the database said, and the way out."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    try:
+        url = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        pass
+    way_out = (f"move it aside (mv {url[len('sqlite:///'):]} {url[len('sqlite:///'):]}.bad) and run captioner index "
+               "DIR again: the index is rebuilt from the photos" if url.startswith("sqlite:///")
+               else "check the database, or index into a new one with --db")
+    return PhotoIndexError(f"cannot read the photo index {url} ({type(err).__name__}: {first}); {way_out}")
+
+
 @dataclass
 class Photo:
     path: str
@@ -101,21 +124,34 @@ def _row_to_photo(row) -> Photo:
 class PhotoIndex:
     """An index database. ``url``: a SQLAlchemy URL, or a file path for SQLite."""
 
-    def __init__(self, url: str | Path):
+    def __init__(self, url: str | Path, create: bool = True):
+        """``create``: make the index when there is none (``captioner index``); readers (search,
+        the app) pass False and get a PhotoIndexError instead of a new, empty file."""
         text = str(url)
-        self.url = text if "://" in text else f"sqlite:///{Path(text).expanduser()}"
-        if self.url.startswith("sqlite:///"):
-            Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.url = index_url(url)
         try:
             backend = sa.engine.make_url(self.url).get_backend_name()
         except sa.exc.ArgumentError as err:
             raise PhotoIndexError(f"{text} is neither a file path nor a database URL: {err}") from None
         if backend not in ("sqlite", "postgresql"):
             raise PhotoIndexError(f"{self.url}: photo indexes live in SQLite or PostgreSQL, not {backend}")
+        if self.url.startswith("sqlite:///"):
+            file = Path(self.url[len("sqlite:///"):].partition("?")[0])
+            if not create and not file.is_file():
+                raise PhotoIndexError(f"there is no photo index at {file}: make one with captioner index DIR --db {file}")
+            file.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine = sa.create_engine(self.url)
             self.dialect = self.engine.dialect.name
             with self.engine.begin() as conn:
+                foreign = sorted(t for t in sa.inspect(conn).get_table_names() if not _ours(t))
+                if foreign:
+                    raise PhotoIndexError(
+                        f"{self.safe_url} holds tables of another tool ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}): a photo index needs a database of its own "
+                        "(e.g. --db photos.db), not the MLflow or feedback store")
+                if not create and "photos" not in sa.inspect(conn).get_table_names():
+                    raise PhotoIndexError(f"{self.safe_url} holds no photo index: make one with captioner index DIR")
                 metadata.create_all(conn)
                 if self.dialect == "sqlite":
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
@@ -125,7 +161,12 @@ class PhotoIndex:
                     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS photos_words ON photos USING gin(words)")
                 conn.execute(sa.text("SELECT 1 FROM photos LIMIT 1"))
         except sa.exc.SQLAlchemyError as err:
-            raise PhotoIndexError(f"cannot open the photo index {self.url}: {str(err).splitlines()[0]}") from None
+            raise damaged(self.safe_url, err) from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password (for messages)."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     # -- the folder it indexes ------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

@@ -8,8 +8,10 @@ and ``baseline``, the same decoder and beam search fed the mean train feature ve
 image (image-blind), which shows what the image adds.
 The registry's current champion (if any, and if it loads) captions the same test images in
 the mode of ``register.metric``; ``reports/test_scores.parquet`` holds per-image scores of both
-(``pipeline/captioning/comparison.py``), so ``register`` judges them on the same images. A champion that
-cannot be loaded is recorded (``eval.json`` ``champion.status``), never fatal.
+(``pipeline/captioning/comparison.py``), so ``register`` judges them on the same images. A champion whose
+files are gone or whose code cannot run is recorded (``eval.json`` ``champion.status``/``cause``); a
+registry that cannot say or hand over what the champion is stops the stage (nothing written), so
+no model is promoted unjudged.
 When people's corrections hold photos out (split ``feedback``, see the ``feedback`` stage), both
 models are scored on them too, against the corrections (``eval.json`` ``feedback``, rows of
 ``test_scores.parquet`` with ``set`` = ``feedback``).
@@ -186,7 +188,7 @@ def run(settings: Settings) -> dict:
         fb = metrics["feedback"]
         summary += (f" Held-out corrected photos ({fb['n_images']}): beam BLEU-4 {fb['beam']['bleu4']:.3f}, "
                     f"CIDEr {fb['beam']['cider']:.3f} against the corrections.")
-    write_text(paths.GALLERY, render(items, "captioner: test images", summary))
+    write_text(paths.GALLERY, render(items, "captioner: test images", summary, settings.validation.max_image_pixels))
     with resume_run(settings, paths.TRAIN_RUN, "evaluate") as active:
         import mlflow
 

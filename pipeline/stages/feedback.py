@@ -32,6 +32,7 @@ from pipeline.data.dataset_check import (
     validate_dataset,
 )
 from pipeline.data.flickr8k import count_caption_lines
+from pipeline.data.images import MISSING
 from pipeline.data.sources import FEEDBACK_TEST
 from pipeline.feedback.export import export
 from pipeline.feedback.store import LAST_EXPORT, FeedbackError, FeedbackStore, now
@@ -55,6 +56,20 @@ def check(folder: Path, cfg: ValidateSettings) -> tuple[pd.DataFrame, pd.DataFra
     return kept, rejects, report
 
 
+def with_missing_photos(rejects: pd.DataFrame, report: dict, missing: list[dict]) -> pd.DataFrame:
+    """Corrections the export left out for want of their photo, as rejects with the reason (the
+    quarantine lists everything not kept, not only what validate saw)."""
+    if not missing:
+        return rejects
+    rows = pd.DataFrame([{"line": -1, "image": m["image"], "caption_idx": -1, "caption_raw": m["caption_raw"],
+                          "caption": "", "split": "", "reason": MISSING,
+                          "detail": f"feedback {m['feedback_id']}: the store holds no photo {m['image']!r}",
+                          "source_file": "feedback store"} for m in missing], columns=REJECT_COLUMNS)
+    report["rejected"] = report.get("rejected", 0) + len(rows)
+    report.setdefault("reject_reasons", {})[MISSING] = report["reject_reasons"].get(MISSING, 0) + len(rows)
+    return pd.concat([rejects, rows], ignore_index=True) if len(rejects) else rows
+
+
 def run(settings: Settings) -> dict:
     """Export the store's corrections into ``data/feedback/`` and check them; returns counts."""
     cfg = settings.feedback
@@ -64,6 +79,7 @@ def run(settings: Settings) -> dict:
         with atomic_dir(paths.FEEDBACK_DIR) as tmp:
             summary = export(store, tmp, cfg.test_share)
             kept, rejects, report = check(tmp, settings.validation)
+            rejects = with_missing_photos(rejects, report, summary.pop("missing_photos"))
             write_parquet(kept.reset_index(drop=True), tmp / paths.FEEDBACK_CAPTIONS.name)
             write_parquet(rejects.reset_index(drop=True), tmp / paths.FEEDBACK_REJECTS.name)
             write_json(tmp / paths.FEEDBACK_REPORT.name, report)

@@ -32,7 +32,7 @@ from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.captioning.backbone import BackboneFolder
 from pipeline.config import Settings
-from pipeline.registry.champion import ALIAS, current_version, judge
+from pipeline.registry.champion import ALIAS, CAUSES, current_version, judge
 from pipeline.registry.tracking import fail_pending_models, resume_run, tracking_uri
 from pipeline.stages._cli import reported, require, stage_main
 
@@ -110,13 +110,24 @@ def model_description(name: str, weights: str) -> str:
         "More: the project README, sections \"Using the model\" and \"Comparing models in MLflow\".")
 
 
-def version_description(run_tags: dict, metrics: dict, decision: str, why: str, old_version: str | None) -> str:
+def replacement_warning(champion: dict, old_version: str | None, decision: str) -> str:
+    """What to say loudly when a champion that could not be loaded is replaced unjudged ("" otherwise)."""
+    if decision != "promoted" or champion.get("status") != "unloadable":
+        return ""
+    cause = CAUSES.get(champion.get("cause", ""), "it could not be loaded")
+    return (f"WARNING: champion v{old_version} was replaced WITHOUT a comparison: {cause} "
+            f"({champion.get('error', '')}). This version was never judged against it; compare them by hand "
+            "(reports/test_scores.parquet, the MLflow runs) if that champion mattered.")
+
+
+def version_description(run_tags: dict, metrics: dict, decision: str, why: str, old_version: str | None,
+                        warning: str = "") -> str:
     """One version's description: its data, its scores, and how it compared with the champion."""
     beam = metrics.get("beam", {})
     scores = ", ".join(f"{label} {beam[key]:.3f}" for key, label in (
         ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr")) if key in beam)
     against = f"champion v{old_version}" if old_version else "no champion (first model)"
-    return (f"Data: {run_tags.get('data.source', '?')} captions (DVC md5 "
+    return ((f"**{warning}**\n\n" if warning else "") + f"Data: {run_tags.get('data.source', '?')} captions (DVC md5 "
             f"{run_tags.get('dvc.captions_md5', '?')}), features (DVC md5 {run_tags.get('dvc.features_md5', '?')}), "
             f"code {run_tags.get('git.commit', '?')}.\n\n"
             f"Test scores ({metrics.get('n_images', '?')} images, beam {metrics.get('beam_size', '?')}): {scores}.\n\n"
@@ -163,15 +174,21 @@ def run(settings: Settings) -> dict:
         client.set_model_version_tag(reg.model_name, version, key, value)
     client.update_registered_model(reg.model_name, description=model_description(reg.model_name, settings.features.weights))
     client.update_model_version(reg.model_name, version, description=version_description(
-        client.get_run(run_id).data.tags, metrics, decision, why, old_version))
+        client.get_run(run_id).data.tags, metrics, decision, why, old_version,
+        replacement_warning(metrics.get("champion", {}), old_version, decision)))
     client.set_tag(run_id, "registry.decision", decision)
+    warning = replacement_warning(metrics.get("champion", {}), old_version, decision)
+    if warning:
+        client.set_model_version_tag(reg.model_name, version, "warning", warning)
+        log.warning(warning)
     report = {"model_name": reg.model_name, "version": version, "run_id": run_id,
               "model_uri": f"models:/{reg.model_name}/{version}", "metric": reg.metric,
               "new_score": new_score,
               "old_champion": {"version": old_version, **metrics.get("champion", {})},
               "comparison": comparison, "reason": why,
               "champion": version if decision == "promoted" else old_version, "alias": alias,
-              "decision": decision, "tracking_uri": tracking_uri(settings)}
+              "decision": decision, "tracking_uri": tracking_uri(settings),
+              **({"warning": warning} if warning else {})}
     write_json(paths.REGISTRY_REPORT, report)
     log.info("%s v%s -> %s: %s", reg.model_name, version, decision, why)
     return report

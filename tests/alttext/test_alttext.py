@@ -231,6 +231,81 @@ def test_a_page_changed_since_the_scan_is_left_alone(site, champion):
     assert "A line a person added" in (site / "blog.md").read_text() and "![](" in (site / "blog.md").read_text()
 
 
+def test_a_read_only_page_is_not_rewritten(site, champion):
+    identity, model = champion
+    proposals = alt.propose(scan_site(site, CFG.max_page_bytes), model, identity, CFG, progress=False)
+    for p in proposals:
+        p.status = "accepted"
+    page = site / "about" / "index.htm"
+    before = page.read_bytes()
+    page.chmod(0o444)
+    try:
+        done = alt.apply(site, proposals)
+    finally:
+        page.chmod(0o644)
+    assert ("about/index.htm", "read-only: not changed (make it writable, then apply again)") in done.skipped
+    assert page.read_bytes() == before and "index.html" in done.pages
+    assert all(p.status == "accepted" for p in proposals if p.page == "about/index.htm")
+
+
+TRICKY = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><base href="/sub/">
+<title>Not an image: <img src="dog.jpg"></title></head>
+<body>
+<img src="dog.jpg">
+<textarea name="notes"><img src="dog.jpg"> is how one writes an image</textarea>
+<input type="image" src="/sub/dog.jpg">
+<input type="image" src="/sub/dog.jpg" alt="Search">
+<img src="dog.jpg" usemap="#m" alt="A map"><map name="m"><area href="/a.html" shape="rect" coords="0,0,9,9"></map>
+<div role="img" style="width:10px;height:10px;background:red"></div>
+<div role="img" aria-label="A red square"></div>
+</body></html>
+"""
+
+
+def test_base_href_raw_text_and_the_elements_only_a_person_can_describe(tmp_path):
+    """<base href> moves where src points; <img in <title>/<textarea> is text; image buttons,
+    image-map areas and role=img are reported for a person, as axe-core counts them."""
+    from playwright.sync_api import sync_playwright
+
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "pages").mkdir()
+    (site / "sub" / "dog.jpg").write_bytes(scene(40))
+    (site / "pages" / "index.html").write_text(TRICKY)
+    scan = scan_site(site, CFG.max_page_bytes)
+    images = [f for f in scan.found if f.state == "missing-alt"]
+    assert [(f.line, f.image) for f in images] == [(5, "sub/dog.jpg")]  # the browser's /sub/dog.jpg
+    person = sorted((f.line, f.src) for f in scan.found if f.state == "needs-person")
+    assert person == [(7, "image button (input type=image)"), (9, "image-map area"), (10, "<div role=img>")]
+    assert dict(alt.summary(scan, []))["needs-person"] == 3
+    # axe-core, on the page served from the site root so that <base href="/sub/"> means what it says
+    axe = PROJECT / "tests" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/pages/index.html")
+            page.add_script_tag(path=str(axe))
+            result = page.evaluate("async () => (await axe.run(document, {runOnly: ['image-alt', "
+                                   "'input-image-alt', 'area-alt', 'role-img-alt']})).violations")
+            loaded = page.evaluate("() => [...document.images].filter(i => i.naturalWidth > 0).length")
+            browser.close()
+    finally:
+        server.shutdown()
+    counts = {v["id"]: len(v["nodes"]) for v in result}
+    assert counts == {"image-alt": 1, "input-image-alt": 1, "area-alt": 1, "role-img-alt": 1}, counts
+    assert loaded == 2  # the browser found the photo where the scan did
+
+
 def test_hostile_sites_are_reported_without_a_crash_or_a_read_outside(site, champion, tmp_path):
     identity, model = champion
     outside = tmp_path / "outside"
@@ -283,6 +358,16 @@ def test_the_command_line_proposes_reviews_and_applies(site, champion, registere
     applied = subprocess.run([*cli, "--apply"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert applied.returncode == 0, applied.stderr
     assert "applied 2 alt texts" in applied.stdout
+    # a later scan and apply keep what was applied on record
+    first_applied = {r["id"]: r["alt"] for r in json.loads((site / alt.REVIEW_FILE).read_text())
+                     if r["status"] == "applied"}
+    assert len(first_applied) == 2
+    again = subprocess.run([*cli, "--apply", "--yes"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    record = {r["id"]: r for r in json.loads((site / alt.REVIEW_FILE).read_text())}
+    assert all(record[i]["status"] == "applied" and record[i]["alt"] == a for i, a in first_applied.items())
+    assert sum(1 for r in record.values() if r["status"] == "applied") > 2
 
 
 @pytest.mark.timeout(900)

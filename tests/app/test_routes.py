@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,9 +18,18 @@ from mlflow import MlflowClient
 
 from pipeline.app.hot_swap import ChampionHolder
 from pipeline.app.routes import create_app
-from tests.helpers import PROJECT, chromium, drop_files, free_port, tiny_params, wait_for_http
+from tests.helpers import (
+    PROJECT,
+    chromium,
+    drop_files,
+    free_port,
+    tiny_params,
+    tiny_settings,
+    wait_for_http,
+)
 
 NAME = "flickr8k-captioner"
+LIMITS = tiny_settings(**{"app.max_captions_per_minute": 1000}).app  # the caption limit has its own test
 
 
 @pytest.fixture
@@ -51,14 +61,19 @@ def api(store):
     from fastapi.testclient import TestClient
 
     champion = ChampionHolder(NAME)
-    with TestClient(create_app(champion, poll_seconds=3600)) as client:
+    with TestClient(create_app(champion, poll_seconds=3600, limits=LIMITS)) as client:
         yield client, champion
 
 
 
 @contextlib.contextmanager
 def running_app(store: Path, *options: str, drop_env: tuple[str, ...] = ()):
-    """`captioner app` in its own process over the test store; yields it and its URL once healthy."""
+    """`captioner app` in its own process over the test store (its params.yaml: the tiny ones
+    unless the test wrote its own); yields it and its URL once healthy."""
+    from tests.helpers import write_params
+
+    if not (store / "params.yaml").is_file():
+        write_params(store)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
     for name in drop_env:
@@ -211,8 +226,11 @@ def test_a_version_that_failed_is_retried_and_the_error_names_its_missing_files(
     try:
         registry.set_registered_model_alias(NAME, "champion", second)
         assert not champion.refresh()
-        assert champion.last_error == (f"v{second} failed to load: its files are missing: {files} does not "
-                                       "exist (restore them or point @champion at another version)")
+        assert champion.last_error.startswith(f"v{second} failed to load: its files are missing: {files} does not "
+                                              "exist (restore them or point @champion at another version)")
+        # this store is a copy: its mlflow.db names the files of the folder it was copied from
+        assert "if the project was copied or moved" in champion.last_error
+        assert "dvc repro -f -s register" in champion.last_error
         assert champion.current.info["version"] == "1"  # still serving
     finally:
         aside.rename(files)  # restored
@@ -246,15 +264,23 @@ def photo_index(store, tmp_path):
 
 def test_search_answers_with_photos_and_serves_only_indexed_thumbnails(store, photo_index, tmp_path):
     from fastapi.testclient import TestClient
+    from PIL import Image
 
     from pipeline.app.routes import PhotoSearch
+    from pipeline.registry.champion import load_champion_model
+    from pipeline.search.indexing import index_folder
     from pipeline.search.photo_index import PhotoIndex
 
     db, folder = photo_index
+    stored = PhotoIndex(db).all(with_embeddings=False)
+    # a picture over the served model's pixel limit (1,000,000 here): the indexer records it as
+    # refused, and the thumbnail endpoint must not decode it either
+    Image.new("RGB", (1100, 1000), (250, 250, 250)).save(folder / "huge.png")
+    identity, model = load_champion_model(NAME)
+    index_folder(folder, PhotoIndex(db), model, identity, batch_size=12, progress=False)
     (tmp_path / "secret.jpg").write_bytes(photo(0))
     (folder / "not-indexed.jpg").write_bytes(photo(1))  # inside the folder, but not in the index
-    stored = PhotoIndex(db).all(with_embeddings=False)
-    with TestClient(create_app(ChampionHolder(NAME), 3600, PhotoSearch(str(db)))) as client:
+    with TestClient(create_app(ChampionHolder(NAME), 3600, LIMITS, PhotoSearch(str(db)))) as client:
         body = client.get("/api/search", params={"q": stored[0].caption, "limit": 5}).json()
         assert body["ranking"] == "likelihood" and len(body["results"]) == 5
         assert {r["path"] for r in body["results"]} <= {p.path for p in stored}
@@ -268,8 +294,10 @@ def test_search_answers_with_photos_and_serves_only_indexed_thumbnails(store, ph
         for hostile in ("../secret.jpg", str(tmp_path / "secret.jpg"), "/etc/passwd", "not-indexed.jpg",
                         "album/../../secret.jpg", "%2e%2e/secret.jpg", ""):
             assert client.get("/api/photo", params={"path": hostile}).status_code in (404, 422), hostile
-        assert client.get("/api/search/info").json() == {"enabled": True, "photos": {"ok": 12}}
-    with TestClient(create_app(ChampionHolder(NAME), 3600)) as client:  # no index served
+        huge = client.get("/api/photo", params={"path": "huge.png"})
+        assert huge.status_code == 422 and "too large" in huge.json()["detail"], huge.text
+        assert client.get("/api/search/info").json()["photos"]["ok"] == 12
+    with TestClient(create_app(ChampionHolder(NAME), 3600, LIMITS)) as client:  # no index served
         assert client.get("/api/search", params={"q": "red"}).status_code == 404
 
 
@@ -315,7 +343,7 @@ def feedback_api(store):
     cfg = tiny_settings().feedback.model_copy(update={"db": str(store / "feedback.db")})
     desk = FeedbackDesk(cfg, NAME)
     champion = ChampionHolder(NAME)
-    with TestClient(create_app(champion, poll_seconds=3600, desk=desk)) as client:
+    with TestClient(create_app(champion, poll_seconds=3600, limits=LIMITS, desk=desk)) as client:
         yield client, desk
 
 
@@ -363,12 +391,108 @@ def test_ratings_and_corrections_are_stored_traced_in_mlflow_and_can_be_taken_ba
     tags = MlflowClient().get_model_version(NAME, "1").tags
     assert (tags["feedback.right"], tags["feedback.wrong"], tags["feedback.corrections"]) == ("1", "1", "1")
 
-    # only who sent it takes it back; then it is out of every export
+    # the browser that sent it takes it back (its owner cookie); then it is out of every export
     fix_id = fix.json()["id"]
-    assert client.delete(f"/api/feedback/{fix_id}", headers={"X-Submitter": "ana"}).status_code == 403
-    assert client.delete(f"/api/feedback/{fix_id}", params={"submitter": "ben"}).status_code == 200
-    assert client.delete(f"/api/feedback/{fix_id}", params={"submitter": "ben"}).status_code == 404
+    assert client.delete(f"/api/feedback/{fix_id}").status_code == 200
+    assert client.delete(f"/api/feedback/{fix_id}").status_code == 404
     assert desk.store.corrections() == [] and client.get("/api/feedback").json()["count"] == 1
+
+
+def test_a_locked_feedback_database_costs_the_caption_its_id_not_its_answer(feedback_api, store):
+    """Another writer holds feedback.db: the caption comes back (without a caption_id) after the
+    store's short wait, not after SQLite's 30 s busy timeout."""
+    import sqlite3
+
+    client, _ = feedback_api
+    caption_one(client, 0)  # warm: the model's step graphs
+    holder = sqlite3.connect(store / "feedback.db", timeout=1, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a write lock, as a long export or a stuck process holds it
+    answer: dict = {}
+    request = threading.Thread(target=lambda: answer.update(caption_one(client, 1)))
+    try:
+        request.start()
+        request.join(timeout=25)  # bounded; SQLite alone would make it wait 30 s
+        answered_while_locked = not request.is_alive()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        request.join(timeout=120)
+    assert answered_while_locked, "the caption request waited for the lock"
+    assert answer["caption"] and "caption_id" not in answer
+    assert "caption_id" in caption_one(client, 2)  # the lock gone, ids again
+
+
+OPERATOR = "operator-secret-0123456789abcdef"
+
+
+def test_feedback_belongs_to_the_browser_that_sent_it_not_to_a_typed_name(store):
+    """A name is an attribution; the owner cookie the app issued decides who may list and take
+    back feedback; everyone's feedback is for the operator's credential alone."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from pipeline.app.access import OWNER_COOKIE, OperatorCredential
+    from pipeline.app.feedback_desk import FeedbackDesk
+
+    cfg = tiny_settings().feedback.model_copy(update={"db": str(store / "feedback.db")})
+    desk = FeedbackDesk(cfg, NAME)
+    app = create_app(ChampionHolder(NAME), 3600, LIMITS, desk=desk, operator=OperatorCredential(OPERATOR))
+    with TestClient(app) as ana:
+        bob, stranger = TestClient(app), TestClient(app)  # other browsers: cookie jars of their own
+        first, second = caption_one(ana, 0), caption_one(bob, 1)
+        sent = ana.post("/api/feedback", json={"caption_id": first["caption_id"], "rating": "wrong",
+                                               "correction": "a red circle", "submitter": "ana",
+                                               "image": base64.b64encode(photo(0)).decode()})
+        assert sent.status_code == 201, sent.text
+        cookie = sent.cookies.get(OWNER_COOKIE) or ana.cookies.get(OWNER_COOKIE)
+        assert cookie and len(cookie) == 43
+        assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= {a.strip() for a in sent.headers["set-cookie"].split(";")}
+        theirs = bob.post("/api/feedback", json={"caption_id": second["caption_id"], "rating": "right",
+                                                 "submitter": "ana"}, headers={"X-Submitter": "ana"})
+        assert theirs.status_code == 201
+        ana_id, bob_id = sent.json()["id"], theirs.json()["id"]
+        # the token is never stored, only its hash; the listing shows no owner at all
+        assert cookie not in (store / "feedback.db").read_bytes().decode("latin-1")
+        # each browser lists its own; a stranger none; the operator everyone's
+        assert [r["id"] for r in ana.get("/api/feedback").json()["feedback"]] == [ana_id]
+        assert [r["id"] for r in bob.get("/api/feedback").json()["feedback"]] == [bob_id]
+        assert stranger.get("/api/feedback").json()["count"] == 0
+        everyone = stranger.get("/api/feedback", headers={"Authorization": f"Bearer {OPERATOR}"}).json()
+        assert everyone["scope"] == "everyone" and [r["id"] for r in everyone["feedback"]] == [ana_id, bob_id]
+        assert all("owner" not in r for r in everyone["feedback"])
+        wrong = stranger.get("/api/feedback", headers={"Authorization": f"Bearer {OPERATOR[:-1]}x"}).json()
+        assert wrong["count"] == 0
+        # a typed name, a header or a query naming ana takes nothing back; a forged cookie neither
+        for attempt in (bob.delete(f"/api/feedback/{ana_id}", headers={"X-Submitter": "ana"}),
+                        stranger.delete(f"/api/feedback/{ana_id}", params={"submitter": "ana"}),
+                        TestClient(app, cookies={OWNER_COOKIE: "A" * 43}).delete(f"/api/feedback/{ana_id}"),
+                        stranger.delete(f"/api/feedback/{bob_id}", headers={"Authorization": "Bearer nope"})):
+            assert attempt.status_code == 403 and "not sent from this browser" in attempt.json()["detail"]
+        assert len(desk.store.rows()) == 2
+        # the sender takes theirs back whatever name they typed; the operator anyone's
+        assert ana.delete(f"/api/feedback/{ana_id}").status_code == 200
+        assert stranger.delete(f"/api/feedback/{bob_id}",
+                               headers={"Authorization": f"Bearer {OPERATOR}"}).status_code == 200
+        assert desk.store.rows() == []
+        # ids and times out of range are a 4xx, not a 500
+        assert ana.delete("/api/feedback/99999999999999999999").status_code == 422
+        assert ana.get("/api/feedback", params={"since": "9999-12-31T23:59:59-14:00"}).status_code == 422
+        # a name keeps no invisible characters
+        third = caption_one(ana, 2)
+        named = ana.post("/api/feedback", json={"caption_id": third["caption_id"], "rating": "right",
+                                                "submitter": "e\u0301va\x00 \u202eevil\u200b  x"})
+        assert named.status_code == 201 and named.json()["submitter"] == "\u00e9va evil x"
+        # the store's budget for photos: a new photo past it is refused, one it holds is not
+        desk.cfg = desk.cfg.model_copy(update={"max_photo_bytes": desk.store.image_bytes() + 10})
+        fourth = caption_one(ana, 3)
+        full = ana.post("/api/feedback", json={"caption_id": fourth["caption_id"], "correction": "a dog",
+                                               "image": base64.b64encode(photo(3)).decode()})
+        assert full.status_code == 507 and "feedback.max_photo_bytes" in full.json()["detail"]
+        held = ana.post("/api/feedback", json={"caption_id": first["caption_id"], "correction": "a red disc",
+                                               "image": base64.b64encode(photo(0)).decode()})
+        assert held.status_code == 201
+    desk.close()
 
 
 def test_bad_feedback_is_refused_with_the_reason_and_nothing_stored_is_lost(feedback_api):
@@ -464,3 +588,51 @@ def test_correcting_a_caption_in_a_browser(store, tmp_path):
         assert [(r["rating"], r["correction"], r["submitter"]) for r in rows] == [
             ("wrong", "a blue square near the top of a white picture", "ana")]
         assert FeedbackStore(store / "feedback.db").image(rows[0]["image_sha256"]) in (photo(0), photo(1))
+
+
+def test_a_real_app_believes_no_forwarded_address_no_foreign_origin_and_no_foreign_host(store):
+    """uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: with its defaults, a
+    client past its limit could name any address and be let in again."""
+    import httpx
+
+    from tests.helpers import write_params
+
+    write_params(store, **{"app.max_captions_per_minute": 2})
+
+    def post(url, **headers):
+        return httpx.post(f"{url}/api/caption", files=[("file", ("a.jpg", photo(0), "image/jpeg"))],
+                          headers=headers, timeout=120)
+
+    with running_app(store, "--poll-seconds", "60") as (_, url):
+        assert [post(url).status_code for _ in range(2)] == [200, 200]
+        over = post(url)
+        assert over.status_code == 429 and "app.max_captions_per_minute" in over.json()["detail"]
+        assert over.headers["retry-after"] == "60"
+        forged = [post(url, **{"X-Forwarded-For": f"203.0.113.{i}", "X-Real-IP": f"198.51.100.{i}"}).status_code
+                  for i in range(10)]
+        assert forged == [429] * 10
+        # another site's page cannot make this browser send feedback or captions
+        crossed = httpx.post(f"{url}/api/feedback", json={"caption_id": "x", "rating": "right"},
+                             headers={"Origin": "http://evil.example"}, timeout=30)
+        assert crossed.status_code == 403 and "origin" in crossed.json()["detail"]
+        sneaky = httpx.post(f"{url}/api/feedback", json={"caption_id": "x", "rating": "right"},
+                            headers={"Sec-Fetch-Site": "cross-site"}, timeout=30)
+        assert sneaky.status_code == 403
+        same = httpx.post(f"{url}/api/feedback", json={"caption_id": "x", "rating": "right"},
+                          headers={"Origin": url, "Sec-Fetch-Site": "same-origin"}, timeout=30)
+        assert same.status_code == 404  # through the guard: an unknown caption id
+        # DNS rebinding: a name that resolves to 127.0.0.1 but is not this app's
+        assert httpx.get(f"{url}/healthz", headers={"Host": "evil.example"}, timeout=30).status_code == 400
+        assert httpx.get(f"{url}/healthz", headers={"Host": "localhost"}, timeout=30).status_code == 200
+        # a second app on the same port says so at once, and does not say it serves
+        port = url.rsplit(":", 1)[1]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(PROJECT)}
+        busy = subprocess.run([sys.executable, "-m", "pipeline.cli", "app", "--port", port, "--model-name", NAME],
+                              cwd=store, env=env, capture_output=True, text=True, timeout=300)
+        assert busy.returncode == 2 and f"127.0.0.1:{port} cannot be used" in busy.stderr
+        assert "serving" not in busy.stderr
+    # behind a proxy the operator names, the forwarded address is the client's
+    with running_app(store, "--poll-seconds", "60", "--trusted-proxies", "127.0.0.1") as (_, url):
+        hop = {"X-Forwarded-For": "203.0.113.7"}
+        assert [post(url, **hop).status_code for _ in range(3)] == [200, 200, 429]
+        assert post(url, **{"X-Forwarded-For": "203.0.113.8"}).status_code == 200

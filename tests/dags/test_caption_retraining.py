@@ -19,8 +19,8 @@ def run_airflow(project: Path, home: Path, *extra: str) -> dict:
            "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__PARALLELISM": "4",
            "CAPTIONER_PROJECT_DIR": str(project), "CAPTIONER_RETRIES": "0",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the tasks use params.yaml's own sqlite:///mlflow.db
     result = subprocess.run([sys.executable, str(PROJECT / "tests" / "airflow_run.py"),
                              str(project / "dags"), *extra],
                             env=env, cwd=project, capture_output=True, text=True, timeout=900)
@@ -71,8 +71,8 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # two DAG runs, about 90 s together on a quiet machine
-def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(project, tmp_path):
+@pytest.mark.timeout(3000)  # three DAG runs, about 150 s together on a quiet machine
+def test_dag_run_trains_registers_retrains_against_the_champion_then_bad_data_stops_before_training(project, tmp_path):
     home = tmp_path / "airflow"
     remote = tmp_path / "dvc-remote"  # a shared DVC remote, as Celery workers would use
     sh(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
@@ -86,6 +86,16 @@ def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(projec
     assert json.loads((project / "metrics/eval.json").read_text())["beam"]["bleu4"] >= 0
     registry = json.loads((project / "reports/registry.json").read_text())
     assert registry["decision"] == "promoted" and registry["version"] == "1"
+
+    # Retraining with another seed: the evaluate task's champion process (in a temporary folder)
+    # opens the project's store through the relative default URI and compares, not crowns.
+    write_params(project, **{"train.seed": 8})
+    retrained = run_airflow(project, home)
+    assert retrained["state"] == "success", retrained
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert registry["version"] == "2" and registry["old_champion"]["status"] == "scored", registry
+    assert registry["comparison"] is not None and registry["comparison"]["images"] > 0
+    champion_after_retraining = registry["champion"]
 
     # New data arrives, and it is bad: caption lines without a tab -> validate must fail.
     names = [f"{i}_x.jpg" for i in range(10)]
@@ -104,5 +114,5 @@ def test_dag_run_trains_and_registers_then_bad_data_stops_before_training(projec
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
     champion = client.get_model_version_by_alias("flickr8k-captioner", "champion")
-    assert str(champion.version) == "1"
-    assert len(client.search_model_versions("name='flickr8k-captioner'")) == 1
+    assert str(champion.version) == champion_after_retraining
+    assert len(client.search_model_versions("name='flickr8k-captioner'")) == 2

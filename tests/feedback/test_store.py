@@ -30,16 +30,22 @@ def test_ratings_corrections_and_taking_them_back(location):
     store = FeedbackStore(location)
     photo = jpeg_bytes()
     serve(store, "c1", photo)
-    right = store.add("c1", "right", None, None, None)
-    fix = store.add("c1", "wrong", "a blue square at the top", "ana", photo)
+    legacy = store.add("c1", "right", None, "ana", None)  # stored before owners: nobody's
+    right = store.add("c1", "right", None, None, None, owner="b" * 64)
+    fix = store.add("c1", "wrong", "a blue square at the top", "ana", photo, owner="a" * 64)
     assert right["image_sha256"] is None and fix["image_sha256"] == sha256_of(photo)
     assert store.image(sha256_of(photo)) == photo  # the photo is kept with the correction, once
+    assert store.has_image(sha256_of(photo)) and store.image_bytes() == len(photo)
+    assert [r["id"] for r in store.rows(owner="a" * 64)] == [fix["id"]]
+    assert store.delete(legacy["id"], "a" * 64) == "not yours"  # only an operator takes it back
+    assert store.delete(legacy["id"], None, operator=True) == "deleted"
     assert store.counts() == {"flickr8k-captioner/3": {"right": 1, "wrong": 1, "corrections": 1}}
     assert [r["correction"] for r in store.corrections()] == ["a blue square at the top"]
     assert store.count_corrections_since(None) == 1 and store.count_corrections_since(fix["created_at"]) == 0
-    assert store.delete(fix["id"], "bob") == "not yours"
-    assert store.delete(fix["id"], "ana") == "deleted"
-    assert store.delete(fix["id"], "ana") == "not found"
+    assert store.delete(fix["id"], "b" * 64) == "not yours"
+    assert store.delete(fix["id"], None) == "not yours"
+    assert store.delete(fix["id"], "a" * 64) == "deleted"
+    assert store.delete(fix["id"], "a" * 64) == "not found"
     assert store.corrections() == [] and [r["id"] for r in store.rows()] == [right["id"]]
     FeedbackStore(location)  # opening again: the schema is there, the migration does nothing
     assert len(FeedbackStore(location).rows()) == 1

@@ -81,3 +81,18 @@ def test_airflow_standalone_comes_up_and_goes_away_cleanly(tmp_path):
     (tmp_path / "dvc.yaml").symlink_to(PROJECT / "dvc.yaml")
     body, _ = start_and_stop(tmp_path, "airflow", "/api/v2/monitor/health", 300)
     assert '"metadatabase"' in body
+
+
+def test_airflow_tasks_get_the_stores_a_user_named_relative_to_where_they_started(tmp_path, monkeypatch):
+    """The tasks run in the project folder, not in the shell's: a relative store set in the
+    environment reaches them absolute."""
+    from pathlib import Path
+
+    from pipeline.ops.launchers import airflow_environment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/mlflow.db")
+    monkeypatch.setenv("CAPTIONER_FEEDBACK_DB", "postgresql://127.0.0.1/feedback")
+    env = airflow_environment(tmp_path / "home", 8080, PROJECT, Path(sys.executable).parent)
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path.resolve()}/stores/mlflow.db"
+    assert env["CAPTIONER_FEEDBACK_DB"] == "postgresql://127.0.0.1/feedback"

@@ -115,3 +115,107 @@ def test_promotion_needs_one_set_better_and_the_other_not_worse():
     # no difference anywhere: kept
     assert decide({"test": (0, 0), "feedback": (0, 0)})[0] == "kept_champion"
     assert judge(scores_of({"test": (0, 0)}), champion, None, "beam_cider", "beam", "cider", 0.0)[0] == "promoted"
+
+
+# -- who is champion, and what "cannot be loaded" may mean ------------------------------------
+
+# A models-from-code file that runs where it was logged and not where it is loaded (the
+# environment variable stands for a package missing there).
+BROKEN_CODE = """
+import os
+import mlflow
+if os.environ.get("CHAMPION_PACKAGE_MISSING"):
+    raise ImportError("this champion needs a package that is not installed here")
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+mlflow.models.set_model(Echo())
+"""
+
+
+def registry_with_champion(store: Path, source: str):
+    """A store whose registry holds NAME v1 as champion, its files at ``source``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source=source, run_id=None)
+    client.set_registered_model_alias(NAME, "champion", version.version)
+    return client
+
+
+def test_a_relative_tracking_uri_reaches_the_champions_own_process(tmp_path, monkeypatch):
+    """The default sqlite:///mlflow.db: the scoring process runs in a temporary folder and must
+    still open this store (it used to open a new, empty one there and crown any model)."""
+    import mlflow
+
+    from pipeline.registry.champion import caption_with_champion
+
+    client = registry_with_champion(tmp_path / "mlflow.db", str(tmp_path / "gone"))
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    try:
+        run = caption_with_champion(mlflow.MlflowClient(), NAME, [], beam_size=1)
+    finally:
+        mlflow.set_tracking_uri(None)
+    # the registry answered (its v1 was found there); only the files were missing
+    assert (run.version, run.status, run.cause) == ("1", "unloadable", "files"), run
+    assert client.get_model_version_by_alias(NAME, "champion").version == 1
+
+
+def test_a_registry_that_does_not_know_the_champion_refuses_to_crown_another(tmp_path, monkeypatch):
+    import mlflow
+    import pytest
+
+    from pipeline.registry.champion import ChampionUnreachable, caption_with_champion
+
+    client = registry_with_champion(tmp_path / "mlflow.db", str(tmp_path / "gone"))
+    empty = tmp_path / "other" / "mlflow.db"
+    empty.parent.mkdir()
+    mlflow.set_tracking_uri(f"sqlite:///{empty}")  # the scoring process is handed another store
+    try:
+        with pytest.raises(ChampionUnreachable) as caught:
+            caption_with_champion(client, NAME, [], beam_size=1)
+    finally:
+        mlflow.set_tracking_uri(None)
+    message = str(caught.value)
+    assert str(empty) in message and "the champion stays" in message and "not found" in message
+
+
+def test_an_unreachable_registry_is_not_read_as_no_champion(monkeypatch):
+    import mlflow
+    import pytest
+
+    from pipeline.registry.champion import ChampionUnreachable, current_version
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ChampionUnreachable, match="did not answer which version is champion"):
+        current_version(mlflow.MlflowClient(tracking_uri=url), NAME)
+    # an empty store that answers: there is no champion yet
+    assert current_version(mlflow.MlflowClient(tracking_uri="sqlite:///:memory:"), NAME) is None
+
+
+def test_a_champion_whose_code_cannot_run_here_is_unloadable_not_unreachable(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.registry.champion import caption_with_champion
+
+    code = tmp_path / "broken_model.py"
+    code.write_text(BROKEN_CODE)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        mlflow.set_experiment("broken-champion")  # not the experiment another test left active
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="m", python_model=str(code), registered_model_name=NAME,
+                                    pip_requirements=["mlflow"])
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(NAME, "champion", "1")
+        monkeypatch.setenv("CHAMPION_PACKAGE_MISSING", "1")
+        run = caption_with_champion(client, NAME, [], beam_size=1)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (run.status, run.cause) == ("unloadable", "code") and "not installed here" in run.error, run

@@ -30,6 +30,17 @@ def test_a_damaged_mlflow_db_stops_a_stage_with_one_paragraph_and_keeps_its_repo
     assert f"cannot use the MLflow tracking store sqlite:///{db}" in message
     assert f"mv {db} {db}.bad" in message and "dvc repro -f -s register" in message
     assert all((project / p).read_bytes() == data for p, data in reports.items())
+    # every command that opens the store says the same, not a traceback or "run the pipeline first"
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg_bytes())
+    (tmp_path / "photos").mkdir()
+    for args in (["caption", str(photo)], ["app", "--port", str(free_port())],
+                 ["index", str(tmp_path / "photos"), "--db", str(tmp_path / "photos.db")]):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) < 5, done.stderr
+        assert f"cannot use the MLflow tracking store sqlite:///{db}" in done.stderr and f"mv {db}" in done.stderr
 
 
 def test_an_unreachable_tracking_server_fails_within_seconds_naming_it(tmp_path):

@@ -195,3 +195,31 @@ def test_the_command_line_indexes_and_searches(champion, photos, tmp_path):
     assert bm25.returncode == 0 and "red" in bm25.stdout
     nothing = subprocess.run([*cli, "search", "--db", str(db)], capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "QUERY" in nothing.stderr and "Traceback" not in nothing.stderr
+
+
+def test_names_that_are_not_utf8_or_hold_tabs_and_line_breaks(champion, photos, tmp_path):
+    """A name that is not UTF-8 is reported and skipped (the rest is indexed, every run); names
+    with tabs or line breaks stay one line of search's tab-separated output."""
+    root, _, _ = champion
+    folder, names = photos
+    data = (folder / names[0]).read_bytes()
+    with open(os.fsencode(folder) + b"/bad\xffbytes.jpg", "wb") as f:
+        f.write(data)
+    (folder / "tab\there.jpg").write_bytes(data)
+    (folder / "new\nline.jpg").write_bytes(data)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    db = tmp_path / "names.db"
+    for _ in range(2):  # a rerun meets the same name and goes on too
+        done = subprocess.run([*cli, "index", str(folder), "--db", str(db), "--model-name", NAME, "-q"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "bad\\xffbytes.jpg\tERROR: file name is not valid UTF-8" in done.stderr
+        assert "Traceback" not in done.stderr
+    assert PhotoIndex(db).counts() == {"ok": 18}
+    found = subprocess.run([*cli, "search", "a red circle", "--db", str(db), "--limit", "50", "--model-name", NAME],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    lines = found.stdout.splitlines()
+    assert len(lines) == 18 and all(len(line.split("\t")) == 3 for line in lines)
+    assert any(line.split("\t")[1].endswith("tab\\there.jpg") for line in lines)
+    assert any(line.split("\t")[1].endswith("new\\nline.jpg") for line in lines)

@@ -58,7 +58,50 @@ def test_moves_deletes_and_the_cheap_version_check(index):
 
 def test_a_path_that_is_not_a_database_is_a_clear_error(tmp_path):
     (tmp_path / "photos.db").write_bytes(b"not a database at all" * 100)
-    with pytest.raises(PhotoIndexError, match=r"cannot open the photo index sqlite:///.*photos.db"):
+    with pytest.raises(PhotoIndexError, match=r"cannot read the photo index sqlite:///.*photos.db.*mv "):
         PhotoIndex(tmp_path / "photos.db")
     with pytest.raises(PhotoIndexError, match="SQLite or PostgreSQL"):
         PhotoIndex("mysql+pymysql://nobody@127.0.0.1:1/photos")
+
+
+def test_another_tools_database_is_refused_and_left_as_it_was(tmp_path):
+    """--db pointing at mlflow.db or feedback.db: the index must not add its tables to them."""
+    import sqlite3
+
+    from pipeline.feedback.store import FeedbackStore
+
+    FeedbackStore(tmp_path / "feedback.db")
+    mlflow_like = tmp_path / "mlflow.db"
+    with sqlite3.connect(mlflow_like) as conn:
+        conn.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+    for db in (tmp_path / "feedback.db", mlflow_like):
+        before = db.read_bytes()
+        with pytest.raises(PhotoIndexError, match="holds tables of another tool .*a database of its own"):
+            PhotoIndex(db)
+        assert db.read_bytes() == before
+
+
+def test_readers_do_not_make_an_index_where_there_is_none(tmp_path):
+    with pytest.raises(PhotoIndexError, match="there is no photo index at .*captioner index DIR --db"):
+        PhotoIndex(tmp_path / "nowhere" / "photos.db", create=False)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_index_damaged_in_the_middle_is_one_paragraph_for_search(tmp_path):
+    import subprocess
+    import sys
+
+    db = tmp_path / "photos.db"
+    store = PhotoIndex(db)
+    store.set_meta("root", str(tmp_path))
+    store.save([photo(f"p{i}.jpg", f"a red circle number {i} " + "word " * 200, seed=i) for i in range(300)])
+    store.engine.dispose()
+    data = bytearray(db.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 20_000] = b"\xa5" * 20_000  # junk over pages in the middle
+    db.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", "red circle", "--ranking", "bm25",
+                           "--db", str(db)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot read the photo index sqlite:///{db}" in done.stderr and f"mv {db} {db}.bad" in done.stderr

@@ -44,7 +44,7 @@ def test_export_is_checked_split_by_photo_and_the_same_bytes_when_nothing_change
     long = correct(store, [(good[0][0], " ".join(["word"] * 60))], who="verbose")  # over validate.max_tokens
     correct(store, [(b"these bytes are no photo", "a red circle on the left")], who="prankster")
     taken_back = correct(store, [(synthetic_photos(1, seed=9)[0][0], "a photo taken back")], who="shy")[0]
-    assert store.delete(taken_back["id"], "shy") == "deleted"
+    assert store.delete(taken_back["id"], None, operator=True) == "deleted"
 
     summary = feedback.run(settings)
     assert summary["corrections"] == 10 and summary["kept"] == 8 and summary["rejected"] == 2
@@ -63,7 +63,7 @@ def test_export_is_checked_split_by_photo_and_the_same_bytes_when_nothing_change
 
     feedback.run(settings)  # nothing new: the same bytes, so DVC runs nothing after it
     assert folder_digest(paths.FEEDBACK_DIR) == first
-    assert store.delete(rows[0]["id"], "tester") == "deleted"
+    assert store.delete(rows[0]["id"], None, operator=True) == "deleted"
     feedback.run(settings)  # a correction taken back is gone from the next export
     assert len(pd.read_parquet(paths.FEEDBACK_CAPTIONS)) == 7
 
@@ -78,6 +78,11 @@ def test_export_is_checked_split_by_photo_and_the_same_bytes_when_nothing_change
     feedback.run(settings)
     assert len(pd.read_parquet(paths.FEEDBACK_CAPTIONS)) == 6
     assert not list(workdir.parent.glob("escaped*")) and not list(workdir.glob("escaped*"))
+    # quarantined with the reason, not only logged: nothing leaves the export silently
+    quarantined = pd.read_parquet(paths.FEEDBACK_REJECTS)
+    lost = quarantined[quarantined["image"] == "../../../escaped"]
+    assert len(lost) == 1 and lost.iloc[0]["reason"] == "missing image file"
+    assert lost.iloc[0]["caption_raw"] == rows[1]["correction"]
 
     broken = tiny_settings(**{"feedback.db": "mysql://nowhere/feedback"})
     with pytest.raises(StageError, match="SQLite or PostgreSQL"):

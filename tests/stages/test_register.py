@@ -105,11 +105,18 @@ def test_worse_model_on_the_same_images_keeps_the_champion(contest):
 def test_champion_that_cannot_be_loaded_is_reported_and_replaced(contest):
     root, reports = contest
     assert reports["broken_eval"]["champion"]["status"] == "unloadable"
-    assert reports["broken"]["decision"] == "promoted"
-    assert "could not be loaded" in reports["broken"]["reason"]
+    assert reports["broken_eval"]["champion"]["cause"] == "files"  # the registry answered; the files are gone
+    broken = reports["broken"]
+    assert broken["decision"] == "promoted"
+    assert "could not be loaded: its files cannot be fetched" in broken["reason"]
     assert set(reports["scores"]["model"]) == {"candidate"}
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == reports["broken"]["version"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == broken["version"]
+    # loud, wherever someone looks: the report, the version's tag and its description
+    assert "replaced WITHOUT a comparison" in broken["warning"]
+    version = client.get_model_version(NAME, broken["version"])
+    assert version.tags["warning"] == broken["warning"]
+    assert version.description.startswith(f"**{broken['warning']}**")
 
 
 def test_champion_loads_in_a_fresh_process_and_captions_images(registered, tmp_path):
