@@ -96,6 +96,25 @@ def cross_origin(method: str, headers: dict[str, str], scheme: str) -> str | Non
     return None
 
 
+def host_name(host_header: str) -> str:
+    """The name in a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``."""
+    value = host_header.strip().lower()
+    if value.startswith("["):  # an IPv6 literal, with or without a port
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def host_allowed(host_header: str, allowed: list[str]) -> bool:
+    """Does the app answer this ``Host``? ``*`` in ``allowed`` answers any; ``*.example.org`` any
+    subdomain of it."""
+    name = host_name(host_header)
+    for pattern in allowed:
+        pattern = host_name(pattern)
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
 def allowed_hosts(bind_host: str, extra: list[str]) -> list[str]:
     """Host headers the app answers: on a loopback address only the loopback names (and
     ``extra``); on another address whatever the operator lists, or any when none is listed."""

@@ -32,6 +32,7 @@ from pipeline.app.access import (
     RateLimit,
     cookie_header,
     cross_origin,
+    host_allowed,
     new_owner_token,
     owner_key,
     valid_token,
@@ -141,25 +142,30 @@ class PhotoSearch:
 THUMBNAIL_SIZE = 320
 
 
-class OriginGuard:
-    """ASGI middleware: a state-changing request from a page of another origin is refused (403)
-    before it reaches a route (``access.cross_origin``)."""
+class RequestGuard:
+    """ASGI middleware, before any route: a ``Host`` the app does not answer is refused (400: DNS
+    rebinding), and so is a state-changing request from a page of another origin (403)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, hosts: list[str]):
+        self.app, self.hosts = app, hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            if not host_allowed(headers.get("host", ""), self.hosts):
+                return await _answer(send, 400, f"this app does not answer to the host {headers.get('host', '')[:100]!r} "
+                                                "(captioner app --allowed-hosts)")
             why = cross_origin(scope["method"], headers, scope.get("scheme", "http"))
             if why is not None:
-                body = json.dumps({"detail": why}).encode()
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await _answer(send, 403, why)
         await self.app(scope, receive, send)
+
+
+async def _answer(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSettings,
@@ -176,7 +182,6 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     from pipeline.app.feedback_desk import Refused
     from pipeline.data.images import ImageError, thumbnail_jpeg
@@ -206,8 +211,7 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
 
     app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
     app.add_middleware(BodyLimit, champion=champion)
-    app.add_middleware(OriginGuard)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts or ["*"])  # outermost: checked first
+    app.add_middleware(RequestGuard, hosts=hosts or ["*"])  # added last: runs first
 
     def client_address(request: Request) -> str:
         # the connection's peer: uvicorn rewrites it from X-Forwarded-For only for --trusted-proxies
