@@ -57,6 +57,7 @@ class Proposal:
     quote: str = '"'
     replaces: list[int] | None = None  # (start, end) of a machine alt to replace (refresh)
     previous_alt: str = ""
+    provenance: list[int] | None = None  # (start, end) of the data-alt-source attribute there (refresh)
 
 
 def as_alt_text(caption: str, cfg: AltTextSettings) -> str:
@@ -98,7 +99,8 @@ def proposal_for(found: Found, page_sha256: str, caption: str, model: str, cfg: 
     return Proposal(f"{found.page}:{found.line}:{found.column}", found.page, found.line, found.column,
                     found.alt_span[0] if refresh else found.offset, found.kind, found.src, found.image, alt, alt, model,
                     "proposed", lint(alt, cfg), page_sha256, found.quote,
-                    list(found.alt_span) if refresh else None, found.alt if refresh else "")
+                    list(found.alt_span) if refresh else None, found.alt if refresh else "",
+                    list(found.provenance_span) if refresh and found.provenance_span else None)
 
 
 def save_review(path: Path, proposals: list[Proposal]) -> None:
@@ -130,17 +132,24 @@ def _markdown_escape(alt: str) -> str:
 
 def edited_text(text: str, proposals: list[Proposal]) -> str:
     """``text`` with each proposal's alt inserted at its offset (or replacing a machine alt), from
-    the end so earlier offsets stay valid; nothing else changes."""
-    for p in sorted(proposals, key=lambda p: p.offset, reverse=True):
+    the end so earlier offsets stay valid; nothing else changes. The provenance mark says which
+    model wrote an alt; an alt a person edited gets none (a later model then leaves it alone), and
+    one that replaces a machine alt moves the mark to the model that wrote the new one."""
+    edits: list[tuple[int, int, str]] = []  # (start, end, new text)
+    for p in proposals:
+        q = p.quote or '"'
+        mark = "" if p.status == "edited" else f" {PROVENANCE}={q}{_escape(p.model, q)}{q}"
         if p.kind == "markdown":
-            text = text[:p.offset] + _markdown_escape(p.alt) + text[p.offset:]
+            edits.append((p.offset, p.offset, _markdown_escape(p.alt)))
         elif p.replaces:
             start, end = p.replaces
-            text = text[:start] + _escape(p.alt, p.quote or '"') + text[end:]
+            edits.append((start, end, _escape(p.alt, q)))
+            if p.provenance:
+                edits.append((p.provenance[0], p.provenance[1], mark))
         else:
-            q = p.quote or '"'
-            text = text[:p.offset] + f" alt={q}{_escape(p.alt, q)}{q} {PROVENANCE}={q}{_escape(p.model, q)}{q}" \
-                + text[p.offset:]
+            edits.append((p.offset, p.offset, f" alt={q}{_escape(p.alt, q)}{q}{mark}"))
+    for start, end, new in sorted(edits, key=lambda e: e[0], reverse=True):
+        text = text[:start] + new + text[end:]
     return text
 
 
@@ -202,9 +211,11 @@ def apply(site: Path, proposals: list[Proposal], dry_run: bool = False) -> Appli
         _atomic_write(path, new_data)
         result.pages.append(page)
         for p in items:
-            p.status = "applied"
-            if p.kind == "markdown":
+            if p.kind == "markdown" and p.status == "edited":  # a person's words: no model's mark
+                sidecar.get(page, {}).pop(p.src, None)
+            elif p.kind == "markdown":
                 sidecar.setdefault(page, {})[f"{p.src}"] = {"alt": p.alt, "model": p.model}
+            p.status = "applied"
     if not dry_run and any(p.kind == "markdown" and p.status == "applied" for p in chosen):
         _atomic_write(sidecar_path, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())
     return result

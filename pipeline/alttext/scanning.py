@@ -75,6 +75,7 @@ class Found:
     data: bytes | None = field(default=None, repr=False)  # the decoded data: URI
     alt: str = ""  # the alt there now (has-alt, refresh)
     alt_span: tuple[int, int] | None = None  # offsets of the present alt value (refresh)
+    provenance_span: tuple[int, int] | None = None  # offsets of the whole data-alt-source attribute (refresh)
     machine: str = ""  # the model that wrote the present alt (data-alt-source)
     quote: str = '"'  # the quoting the tag uses, for what is inserted
     base: str = ""  # the page's <base href>, which the browser resolves src against
@@ -183,6 +184,14 @@ def _attributes(tag_text: str, tag_end: int) -> dict[str, tuple[str, int, int, s
     return out
 
 
+def _attribute_span(tag_text: str, name: str) -> tuple[int, int]:
+    """(start, end) in a raw start tag of the attribute ``name``, its leading space included."""
+    for m in _ATTRIBUTE.finditer(tag_text, 4, len(tag_text) - 1):
+        if m.group(1).lower() == name:
+            return m.span()
+    raise ValueError(f"no attribute {name}")
+
+
 class _ImgFinder(HTMLParser):
     """Start tags of <img> (outside <template>, <noscript>, <svg> and raw text), with <picture>
     sources; the elements that need a person's alt (``needs_person``); the first <base href>."""
@@ -282,6 +291,9 @@ def _html_images(page: Page, skip: list[tuple[int, int]]) -> list[Found]:
             found.alt = values["alt"]
             found.alt_span = (offset + start, offset + end)
             found.machine = values.get(PROVENANCE, "")
+            if found.machine:
+                start, end = _attribute_span(raw, PROVENANCE)
+                found.provenance_span = (offset + start, offset + end)
             found.state = "decorative" if not values["alt"].strip() else ("refresh" if found.machine else "has-alt")
         elif values.get("aria-label", "").strip() or values.get("aria-labelledby", "").strip():
             found.state, found.alt = "has-alt", values.get("aria-label", "")

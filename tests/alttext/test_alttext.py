@@ -218,6 +218,21 @@ def test_a_better_champion_rewrites_only_the_alts_a_model_wrote(site, champion):
     text = (site / "index.html").read_text()
     assert text.count('alt="Our yellow tent by the lake"') == human == 1
     assert "A new caption." in text and 'alt=""' in text  # the decorative one untouched
+    # the mark moved to the model that wrote the new alt: the same model proposes nothing again
+    assert f'data-alt-source="{NAME}/99"' in text and f'data-alt-source="{identity}"' not in text
+    assert not alt.propose(scan_site(site, CFG.max_page_bytes), model, f"{NAME}/99", CFG, progress=False)
+    # an alt a person edited is theirs: no model's mark, and no later model proposes to replace it
+    third = [p for p in alt.propose(scan_site(site, CFG.max_page_bytes), model, f"{NAME}/100", CFG,
+                                    progress=False) if p.kind == "html"]
+    edited = third[0]
+    edited.status, edited.alt = "edited", "Words a person chose."
+    alt.apply(site, [edited])
+    text = (site / "index.html").read_text()
+    start = text.index('alt="Words a person chose."')
+    assert "data-alt-source" not in text[start:text.index(">", start)]
+    later = alt.propose(scan_site(site, CFG.max_page_bytes), model, f"{NAME}/101", CFG, progress=False)
+    assert all(p.previous_alt != "Words a person chose." for p in later)
+    assert len([p for p in later if p.kind == "html"]) == len(third) - 1
 
 
 def test_a_page_changed_since_the_scan_is_left_alone(site, champion):
