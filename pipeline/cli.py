@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, absolute_location, load_settings
+from pipeline.config import ConfigError, load_settings
 from pipeline.errors import ReportedError
 from pipeline.logs import setup_logging
 from pipeline.registry.champion import ALIAS
@@ -49,7 +49,6 @@ def _use_tracking_uri(uri: str | None) -> None:
     uri = uri or (tracking_uri(settings) if settings else os.environ.get("MLFLOW_TRACKING_URI"))
     if uri is None:
         return
-    uri = absolute_location(uri, Path.cwd())  # the same store for anything this command starts
     try:
         use_store(uri, settings.mlflow if settings else None)
     except ReportedError as err:
@@ -463,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("give a QUERY (what is in the photos) or --like PHOTO")
         import sqlalchemy as sa
 
-        from pipeline.search.photo_index import damaged, index_url
+        from pipeline.config import database_url
+        from pipeline.search.photo_index import damaged
 
         try:
             sys.exit(index(args) if args.command == "index" else search(args))
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(1)
         except sa.exc.SQLAlchemyError as err:  # the index file was readable at first, damaged further in
-            print(f"captioner: {damaged(index_url(args.db), err)}", file=sys.stderr)
+            print(f"captioner: {damaged(database_url(args.db), err)}", file=sys.stderr)
             sys.exit(1)
     setup_logging(level=logging.WARNING)
     if args.model is None:

@@ -420,6 +420,21 @@ def absolute_location(value: str, base: Path) -> str:
     return str((base / Path(value).expanduser()).resolve())
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other URLs and in-memory SQLite)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def database_url(location: str | Path) -> str:
+    """A SQLAlchemy URL for ``location``: a URL as it is, a file path as SQLite (absolute: the same
+    file from whatever folder a process runs in)."""
+    text = str(location)
+    return text if "://" in text else f"sqlite:///{Path(text).expanduser().resolve()}"
+
+
 def _absolute_locations(raw: dict, base: Path) -> dict:
     """``raw`` params with every LOCATION_SETTINGS string made absolute against ``base``."""
     out = dict(raw)

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote as url_quote
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -168,8 +169,16 @@ def _position(starts: list[int], offset: int) -> tuple[int, int]:
     return line + 1, offset - starts[line] + 1
 
 
-def _attributes(tag_text: str, tag_end: int) -> dict[str, tuple[str, int, int, str]]:
-    """name -> (value, start, end of the value in the tag text, quote) of a raw start tag."""
+class _Attribute(NamedTuple):
+    value: str
+    start: int  # of the value, in the tag text
+    end: int
+    quote: str
+    span: tuple[int, int]  # the whole attribute, its leading space included
+
+
+def _attributes(tag_text: str, tag_end: int) -> dict[str, _Attribute]:
+    """name -> its value, where the value and the whole attribute are, and its quote, of a raw start tag."""
     out = {}
     for m in _ATTRIBUTE.finditer(tag_text, tag_end, len(tag_text) - 1):
         name = m.group(1).lower()
@@ -177,19 +186,11 @@ def _attributes(tag_text: str, tag_end: int) -> dict[str, tuple[str, int, int, s
             continue  # the first of a repeated attribute counts, as in browsers
         for group, quote in ((2, '"'), (3, "'"), (4, "")):
             if m.group(group) is not None:
-                out[name] = (m.group(group), m.start(group), m.end(group), quote)
+                out[name] = _Attribute(m.group(group), m.start(group), m.end(group), quote, m.span())
                 break
         else:
-            out[name] = ("", m.end(1), m.end(1), "")
+            out[name] = _Attribute("", m.end(1), m.end(1), "", m.span())
     return out
-
-
-def _attribute_span(tag_text: str, name: str) -> tuple[int, int]:
-    """(start, end) in a raw start tag of the attribute ``name``, its leading space included."""
-    for m in _ATTRIBUTE.finditer(tag_text, 4, len(tag_text) - 1):
-        if m.group(1).lower() == name:
-            return m.span()
-    raise ValueError(f"no attribute {name}")
 
 
 class _ImgFinder(HTMLParser):
@@ -281,18 +282,18 @@ def _html_images(page: Page, skip: list[tuple[int, int]]) -> list[Found]:
         if any(a <= offset < b for a, b in skip):
             continue
         attrs = _attributes(raw, 4)
-        quote = "'" if sum(q == "'" for *_, q in attrs.values()) > sum(q == '"' for *_, q in attrs.values()) else '"'
+        quote = "'" if sum(a.quote == "'" for a in attrs.values()) > sum(a.quote == '"' for a in attrs.values()) else '"'
         src = values.get("src", "").strip() or (values.get("srcset", "").split(",")[0].strip().split() or [""])[0] \
             or (picture or "")
         found = Found(page.relative, line, col + 1, offset + 4, "html", src, "missing-alt", quote=quote)
         role = values.get("role", "").strip().lower()
         if "alt" in values:
-            value, start, end, _ = attrs.get("alt", ("", 0, 0, ""))
+            alt = attrs.get("alt", _Attribute("", 0, 0, "", (0, 0)))
             found.alt = values["alt"]
-            found.alt_span = (offset + start, offset + end)
+            found.alt_span = (offset + alt.start, offset + alt.end)
             found.machine = values.get(PROVENANCE, "")
-            if found.machine:
-                start, end = _attribute_span(raw, PROVENANCE)
+            if PROVENANCE in attrs:
+                start, end = attrs[PROVENANCE].span
                 found.provenance_span = (offset + start, offset + end)
             found.state = "decorative" if not values["alt"].strip() else ("refresh" if found.machine else "has-alt")
         elif values.get("aria-label", "").strip() or values.get("aria-labelledby", "").strip():

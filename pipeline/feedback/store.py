@@ -25,6 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from pipeline.config import database_url, sqlite_file
 from pipeline.errors import ReportedError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -81,17 +82,11 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def store_url(location: str | Path) -> str:
-    """A SQLAlchemy URL for ``location``: a URL as it is, a file path as SQLite."""
-    text = str(location)
-    return text if "://" in text else f"sqlite:///{Path(text).expanduser().resolve()}"
-
-
 class FeedbackStore:
     """``location``: a SQLAlchemy URL or a file path (SQLite)."""
 
     def __init__(self, location: str | Path):
-        self.url = store_url(location)
+        self.url = database_url(location)
         try:
             backend = sa.engine.make_url(self.url).get_backend_name()
         except sa.exc.ArgumentError as err:
@@ -116,7 +111,7 @@ class FeedbackStore:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def _sqlite_file(self) -> Path:
-        return Path(self.url[len("sqlite:///"):])
+        return sqlite_file(self.url)
 
     def migrate(self) -> None:
         """Bring the schema to the latest migration, one process at a time."""
@@ -151,15 +146,16 @@ class FeedbackStore:
         on a busy or locked database: the caller serves the caption without an id instead)."""
         if rows:
             stamp = now()
+            sqlite = self.engine.dialect.name == "sqlite"
             with self.engine.begin() as conn:
-                if self.engine.dialect.name == "sqlite":
+                if sqlite:
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
                 else:
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_s * 1000)}ms'")
                 try:
                     conn.execute(sa.insert(served_captions), [{**row, "created_at": stamp} for row in rows])
                 finally:
-                    if self.engine.dialect.name == "sqlite":  # the pooled connection keeps the usual wait
+                    if sqlite:  # the pooled connection keeps the usual wait
                         conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
 
     def caption(self, caption_id: str) -> dict | None:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-from pipeline.errors import ReportedError
+from pipeline.config import absolute_location, sqlite_file
+from pipeline.errors import ReportedError, first_line
 from pipeline.registry.tracking import current_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def describe_load_error(client, name: str, version, err: Exception) -> str:
     """Why a version did not load, in words: MLflow says ``No such artifact: ''`` when the
     version's files are gone; name them instead, and the likely cause when the store was copied."""
     number = getattr(version, "version", version)
-    text = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    text = first_line(err)
     try:
         location = client.get_model_version_download_uri(name, number)
     except Exception:
@@ -113,8 +114,9 @@ def describe_load_error(client, name: str, version, err: Exception) -> str:
     if "://" not in local and not Path(local).exists():
         moved = ""
         store = current_tracking_uri()
-        if store.startswith("sqlite:///"):
-            home = Path(store[len("sqlite:///"):].partition("?")[0]).parent
+        database = sqlite_file(store)
+        if database is not None:
+            home = database.parent
             if not Path(local).is_relative_to(home):
                 moved = (f"; the store {store} names files outside its own folder {home}: if the project was "
                          "copied or moved, its mlflow.db still points at the old folder: put mlruns/ back there, "
@@ -142,20 +144,16 @@ def current_version(client, model_name: str) -> str | None:
         if _nothing_there(err, ALIAS):
             return None
         raise unreachable(client.tracking_uri, model_name, "did not answer which version is champion",
-                          _first_line(err)) from None
+                          first_line(err)) from None
     except Exception as err:  # requests' connection errors, a damaged database
         raise unreachable(client.tracking_uri, model_name, "did not answer which version is champion",
-                          _first_line(err)) from None
+                          first_line(err)) from None
 
 
 def _nothing_there(err, alias: str) -> bool:
     """Did the registry answer "no such model" or "no version holds that alias"?"""
     return err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
         err.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in str(err))
-
-
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 # Run by ``python -I -c`` with the request on stdin (JSON): MLflow and the model only, never
@@ -227,9 +225,8 @@ def caption_with_champion(client, model_name: str, images: list[Path], beam_size
     if version is None:
         return ChampionRun(None, "none")
     uri = current_tracking_uri()
-    registry_uri = mlflow.get_registry_uri()
     request = {"model_name": model_name, "version": version, "tracking_uri": uri,
-               "registry_uri": uri if registry_uri == mlflow.get_tracking_uri() else registry_uri,
+               "registry_uri": absolute_location(mlflow.get_registry_uri(), Path.cwd()),
                "images": [str(Path(p).resolve()) for p in images], "beam_size": beam_size, "chunk": chunk}
     log.info("captioning %d images with champion v%s of %s in a process of its own", len(images), version,
              model_name)

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.config import MlflowSettings, Settings, absolute_location
-from pipeline.errors import ReportedError
+from pipeline.config import MlflowSettings, Settings, absolute_location, sqlite_file
+from pipeline.errors import ReportedError, first_line
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5  # a tracking server that does not accept a connection this fast is down
@@ -47,16 +47,15 @@ class TrackingStoreError(ReportedError):
 
 def store_error(uri: str, err: BaseException) -> TrackingStoreError:
     """One paragraph: which store, what went wrong, and the way out."""
-    first = (str(err).strip().splitlines() or [""])[0][:300]
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+    path = sqlite_file(uri)
+    if path is not None:
         way_out = (f"if {path} is damaged, move it aside (mv {path} {path}.bad) and rerun: MLflow starts a new, "
                    "empty store there, and `dvc repro -f -s register` registers the current model in it again")
     elif uri.startswith(("http://", "https://")):
         way_out = "start the server (make ui, or the team stack) or check the address"
     else:
         way_out = "check that the store exists and this user may read it"
-    return TrackingStoreError(f"cannot use the MLflow tracking store {uri} ({type(err).__name__}: {first}); "
+    return TrackingStoreError(f"cannot use the MLflow tracking store {uri} ({first_line(err)}); "
                               f"{way_out}; or point mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) "
                               "at another store")
 
@@ -67,8 +66,8 @@ def check_sqlite_store(uri: str) -> None:
     such model", which sends people the wrong way. A file not there yet is fine (MLflow makes it)."""
     import sqlite3
 
-    path = Path(uri[len("sqlite:///"):].partition("?")[0])
-    if not path.is_file():
+    path = sqlite_file(uri)
+    if path is None or not path.is_file():
         return
     try:
         with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
@@ -82,15 +81,18 @@ def check_sqlite_store(uri: str) -> None:
 def use_store(uri: str, requests: MlflowSettings | None = None) -> None:
     """Point this process's MLflow at ``uri``. An HTTP(S) server is probed first: a refused
     connection or an unknown host is a TrackingStoreError within seconds. ``requests`` bounds
-    MLflow's retries and timeouts (the environment's MLFLOW_HTTP_REQUEST_* win when set)."""
+    MLflow's retries and timeouts (the environment's MLFLOW_HTTP_REQUEST_* win when set). A
+    relative location is made absolute here (against the working directory), so that anything this
+    process hands on names the same store."""
     import mlflow
+
+    uri = absolute_location(uri, Path.cwd())
 
     if requests is not None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(requests.request_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(requests.request_timeout_s))
     parsed = urlparse(uri)
-    if uri.startswith("sqlite:///"):
-        check_sqlite_store(uri)
+    check_sqlite_store(uri)
     if parsed.scheme in ("http", "https"):
         try:
             socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
@@ -159,9 +161,9 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment of a local SQLite store keeps its artifacts: ``mlruns/`` beside the
     database file (MLflow's own default is ``./mlruns`` of whichever folder the process that creates
     the experiment runs in). None for other stores: a tracking server has its own artifact root."""
-    if not uri.startswith("sqlite:///") or uri.partition("?")[0].endswith(":memory:"):
+    database = sqlite_file(uri)
+    if database is None:
         return None
-    database = Path(uri[len("sqlite:///"):].partition("?")[0])
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).strip(".") or "experiment"
     return (database.parent / "mlruns" / slug).as_uri()
 

@@ -25,8 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import sqlalchemy as sa
 
+from pipeline.config import database_url, sqlite_file
 from pipeline.data.caption_text import clean_caption
-from pipeline.errors import ReportedError
+from pipeline.errors import ReportedError, first_line
 
 SCHEMA_VERSION = "1"
 metadata = sa.MetaData()
@@ -56,26 +57,19 @@ class PhotoIndexError(ReportedError):
 
 
 def _ours(table: str) -> bool:
-    return table in ("photos", "index_meta") or table == "photos_fts" or table.startswith("photos_fts_")
-
-
-def index_url(location: str | Path) -> str:
-    """A SQLAlchemy URL for ``location``: a URL as it is, a file path as SQLite."""
-    text = str(location)
-    return text if "://" in text else f"sqlite:///{Path(text).expanduser()}"
+    return table in ("photos", "index_meta", "photos_fts") or table.startswith("photos_fts_")
 
 
 def damaged(url: str, err: BaseException) -> PhotoIndexError:
     """One paragraph: the index, what the database said, and the way out."""
-    first = (str(err).strip().splitlines() or [""])[0][:200]
     try:
         url = sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         pass
-    way_out = (f"move it aside (mv {url[len('sqlite:///'):]} {url[len('sqlite:///'):]}.bad) and run captioner index "
-               "DIR again: the index is rebuilt from the photos" if url.startswith("sqlite:///")
-               else "check the database, or index into a new one with --db")
-    return PhotoIndexError(f"cannot read the photo index {url} ({type(err).__name__}: {first}); {way_out}")
+    file = sqlite_file(url)
+    way_out = (f"move it aside (mv {file} {file}.bad) and run captioner index DIR again: the index is rebuilt "
+               "from the photos" if file is not None else "check the database, or index into a new one with --db")
+    return PhotoIndexError(f"cannot read the photo index {url} ({first_line(err, 200)}); {way_out}")
 
 
 @dataclass
@@ -128,15 +122,15 @@ class PhotoIndex:
         """``create``: make the index when there is none (``captioner index``); readers (search,
         the app) pass False and get a PhotoIndexError instead of a new, empty file."""
         text = str(url)
-        self.url = index_url(url)
+        self.url = database_url(url)
         try:
             backend = sa.engine.make_url(self.url).get_backend_name()
         except sa.exc.ArgumentError as err:
             raise PhotoIndexError(f"{text} is neither a file path nor a database URL: {err}") from None
         if backend not in ("sqlite", "postgresql"):
             raise PhotoIndexError(f"{self.url}: photo indexes live in SQLite or PostgreSQL, not {backend}")
-        if self.url.startswith("sqlite:///"):
-            file = Path(self.url[len("sqlite:///"):].partition("?")[0])
+        file = sqlite_file(self.url)
+        if file is not None:
             if not create and not file.is_file():
                 raise PhotoIndexError(f"there is no photo index at {file}: make one with captioner index DIR --db {file}")
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -144,13 +138,14 @@ class PhotoIndex:
             self.engine = sa.create_engine(self.url)
             self.dialect = self.engine.dialect.name
             with self.engine.begin() as conn:
-                foreign = sorted(t for t in sa.inspect(conn).get_table_names() if not _ours(t))
+                tables = sa.inspect(conn).get_table_names()
+                foreign = sorted(t for t in tables if not _ours(t))
                 if foreign:
                     raise PhotoIndexError(
                         f"{self.safe_url} holds tables of another tool ({', '.join(foreign[:5])}"
                         f"{', ...' if len(foreign) > 5 else ''}): a photo index needs a database of its own "
                         "(e.g. --db photos.db), not the MLflow or feedback store")
-                if not create and "photos" not in sa.inspect(conn).get_table_names():
+                if not create and "photos" not in tables:
                     raise PhotoIndexError(f"{self.safe_url} holds no photo index: make one with captioner index DIR")
                 metadata.create_all(conn)
                 if self.dialect == "sqlite":

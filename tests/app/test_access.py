@@ -2,7 +2,13 @@
 
 import pytest
 
-from pipeline.app.access import OperatorCredential, allowed_hosts, cross_origin, host_allowed, host_name
+from pipeline.app.access import (
+    OperatorCredential,
+    allowed_hosts,
+    cross_origin,
+    host_allowed,
+    host_name,
+)
 
 
 @pytest.mark.parametrize("header, name", [("127.0.0.1:8000", "127.0.0.1"), ("LocalHost", "localhost"),
