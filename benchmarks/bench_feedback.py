@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_quality import REAL, load_captions  # noqa: E402
+from benchmarks.bench_quality import REAL  # noqa: E402
 from benchmarks.common import PROJECT, append_report  # noqa: E402
+from pipeline.data.real_folder import read_captions as load_captions  # noqa: E402
 
 KEYS = ("bleu4", "meteor", "rouge_l", "cider")
 

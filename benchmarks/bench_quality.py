@@ -4,8 +4,8 @@ Runs the project's own code on an embeddings Parquet + token file + split lists 
 ``../shared/flickr8k_real/``, real captions with real ImageNet embeddings; the test split is
 held out and never read here):
 
-* the token file parser and caption cleaning of ``validate`` (``flickr8k.parse_token_file``,
-  ``text.clean_caption``, the same token-count bounds from ``validate.*`` params);
+* the folder reader ``captioner real-model`` uses (``pipeline/data/real_folder.py``: the token file
+  parser and caption cleaning of ``validate``, the same token-count bounds from ``validate.*``);
 * ``train.train_decoder`` with the ``train.*`` params (dev drives early stopping, as in the stage);
 * ``evaluate.evaluate_model`` with the ``decoding.*`` params, scoring the dev split: BLEU-1..4,
   METEOR, ROUGE-L, CIDEr for greedy, beam and the image-blind baseline, plus caption health;
@@ -29,26 +29,6 @@ from benchmarks.common import append_report  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 REAL = PROJECT.parent / "shared" / "flickr8k_real"
-
-
-def load_captions(data: Path, min_tokens: int, max_tokens: int):
-    """Cleaned train + dev captions in the stages' layout (image, split, caption_idx,
-    caption_raw, caption), with the count of lines dropped and why."""
-    from pipeline.data.caption_text import clean_caption
-    from pipeline.data.flickr8k import parse_token_file, read_split_list
-
-    token_file = next(data.glob("*.token*.txt"))
-    rows = parse_token_file(token_file)
-    split_of = {name: split for split in ("train", "dev")
-                for name in read_split_list(data / f"Flickr_8k.{split}Images.txt")}
-    rows["split"] = rows["image"].map(split_of)
-    rows["caption"] = rows["caption_raw"].map(clean_caption)
-    length = rows["caption"].str.split().str.len()
-    dropped = {"malformed line": int(rows["error"].notna().sum()),
-               "not in train/dev": int(rows["split"].isna().sum()),
-               f"outside {min_tokens}..{max_tokens} tokens": int(((length < min_tokens) | (length > max_tokens)).sum())}
-    kept = rows[rows["error"].isna() & rows["split"].notna() & length.between(min_tokens, max_tokens)]
-    return kept[["image", "split", "caption_idx", "caption_raw", "caption"]].reset_index(drop=True), dropped
 
 
 def override(raw: dict, assignments: list[str]) -> dict:
@@ -120,13 +100,14 @@ def main() -> None:
     from pipeline.captioning.self_critical import fine_tune
     from pipeline.config import DecodingSettings, parse_settings
     from pipeline.data.features_file import read_features, row_index, rows_of
+    from pipeline.data.real_folder import embeddings_file, read_captions
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import references_of, train_decoder
 
     raw = override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments)
     settings = parse_settings(raw)
-    captions, dropped = load_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
-    embeddings = next(args.data.glob("*.parquet"))
+    captions, dropped = read_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
+    embeddings = embeddings_file(args.data)
     images, features, _ = read_features(embeddings)
     print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
 

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_quality import REAL, load_captions, load_members, override  # noqa: E402
+from benchmarks.bench_quality import REAL, load_members, override  # noqa: E402
 from benchmarks.common import PROJECT, Timer, append_report  # noqa: E402
+from pipeline.data.real_folder import read_captions as load_captions  # noqa: E402
 
 
 def ranks_of(scores: np.ndarray, true_col: np.ndarray) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""Take the README's pictures from the model `make run` trained, in headless Debian chromium.
+"""Take the README's pictures in headless Debian chromium.
 
-    .venv/bin/python docs/take_screenshots.py        # after `make run`, from the project root
+    .venv/bin/python docs/take_screenshots.py        # from the project root
 
-Indexes the dataset's test photos into a temporary photo index, starts `captioner app` (with that
+The app, search and correction pictures show real photos: with a champion that `captioner
+real-model` made (its work folder `real/`, `--work`), the shared Flickr8k dev photos (`--photos`);
+without one, the synthetic test photos of the model `make run` trained. The MLflow pictures show
+the project's store. Indexes the photos into a temporary photo index, starts `captioner app` (with that
 index) and an MLflow server over the project's own store (ports chosen free), searches the photos,
 drops a few on the app, corrects one caption, opens the runs table and the registered model, and
 writes docs/search.png, docs/app.png, docs/correction.png, docs/mlflow-runs.png and docs/mlflow-model.png. Needs chromium
@@ -11,6 +14,7 @@ writes docs/search.png, docs/app.png, docs/correction.png, docs/mlflow-runs.png 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -30,6 +34,7 @@ from pipeline.ops.launchers import TRAINING_VIEW
 from pipeline.registry.tracking import tracking_uri
 
 DOCS = Path(__file__).resolve().parent
+PHOTOS = DOCS.parents[1] / "shared" / "flickr8k_real" / "dev_photos"
 BIN = Path(sys.executable).parent
 
 
@@ -67,21 +72,28 @@ def start(cmd: list[str], env: dict) -> subprocess.Popen:
 def main() -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("real"), help="captioner real-model's work folder")
+    parser.add_argument("--photos", type=Path, default=PHOTOS, help="the real photos it was scored on")
+    args = parser.parse_args()
     settings = load_settings()
     uri = tracking_uri(settings)
     name = settings.registry.model_name
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    captions = pd.read_parquet(paths.CAPTIONS)
-    images_dir = paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    real = (args.work / paths.TEST_SCORES).is_file() and args.photos.is_dir()
+    base = args.work if real else Path(".")
+    captions = pd.read_parquet(base / paths.CAPTIONS)
+    images_dir = args.photos if real else paths.dataset_dir(settings.data.source) / paths.IMAGES_SUBDIR
+    query = "a dog runs through the grass" if real else "a red circle on a blue background"
     # the test photo the model captions worst (beam CIDEr in evaluate's per-image scores) first: the
     # one a person would correct; then two others
-    scores = pd.read_parquet(paths.TEST_SCORES).query("model == 'candidate' and mode == 'beam' and set == 'test'")
+    scores = pd.read_parquet(base / paths.TEST_SCORES).query("model == 'candidate' and mode == 'beam' and set == 'test'")
     worst = scores.sort_values(["cider", "image"])["image"].iloc[0]
     photos = [worst, *[p for p in sorted(scores["image"]) if p != worst][:2]]
     app_port, ui_port = free_port(), free_port()
     index_dir = Path(tempfile.mkdtemp(prefix="captioner-screenshots-"))
     db = index_dir / "photos.db"
-    test_photos = sorted(captions.loc[captions["split"] == "test", "image"].unique())
+    test_photos = sorted(set(captions.loc[captions["split"] == "test", "image"]) & {p.name for p in images_dir.iterdir()})
     (index_dir / "Photos").mkdir()
     for photo in test_photos:
         shutil.copy(images_dir / photo, index_dir / "Photos" / photo)
@@ -98,7 +110,7 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 760})
             page.goto(f"http://127.0.0.1:{app_port}")
-            page.locator("#q").fill("a red circle on a blue background")
+            page.locator("#q").fill(query)
             page.locator("#search button").click()
             expect(page.locator(".hit")).to_have_count(12, timeout=120_000)
             page.wait_for_timeout(1500)  # let the thumbnails load

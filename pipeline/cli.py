@@ -6,6 +6,7 @@ serve the champion as a web app.
     captioner search "two dogs in the snow" [--limit 10] [--json] [--like PHOTO]
     captioner alt-text ./site [--review] [--apply [--yes] [--dry-run]]
     captioner app [--port 8000] [--poll-seconds 10] [--index PATH] [--no-feedback]
+    captioner real-model --data ../shared/flickr8k_real [--promote]   # a champion of real photos, offline
 
 Files are checked before the model is loaded (a load takes a while), so a typo, a folder or
 an unreadable file is reported at once; the CLI reads each file itself and hands the model its
@@ -114,14 +115,18 @@ def caption(args: argparse.Namespace) -> int:
         return 2
     names = list(data)
     params = {"beam_size": args.beam} if args.beam else None
-    result = model.predict(pd.DataFrame({"image": [data[n] for n in names]}), params=params)
+    # a request holds at most the model's serving.max_rows images: more files go in several
+    step = getattr(getattr(model.unwrap_python_model(), "limits", None), "max_rows", 64)
     status = 1 if errors else 0
-    for name, row in zip(names, result.itertuples()):
-        if row.error:
-            print(f"{name}\tERROR: {row.error}", file=sys.stderr)
-            status = 1
-        else:
-            print(f"{name}\t{row.caption}")
+    for lo in range(0, len(names), step):
+        chunk = names[lo:lo + step]
+        result = model.predict(pd.DataFrame({"image": [data[n] for n in chunk]}), params=params)
+        for name, row in zip(chunk, result.itertuples()):
+            if row.error:
+                print(f"{name}\tERROR: {row.error}", file=sys.stderr)
+                status = 1
+            else:
+                print(f"{name}\t{row.caption}", flush=True)
     return status
 
 
@@ -419,8 +424,33 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                      help="comma-separated Host names the app answers besides the defaults (on 127.0.0.1: the "
                           "loopback names only; on another address: any, unless listed here)")
+    real = sub.add_parser("real-model", help="train, evaluate and register a model on real Flickr8k features",
+                          description="Train the decoder on a folder of real Flickr8k captions and MobileNetV2 int8 "
+                                      "features (the layout of the shared flickr8k_real/: token file, split lists, "
+                                      "embeddings Parquet, dev_photos/), score it on that folder's dev split and "
+                                      "register it in the project's MLflow store with the vendored MobileNetV2 as "
+                                      "its CNN, judged against the champion on the dev photos like any model.")
+    real.add_argument("--data", required=True, type=Path, help="the folder of captions and features")
+    real.add_argument("--work", type=Path, default=Path("real"),
+                      help="where the stages' files are laid out and written (default: real/)")
+    real.add_argument("--promote", action="store_true",
+                      help="make it champion even if the comparison with the champion does not favour it")
+    real.add_argument("--params", default="params.yaml", help="train.*, decoding.*, register.*, mlflow.* "
+                                                              "(default: params.yaml)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.command == "real-model":
+        setup_logging()
+        from pipeline.stages import real_model
+
+        try:
+            report = real_model.run(load_settings(args.params), args.data, args.work, args.promote)
+        except (ConfigError, ReportedError) as err:
+            print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{report['model_name']} v{report['version']}: {report['decision']} ({report['reason']}); "
+              f"beam {report['metric']} {report['new_score']:.4f} on the dev split")
+        sys.exit(0)
     if args.command == "app":
         setup_logging()
         if args.poll_seconds <= 0:

@@ -114,8 +114,10 @@ class ValidateSettings(_Section):
 
 
 class FeaturesSettings(_Section):
-    backbone: Literal["xception"]
-    # imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file
+    # xception | mobilenet_v2_int8 (ImageNet, int8 TFLite, offline: pipeline/captioning/backbone.py)
+    backbone: Literal["xception", "mobilenet_v2_int8"]
+    # xception: imagenet | none (random init, offline) | path to a local .h5 / .weights.h5 file;
+    # mobilenet_v2_int8: imagenet (the vendored .tflite) | path to mobilenet_v2_1.0_224_quant.tflite
     weights: str = Field(min_length=1)
     image_size: int = Field(ge=71, le=1024)
     # auto (the fastest measured here whose embeddings agree with keras float32 to min_cosine) |
@@ -133,6 +135,20 @@ class FeaturesSettings(_Section):
     # One entry per shard, [0, 1, ..., N-1]: DVC makes one `features@i` stage per entry (its
     # foreach needs a list) and an image goes to shard stable_hash(name) % N.
     shards: list[int] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _mobilenet_as_it_was_made(self):
+        if self.backbone != "mobilenet_v2_int8":
+            return self
+        wrong = [f"{key}: {value} ({need})" for key, value, ok, need in (
+            ("image_size", self.image_size, self.image_size == 224, "its input is 224x224"),
+            ("runtime", self.runtime, self.runtime in ("auto", "tflite_int8"), "it runs on LiteRT only: auto or tflite_int8"),
+            ("precision", self.precision, self.precision in ("auto", "float32"), "it is int8 inside: auto"),
+            ("weights", self.weights, self.weights != "none", "imagenet (the vendored file) or a .tflite path"))
+            if not ok]
+        if wrong:
+            raise ValueError("backbone mobilenet_v2_int8 runs one file one way; set " + "; ".join(wrong))
+        return self
 
     @model_validator(mode="after")
     def _bf16_needs_keras_or_openvino(self):

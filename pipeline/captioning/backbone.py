@@ -24,6 +24,17 @@ served model run exactly that runtime and precision; a machine that cannot (Open
 a CPU without native bf16 silently runs float32) is an error for a shard, never a silent mix.
 The served model falls back to Keras, with the same precision and a warning, when LiteRT or
 OpenVINO cannot load its file.
+
+Two CNNs:
+  * ``xception`` (the default): Keras Xception, 2,048 numbers per image at 299x299, with ImageNet
+    weights where Keras can fetch them, or random weights offline;
+  * ``mobilenet_v2_int8``: ImageNet MobileNetV2 1.0 as an int8 TFLite file that runs offline
+    (vendored in ``vendor/mobilenet_v2/`` with its license and provenance; ``weights: imagenet``
+    runs that copy, a path runs another). It has one runtime, LiteRT (``tflite_int8``), and one
+    recipe, the one the real Flickr8k features in the shared data were made with: RGB over white,
+    224x224 bilinear, uint8 in; the pooled 1,280-d vector dequantised; the 7x7x320 grid kept as
+    uint8 (``MobileNetV2Int8Embedder``). A file that is not this model is refused, naming what it
+    lacks.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -54,7 +66,15 @@ from pipeline.data.images import ImageSource, load_rgb  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-FEATURE_DIM = {"xception": 2048}
+XCEPTION, MOBILENET = "xception", "mobilenet_v2_int8"
+FEATURE_DIM = {XCEPTION: 2048, MOBILENET: 1280}
+# the vendored ImageNet MobileNetV2 (``weights: imagenet``), checked against its published digest
+MOBILENET_FILE = Path(__file__).resolve().parents[2] / "vendor" / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+MOBILENET_SHA256 = "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd4776"
+MOBILENET_SIZE = 224
+MOBILENET_POOLED = "MobilenetV2/Logits/AvgPool"  # (1, 1, 1, 1280) uint8: the embedding
+MOBILENET_GRID = "MobilenetV2/expanded_conv_16/project"  # name prefix of the (1, 7, 7, 320) uint8 grid
+MOBILENET_GRID_SHAPE = (1, 7, 7, 320)
 Embedder = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, D) float32
 
 
@@ -73,7 +93,7 @@ class BackboneSpec:
     weights: str  # imagenet | none | a weights file
     image_size: int
     seed: int
-    precision: str  # float32 | bfloat16 (bfloat16: keras and openvino only)
+    precision: str  # float32 | bfloat16 (bfloat16: keras and openvino only) | int8 (mobilenet_v2_int8)
     runtime: str  # keras | tflite | tflite_int8 | openvino; "auto" until the backbone stage chose
 
     @classmethod
@@ -81,6 +101,8 @@ class BackboneSpec:
         """The spec ``cfg`` asks for on this CPU. ``precision: auto`` becomes bfloat16 for the
         keras and openvino runtimes on a CPU with native bf16, else float32 (TFLite has no bf16
         path on x86); with ``runtime: auto`` both stay to be measured (``choose_runtime``)."""
+        if cfg.backbone == MOBILENET:  # one runtime, one precision: the int8 file as it is
+            return cls(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed, "int8", "tflite_int8")
         precision = cfg.precision
         if precision == "auto" and cfg.runtime != "auto":
             native = cpu.has_native_bf16(cpu_flags)
@@ -96,13 +118,18 @@ class BackboneSpec:
         import pyarrow
         import tensorflow as tf
 
+        if self.name == MOBILENET:
+            preprocessing = (f"PIL decode (EXIF transpose, RGB over white), bilinear resize to {self.image_size}x"
+                             f"{self.image_size}, uint8 into the int8 TFLite model; {MOBILENET_POOLED} dequantised "
+                             "with its scale and zero point")
+        else:
+            preprocessing = ("PIL decode (EXIF transpose, RGB), bilinear resize to "
+                             f"{self.image_size}x{self.image_size}, xception.preprocess_input "
+                             "(x/127.5 - 1), global average pooling")
         return {
             "backbone": self.name, "weights": self.weights, "input_size": str(self.image_size),
             "seed": str(self.seed), "feature_dim": str(self.feature_dim),
-            "precision": self.precision, "runtime": self.runtime,
-            "preprocessing": "PIL decode (EXIF transpose, RGB), bilinear resize to "
-                             f"{self.image_size}x{self.image_size}, xception.preprocess_input "
-                             "(x/127.5 - 1), global average pooling",
+            "precision": self.precision, "runtime": self.runtime, "preprocessing": preprocessing,
             "keras_version": keras.__version__, "tensorflow_version": tf.__version__,
             "pyarrow_version": pyarrow.__version__,
         }
@@ -217,6 +244,92 @@ class TFLiteEmbedder:
             self._interpreter.set_tensor(self._input, x)
             self._interpreter.invoke()
             return self._interpreter.get_tensor(self._output).astype(np.float32, copy=True)
+
+
+def mobilenet_file(weights: str) -> Path:
+    """The .tflite file ``features.weights`` names for ``mobilenet_v2_int8``: ``imagenet`` is the
+    vendored copy (its bytes checked against the published digest), a path is taken as it is
+    (its tensors are checked when it loads). BackboneError otherwise."""
+    if weights == "none":
+        raise BackboneError("features.weights: none has no meaning for mobilenet_v2_int8 (there is no random-init "
+                            "int8 MobileNetV2): use imagenet (the vendored file) or the path of a .tflite file")
+    path = MOBILENET_FILE if weights == "imagenet" else Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"features.weights: {path} is not a file; mobilenet_v2_int8 needs imagenet (the copy in "
+                            "vendor/mobilenet_v2/) or the path of mobilenet_v2_1.0_224_quant.tflite")
+    if weights == "imagenet":
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != MOBILENET_SHA256:
+            raise BackboneError(f"{path} has sha256 {digest}, not the vendored model's {MOBILENET_SHA256}: the file "
+                                "was changed or damaged; restore it from git (git checkout -- vendor/mobilenet_v2)")
+    return path
+
+
+class MobileNetV2Int8Embedder:
+    """The int8 ImageNet MobileNetV2 TFLite file on LiteRT, read as the shared real features were
+    made: uint8 (N, 224, 224, 3) in; ``__call__`` gives the pooled vector dequantised to float32
+    ((q - zero_point) * scale, in float32), ``grid`` the 7x7x320 region tensor as the model's own
+    uint8. The intermediate tensors are readable after ``invoke()`` only with
+    ``experimental_preserve_all_tensors``. One image per invoke: the file's input is batch 1, and
+    each image is computed alike whatever batch it came in. Thread-safe: one interpreter, one lock.
+    BackboneError, naming the file and what it lacks, for a file that is not this model."""
+
+    def __init__(self, model_file: Path, threads: int | None = None):
+        import warnings
+
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.model_file = model_file
+        try:
+            with warnings.catch_warnings():  # preserving tensors "is for debugging": here it is the recipe
+                warnings.simplefilter("ignore", UserWarning)
+                self._interpreter = Interpreter(model_path=str(model_file), num_threads=threads or cpu.cores(),
+                                                experimental_preserve_all_tensors=True)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise BackboneError(f"the LiteRT interpreter cannot load {model_file} as a TFLite model: "
+                                f"{str(err).strip()[:300]}") from None
+        inputs = self._interpreter.get_input_details()
+        wanted = (1, MOBILENET_SIZE, MOBILENET_SIZE, 3)
+        if len(inputs) != 1 or tuple(inputs[0]["shape"]) != wanted or inputs[0]["dtype"] != np.uint8:
+            found = ", ".join(f"{tuple(int(d) for d in i['shape'])} {np.dtype(i['dtype']).name}" for i in inputs) or "none"
+            raise BackboneError(f"{model_file} is not the MobileNetV2 int8 model: its input is {found}, not one "
+                                f"{wanted} uint8 image")
+        tensors = self._interpreter.get_tensor_details()
+        pooled = [t for t in tensors if t["name"] == MOBILENET_POOLED and tuple(t["shape"]) == (1, 1, 1, 1280)
+                  and t["dtype"] == np.uint8]
+        grid = [t for t in tensors if t["name"].startswith(MOBILENET_GRID)
+                and tuple(t["shape"]) == MOBILENET_GRID_SHAPE and t["dtype"] == np.uint8]
+        lacks = [what for what, found in ((f"the tensor {MOBILENET_POOLED} of shape (1, 1, 1, 1280) uint8", pooled),
+                                          (f"a tensor {MOBILENET_GRID}... of shape {MOBILENET_GRID_SHAPE} uint8", grid))
+                 if not found]
+        if lacks:
+            raise BackboneError(f"{model_file} is not the MobileNetV2 int8 model: it lacks {' and '.join(lacks)} "
+                                f"({len(tensors)} tensors)")
+        self._input = inputs[0]["index"]
+        self._pooled, self._grid = pooled[0]["index"], grid[0]["index"]
+        scale, zero_point = pooled[0]["quantization"]
+        self._scale, self._zero_point = np.float32(scale), np.float32(zero_point)
+        self.grid_quantization = tuple(grid[0]["quantization"])  # (scale, zero point) of ``grid``'s values
+        self._lock = threading.Lock()
+
+    def _run(self, batch_uint8: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with self._lock:
+            for image in batch_uint8:
+                self._interpreter.set_tensor(self._input, np.ascontiguousarray(image[None], dtype=np.uint8))
+                self._interpreter.invoke()
+                yield (self._interpreter.get_tensor(self._pooled).reshape(-1).copy(),
+                       self._interpreter.get_tensor(self._grid)[0].copy())
+
+    def __call__(self, batch_uint8: np.ndarray) -> np.ndarray:
+        pooled = np.stack([p for p, _ in self._run(batch_uint8)])
+        return (pooled.astype(np.float32) - self._zero_point) * self._scale
+
+    def with_grid(self, batch_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled float32 (N, 1280), grid uint8 (N, 7, 7, 320)) from one pass."""
+        found = list(self._run(batch_uint8))
+        pooled = np.stack([p for p, _ in found]).astype(np.float32)
+        return (pooled - self._zero_point) * self._scale, np.stack([g for _, g in found])
 
 
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
@@ -376,8 +489,9 @@ class BackboneFolder:
     def digest(self) -> str:
         """What the embeddings depend on: the weights' bytes and how they run (runtime, precision,
         input size). Two folders with the same digest embed every image alike."""
-        h = hashlib.sha256(json.dumps(self.spec().to_dict(), sort_keys=True).encode())
-        with self.weights.open("rb") as f:
+        spec = self.spec()
+        h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+        with (self.tflite if spec.name == MOBILENET else self.weights).open("rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
         return h.hexdigest()
@@ -408,6 +522,11 @@ class BackboneFolder:
         weights in Keras with the same precision (embeddings within the cosine bound, slower)
         rather than fail; an int8 model never falls back (its embeddings differ)."""
         spec = self.spec()
+        if spec.name == MOBILENET:
+            if not self.tflite.is_file():
+                raise BackboneError(f"{self.tflite} is missing: the backbone folder {self.path} of a "
+                                    "mobilenet_v2_int8 model holds the .tflite it runs; rerun the backbone stage")
+            return MobileNetV2Int8Embedder(self.tflite)
         try:
             if spec.runtime == "keras":
                 if spec.precision == "bfloat16" and not cpu.has_native_bf16(cpu_flags):
@@ -442,10 +561,24 @@ def save_folder(model: keras.Model, spec: BackboneSpec, out: Path, requested: di
         to_openvino(model, folder.openvino)
     if spec.runtime != "keras":
         stats["conversion_seconds"] = round(time.perf_counter() - start, 1)
+    _write_spec(folder, spec, requested, measurements)
+    return stats
+
+
+def _write_spec(folder: BackboneFolder, spec: BackboneSpec, requested: dict, measurements: list[dict] | None) -> None:
     folder.spec_file.write_text(json.dumps({"spec": spec.to_dict(), "requested": requested,
                                             "chosen_on": cpu.describe(), "measurements": measurements or []},
                                            indent=2))
-    return stats
+
+
+def save_mobilenet_folder(spec: BackboneSpec, model_file: Path, out: Path, requested: dict,
+                          measurements: list[dict] | None = None) -> None:
+    """Write a ``mobilenet_v2_int8`` backbone folder into ``out`` (an empty folder): a copy of
+    ``model_file`` (checked to be the model: ``MobileNetV2Int8Embedder``) and spec.json."""
+    MobileNetV2Int8Embedder(model_file, threads=1)
+    folder = BackboneFolder(out)
+    shutil.copyfile(model_file, folder.tflite)
+    _write_spec(folder, spec, requested, measurements)
 
 
 def choose_runtime(model: keras.Model, spec: BackboneSpec, images: np.ndarray, batch_size: int, rounds: int,

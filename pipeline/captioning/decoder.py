@@ -279,3 +279,14 @@ def make_trainer(decoder: keras.Model, learning_rate: float, label_smoothing: fl
 
 def load_decoder(path) -> keras.Model:
     return keras.models.load_model(path)
+
+
+def require_feature_dim(decoder: keras.Model, feature_dim: int, backbone: str, decoder_file) -> None:
+    """A decoder reads the vectors of the CNN its features came from: ValueError, naming the file,
+    when ``decoder`` was trained on vectors of another width than ``backbone`` makes (features of
+    another CNN), which would otherwise fail deep in TensorFlow, or caption noise."""
+    width = int(decoder.inputs[0].shape[-1])
+    if width != feature_dim:
+        raise ValueError(f"the decoder {decoder_file} was trained on {width}-d image features, but its CNN "
+                         f"{backbone} makes {feature_dim}-d ones: features from another backbone were given to it; "
+                         "retrain it on this backbone's features (or register it with the backbone it was trained on)")

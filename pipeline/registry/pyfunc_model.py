@@ -109,7 +109,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         from pipeline.captioning.backbone import BackboneFolder
         from pipeline.captioning.caption_choice import CaptionChooser
         from pipeline.captioning.consensus import Neighbours
-        from pipeline.captioning.decoder import decoding_models, load_decoder
+        from pipeline.captioning.decoder import decoding_models, load_decoder, require_feature_dim
         from pipeline.captioning.vocabulary import Vocabulary
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
@@ -125,7 +125,9 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             if "neighbours" not in context.artifacts:
                 raise ValueError("this model reranks by consensus but carries no neighbours file")
             neighbours = Neighbours.load(context.artifacts["neighbours"])
-        self.chooser = CaptionChooser(decoding_models(load_decoder(context.artifacts["decoder"])), self.vocab,
+        decoder = load_decoder(context.artifacts["decoder"])
+        require_feature_dim(decoder, self.spec.feature_dim, self.spec.name, context.artifacts["decoder"])
+        self.chooser = CaptionChooser(decoding_models(decoder), self.vocab,
                                       self.decoding, neighbours)
         self._warm_up()
 

@@ -25,12 +25,17 @@ import pandas as pd
 from pipeline import cpu, paths
 from pipeline.atomic import atomic_dir
 from pipeline.captioning.backbone import (
+    MOBILENET,
     BackboneError,
     BackboneSpec,
+    MobileNetV2Int8Embedder,
     build,
     choose_runtime,
     load_image,
+    measure,
+    mobilenet_file,
     save_folder,
+    save_mobilenet_folder,
 )
 from pipeline.config import FeaturesSettings, Settings
 from pipeline.data.flickr8k import image_file
@@ -58,6 +63,8 @@ def save_backbone(cfg: FeaturesSettings, out: Path, images: np.ndarray | None = 
     ``out`` (replaced only when complete). Returns stats, the measurements among them; raises
     BackboneError."""
     spec = BackboneSpec.from_settings(cfg, cpu_flags)
+    if spec.name == MOBILENET:
+        return save_mobilenet(cfg, spec, out, images)
     model = build(replace(spec, precision="float32"))  # the weights every runtime runs
     measurements = None
     start = time.perf_counter()
@@ -72,6 +79,25 @@ def save_backbone(cfg: FeaturesSettings, out: Path, images: np.ndarray | None = 
     log.info("wrote %s (%s, weights %s, runtime %s, %s, %d parameters; CPU %s)", out, spec.name,
              spec.weights, spec.runtime, spec.precision, model.count_params(), cpu.describe())
     return stats
+
+
+def save_mobilenet(cfg: FeaturesSettings, spec: BackboneSpec, out: Path, images: np.ndarray | None) -> dict:
+    """The int8 MobileNetV2 has one runtime (LiteRT) and one precision: nothing to choose. With
+    ``runtime: auto`` and ``images``, its speed is still measured and recorded, as ``auto``
+    records every choice it makes."""
+    model_file = mobilenet_file(spec.weights)
+    measurements = None
+    if cfg.runtime == "auto" and images is not None:
+        measurements = measure({(spec.runtime, spec.precision): MobileNetV2Int8Embedder(model_file)},
+                               images, cfg.batch_size, cfg.auto_rounds)
+        for row in measurements:
+            row.update(eligible=True, chosen=True)
+    with atomic_dir(out) as tmp:
+        save_mobilenet_folder(spec, model_file, tmp, {"runtime": cfg.runtime, "precision": cfg.precision},
+                              measurements)
+    log.info("wrote %s (%s from %s, runtime %s; CPU %s)", out, spec.name, model_file, spec.runtime, cpu.describe())
+    return {"runtime": spec.runtime, "precision": spec.precision, "model_file": str(model_file),
+            "measurements": measurements or []}
 
 
 def run(settings: Settings) -> dict:

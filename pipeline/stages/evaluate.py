@@ -150,16 +150,29 @@ def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
     consensus = settings.decoding.consensus.neighbours > 0
     require(paths.DECODER, paths.VOCAB, paths.CAPTIONS, feature_file, *([paths.NEIGHBOURS] if consensus else []))
+    captions = prepared_captions()
+    with reported(ValueError):
+        files = image_files(captions, settings.data.source)
+    return evaluate(settings, captions, files)
+
+
+def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path]) -> dict:
+    """Score the decoder in ``models/`` on the test split of ``captions`` with the features file,
+    compare it with the champion, write and log the results (see the module docstring).
+    ``files``: the photos of the images. The champion captions, and the gallery shows, the test
+    images that have one: all of them in the pipeline; for ``captioner real-model``, whose
+    features were computed elsewhere, the photos its folder holds."""
+    consensus = settings.decoding.consensus.neighbours > 0
     vocab = Vocabulary.load(paths.VOCAB)
     models = decoding_models(load_decoder(paths.DECODER))
-    captions = prepared_captions()
-    images, features, _ = read_features(feature_file)
+    images, features, _ = read_features(paths.features_file(settings.features.backbone))
     setup(settings)
     with reported(JavaMissingError, ValueError):
-        files = image_files(captions, settings.data.source)
         neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
         metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours)
-        tables = {"test": table}
+        tables = {"test": table[table["image"].isin(files)].reset_index(drop=True)}
+        if tables["test"].empty:
+            raise ValueError("no test image has a photo to compare the champion on")
         if (captions["split"] == FEEDBACK_TEST).any():  # corrected photos held out from training
             feedback_metrics, tables["feedback"] = evaluate_model(
                 models, vocab, captions, images, features, settings.decoding, neighbours, split=FEEDBACK_TEST)
@@ -172,7 +185,7 @@ def run(settings: Settings) -> dict:
     write_parquet(table, paths.TEST_CAPTIONS)
     write_parquet(scores, paths.TEST_SCORES)
     items = [{"path": files[r.image], "image": r.image, "beam": r.beam, "greedy": r.greedy,
-              "references": r.references} for r in table.head(settings.evaluate.gallery_size).itertuples()]
+              "references": r.references} for r in tables["test"].head(settings.evaluate.gallery_size).itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""
     reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images{samples}"

@@ -31,6 +31,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.captioning.backbone import BackboneFolder
+from pipeline.captioning.decoder import load_decoder, require_feature_dim
 from pipeline.config import Settings
 from pipeline.registry.champion import ALIAS, CAUSES, current_version, judge
 from pipeline.registry.tracking import fail_pending_models, resume_run, tracking_uri
@@ -141,6 +142,9 @@ def run(settings: Settings) -> dict:
     require(paths.EVAL_METRICS, paths.TEST_SCORES, paths.DECODER, paths.VOCAB,
             BackboneFolder(paths.backbone_dir(settings.features.backbone)).spec_file)
     reg = settings.registry
+    spec = BackboneFolder(paths.backbone_dir(settings.features.backbone)).spec()
+    with reported(ValueError):
+        require_feature_dim(load_decoder(paths.DECODER), spec.feature_dim, spec.name, paths.DECODER)
     metrics = json.loads(paths.EVAL_METRICS.read_text())
     scores = pd.read_parquet(paths.TEST_SCORES)
     with resume_run(settings, paths.TRAIN_RUN, "register") as active:

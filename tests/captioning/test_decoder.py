@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 
 from pipeline.captioning.decoder import (
     DecoderConfig,
@@ -12,6 +13,7 @@ from pipeline.captioning.decoder import (
     load_decoder,
     make_trainer,
     members_of,
+    require_feature_dim,
 )
 
 
@@ -128,3 +130,14 @@ def test_an_ensemble_averages_its_members_and_survives_save_and_load(tmp_path):
     state = steps.encode(image)
     log_probs, state = steps.step(tokens[:, :1], state)
     np.testing.assert_allclose(log_probs, np.mean([m[:, 0] for m in members], axis=0), atol=1e-5)
+
+
+def test_a_decoder_given_another_cnns_features_is_refused_naming_its_file():
+    """Xception's 2,048-d decoder behind MobileNetV2's 1,280-d vectors would fail deep in
+    TensorFlow; it is refused at registration and load with what is wrong."""
+    cfg = DecoderConfig(vocab_size=9, feature_dim=2048, sequence_length=4, embedding_dim=4, units=6, dropout=0)
+    model = build_decoder(cfg)
+    require_feature_dim(model, 2048, "xception", "models/decoder.keras")
+    with pytest.raises(ValueError, match=r"models/decoder\.keras was trained on 2048-d image features, but its "
+                                         r"CNN mobilenet_v2_int8 makes 1280-d ones"):
+        require_feature_dim(model, 1280, "mobilenet_v2_int8", "models/decoder.keras")

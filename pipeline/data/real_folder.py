@@ -1,0 +1,100 @@
+"""A folder of real Flickr8k captions with features computed elsewhere (the layout of the shared
+``flickr8k_real/``): the token file, the train and dev split lists, the pooled embeddings
+Parquet, optionally the grid Parquet and ``dev_photos/``. No photos are needed to train on it.
+
+Read by ``captioner real-model`` and ``benchmarks/bench_quality.py`` alike, so the model the CLI
+registers and the figures the benchmark reports come from the same captions and features.
+Imports the ground floor and ``data`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.caption_text import clean_caption
+from pipeline.data.features_file import read_features
+from pipeline.data.flickr8k import parse_token_file, read_split_list
+
+EMBEDDINGS = "mobilenet_v2_224.trainval.parquet"
+GRID = "mobilenet_v2_224_grid.trainval.parquet"
+PHOTOS = "dev_photos"
+SPLITS = ("train", "dev")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class RealFolderError(ValueError):
+    """The folder lacks a file of the layout, or a file is not what it should be."""
+
+
+def _one(data: Path, pattern: str, what: str) -> Path:
+    found = sorted(data.glob(pattern))
+    if not found:
+        raise RealFolderError(f"{data} holds no {what} ({pattern}); a real-features folder holds the token file, "
+                              f"the split lists Flickr_8k.trainImages.txt and Flickr_8k.devImages.txt, and {EMBEDDINGS}")
+    return found[0]
+
+
+def embeddings_file(data: Path) -> Path:
+    """The pooled embeddings of ``data``: ``mobilenet_v2_224.trainval.parquet``, or else the one
+    Parquet whose name is not a grid's (the held-out test folder may name its files otherwise)."""
+    if not data.is_dir():
+        raise RealFolderError(f"{data} is not a folder")
+    if (data / EMBEDDINGS).is_file():
+        return data / EMBEDDINGS
+    candidates = [p for p in sorted(data.glob("*.parquet")) if "grid" not in p.name]
+    if len(candidates) != 1:
+        raise RealFolderError(f"{data} holds {len(candidates)} embeddings Parquet files "
+                              f"({', '.join(p.name for p in candidates) or 'none'}); expected {EMBEDDINGS}")
+    return candidates[0]
+
+
+def read_captions(data: Path, min_tokens: int, max_tokens: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Cleaned train + dev captions in the stages' layout (image, split, caption_idx,
+    caption_raw, caption), with validate's token-count bounds, and the count of lines dropped
+    and why."""
+    token_file = _one(data, "*.token*.txt", "token file")
+    rows = parse_token_file(token_file)
+    split_of = {name: split for split in SPLITS
+                for name in read_split_list(_one(data, f"Flickr_8k.{split}Images.txt", f"{split} split list"))}
+    rows["split"] = rows["image"].map(split_of)
+    rows["caption"] = rows["caption_raw"].map(clean_caption)
+    length = rows["caption"].str.split().str.len()
+    dropped = {"malformed line": int(rows["error"].notna().sum()),
+               "not in train/dev": int(rows["split"].isna().sum()),
+               f"outside {min_tokens}..{max_tokens} tokens": int(((length < min_tokens) | (length > max_tokens)).sum())}
+    kept = rows[rows["error"].isna() & rows["split"].notna() & length.between(min_tokens, max_tokens)]
+    return kept[["image", "split", "caption_idx", "caption_raw", "caption"]].reset_index(drop=True), dropped
+
+
+def read_embeddings(data: Path, feature_dim: int, backbone_words: str = "mobilenet_v2") -> tuple[list[str], np.ndarray, dict]:
+    """(names, (N, D) float32, schema metadata) of ``data``'s embeddings, refused with the reason
+    when they are not ``feature_dim`` wide or their metadata names another CNN than one whose
+    name holds ``backbone_words`` (a decoder trained on them would be served with the wrong CNN)."""
+    path = embeddings_file(data)
+    try:
+        images, features, meta = read_features(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise RealFolderError(f"{path} is not an embeddings Parquet (image, embedding): {err}") from None
+    made_by = meta.get("backbone", "")
+    if features.shape[1] != feature_dim or (made_by and backbone_words not in made_by):
+        raise RealFolderError(f"{path} holds {features.shape[1]}-d embeddings made by {made_by or 'an unnamed CNN'}; "
+                              f"this backbone makes {feature_dim}-d ones ({backbone_words}): a decoder trained on "
+                              "them would be served with another CNN than the one they came from")
+    if not np.isfinite(features).all():
+        raise RealFolderError(f"{path} holds non-finite embedding values")
+    return images, features, meta
+
+
+def dev_photos(data: Path, names: set[str]) -> dict[str, Path]:
+    """Photo files in ``data/dev_photos/`` whose names are dev images of the captions (others,
+    and links leading out of the folder, are left out)."""
+    folder = data / PHOTOS
+    if not folder.is_dir():
+        return {}
+    root = folder.resolve()
+    return {p.name: p for p in sorted(folder.iterdir())
+            if p.name in names and p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()
+            and p.resolve().parent == root}
