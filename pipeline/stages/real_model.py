@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.atomic import write_json, write_parquet
-from pipeline.captioning.backbone import FEATURE_DIM, MOBILENET, BackboneError
+from pipeline.captioning.backbone import FEATURE_DIM, MOBILENET, BackboneError, BackboneFolder
 from pipeline.config import Settings
 from pipeline.data.features_file import embedding_table, write_table
 from pipeline.data.real_folder import RealFolderError, dev_photos, read_captions, read_embeddings
@@ -64,7 +64,7 @@ def lay_out(settings: Settings, data: Path) -> dict[str, Path]:
     photos found there."""
     val = settings.validation
     captions, dropped = read_captions(data, val.min_tokens, val.max_tokens)
-    images, features, meta = read_embeddings(data, FEATURE_DIM[MOBILENET])
+    images, features, _ = read_embeddings(data, FEATURE_DIM[MOBILENET])
     missing = sorted(set(captions["image"]) - set(images))
     if missing:
         raise RealFolderError(f"{len(missing)} captioned images have no embedding in {data}, e.g. {missing[:3]}")
@@ -76,10 +76,29 @@ def lay_out(settings: Settings, data: Path) -> dict[str, Path]:
     keep = set(captions["image"])
     rows = [i for i, name in enumerate(images) if name in keep]
     table = embedding_table([images[i] for i in rows], features[rows])
-    # the folder's features are the dataset's one shard; the corrected photos' shard joins them
-    write_table(table.replace_schema_metadata({**meta, "source": str(data)}), paths.feature_shard_file(MOBILENET, 0))
     save_backbone(settings.features, paths.backbone_dir(MOBILENET))
+    # the folder's features are the dataset's one shard, and the corrected photos' shard joins them:
+    # both carry the backbone's provenance (the folder's vectors are what this CNN computes: a test
+    # checks it bit for bit on the shared pictures)
+    write_table(table.replace_schema_metadata(BackboneFolder(paths.backbone_dir(MOBILENET)).metadata()),
+                paths.feature_shard_file(MOBILENET, 0))
     return dev_photos(data, set(scored["image"]))
+
+
+MARKER = ".captioner-real-model"  # a work folder this command made
+
+
+def claim(work: Path) -> None:
+    """Make ``work`` the command's folder: new, empty, or one it made before (its marker file).
+    Anything else (the project itself, a folder of other files) is refused: the stages write
+    ``data/``, ``models/``, ``reports/`` there and would replace what they find."""
+    if work.exists() and not work.is_dir():
+        raise StageError(f"--work {work} is a file, not a folder")
+    if work.is_dir() and any(work.iterdir()) and not (work / MARKER).is_file():
+        raise StageError(f"--work {work} holds other files (not a folder captioner real-model made): the stages "
+                         "would write data/, models/ and reports/ into it; give an empty or new folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("files written by captioner real-model\n")
 
 
 def run(settings: Settings, data: Path, work: Path = DEFAULT_WORK, promote: bool = False) -> dict:
@@ -88,7 +107,7 @@ def run(settings: Settings, data: Path, work: Path = DEFAULT_WORK, promote: bool
 
     data = data.expanduser().resolve()
     settings = real_settings(settings, data)
-    work.mkdir(parents=True, exist_ok=True)
+    claim(work)
     with contextlib.chdir(work):  # the stages read and write their files relative to the working folder
         with reported(RealFolderError, BackboneError, OSError):
             photos = lay_out(settings, data)

@@ -28,8 +28,7 @@ from pipeline.data.real_folder import EMBEDDINGS, read_captions
 from tests.helpers import PROJECT, write_params
 
 REAL = PROJECT.parent / "shared" / "flickr8k_real"
-pytestmark = pytest.mark.skipif(not (REAL / EMBEDDINGS).is_file() or not (REAL / "dev_photos").is_dir(),
-                                reason=f"no real Flickr8k features and dev photos in {REAL}")
+NO_REAL = f"no real Flickr8k features and dev photos in {REAL}"
 CAPTIONER = str(Path(sys.executable).with_name("captioner"))
 DEV_IMAGES = 300
 PARAMS = {"train.epochs": 2, "train.units": 256, "train.embedding_dim": 128, "train.batch_size": 64,
@@ -64,6 +63,8 @@ def captioner(project: Path, *args: str, timeout: float = 900) -> subprocess.Com
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
     """A project folder whose store's champion is the real model, and the command's output."""
+    if not (REAL / EMBEDDINGS).is_file() or not (REAL / "dev_photos").is_dir():
+        pytest.skip(NO_REAL)
     project = tmp_path_factory.mktemp("real-project")
     write_params(project, **PARAMS)
     data = cut(tmp_path_factory.mktemp("real-data") / "flickr8k_real", None, DEV_IMAGES)
@@ -74,8 +75,36 @@ def champion(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references():
+    if not (REAL / EMBEDDINGS).is_file():
+        pytest.skip(NO_REAL)
     captions, _ = read_captions(REAL, 1, 40)
     return captions.groupby("image")["caption"].apply(list).to_dict()
+
+
+def test_a_work_folder_of_other_files_is_refused_before_anything_is_written(tmp_path):
+    from pipeline.stages._cli import StageError
+    from pipeline.stages.real_model import MARKER, claim
+
+    project = tmp_path / "project"
+    (project / "data" / "prepared").mkdir(parents=True)
+    (project / "data" / "prepared" / "captions.parquet").write_bytes(b"the pipeline's own")
+    with pytest.raises(StageError, match="holds other files"):
+        claim(project)
+    assert (project / "data" / "prepared" / "captions.parquet").read_bytes() == b"the pipeline's own"
+    assert not (project / MARKER).exists()
+    claim(tmp_path / "new")
+    claim(tmp_path / "new")  # its own folder again: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StageError, match="is a file"):
+        claim(tmp_path / "file")
+
+
+def test_a_folder_without_the_layout_is_refused_by_the_command(tmp_path):
+    write_params(tmp_path, **PARAMS)
+    (tmp_path / "empty").mkdir()
+    result = captioner(tmp_path, "real-model", "--data", str(tmp_path / "empty"), timeout=300)
+    assert result.returncode == 1
+    assert "holds no token file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_first_real_model_is_registered_as_champion_with_the_mobilenet(champion):
@@ -106,17 +135,32 @@ def test_the_champion_captions_the_dev_photos_as_people_do(champion, references)
     assert found["bleu4"] >= 0.15, found
 
 
-def test_search_finds_real_photos_by_what_is_in_them(champion, references, tmp_path):
+def test_search_finds_real_photos_by_what_is_in_them(champion, references, tmp_path, monkeypatch, capsys):
+    """The top 5 photos for a few things people name (precision: the share of hits whose people's
+    captions use the word) beat the share of such photos among all, by far. The searches run in
+    this process (the CLI's own main), the index as a user runs it."""
+    from pipeline.cli import main
+
     project, data, _ = champion
     db = tmp_path / "photos.db"
     indexed = captioner(project, "index", str(data / "dev_photos"), "--db", str(db), "-q")
     assert indexed.returncode == 0, indexed.stderr[-2000:]
-    for word in ("dog", "water"):
-        found = captioner(project, "search", f"a {word}", "--db", str(db), "--limit", "5")
-        assert found.returncode == 0, found.stderr[-2000:]
-        hits = [Path(line.split("\t")[1]).name for line in found.stdout.splitlines()]
-        relevant = [h for h in hits if any(word in c.split() for c in references[h])]
-        assert len(hits) == 5 and len(relevant) >= 4, (word, found.stdout)
+    photos = sorted(p.name for p in (data / "dev_photos").iterdir())
+    precision, base = {}, {}
+    for word in ("dog", "water", "snow", "ball", "child"):
+        monkeypatch.chdir(project)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(["search", f"a {word}", "--db", str(db), "--limit", "5"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0, out
+        hits = [Path(line.split("\t")[1]).name for line in out.splitlines()]
+        assert len(hits) == 5, out
+        said = {p for p in photos if any(word in c.split() for c in references[p])}
+        precision[word], base[word] = len(said & set(hits)) / 5, len(said) / len(photos)
+    mean, chance = sum(precision.values()) / 5, sum(base.values()) / 5
+    assert mean >= 0.5 and mean >= 3 * chance, (precision, base)
 
 
 def test_alt_text_says_what_people_see(champion, references, tmp_path):
