@@ -99,8 +99,8 @@ def registered(trained_project):
 # The end-to-end modules, longest first: `make test` runs the suite on two pytest-xdist workers,
 # one module at a time each (--dist loadscope, so a module's fixtures are built once), and
 # handing out the long modules first keeps one worker from starting a 6-minute module last.
-LONGEST_FIRST = ("tests/ops/test_team.py", "tests/stages/test_register.py", "tests/stages/test_feedback.py",
-                 "tests/dags/test_caption_retraining.py",
+LONGEST_FIRST = ("tests/ops/test_team.py", "tests/stages/test_real_model.py", "tests/stages/test_register.py",
+                 "tests/stages/test_feedback.py", "tests/dags/test_caption_retraining.py",
                  "tests/test_dvc_pipeline.py", "tests/registry/test_pyfunc_model.py", "tests/stages/test_features.py")
 
 

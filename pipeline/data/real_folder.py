@@ -38,16 +38,15 @@ def _one(data: Path, pattern: str, what: str) -> Path:
 
 
 def embeddings_file(data: Path) -> Path:
-    """The pooled embeddings of ``data``: ``mobilenet_v2_224.trainval.parquet``, or else the one
-    Parquet whose name is not a grid's (the held-out test folder may name its files otherwise)."""
+    """The pooled embeddings of ``data``: ``mobilenet_v2_224.trainval.parquet``, or else the first
+    Parquet by name that is not a grid's (a held-out folder may name its files otherwise)."""
     if not data.is_dir():
         raise RealFolderError(f"{data} is not a folder")
     if (data / EMBEDDINGS).is_file():
         return data / EMBEDDINGS
     candidates = [p for p in sorted(data.glob("*.parquet")) if "grid" not in p.name]
-    if len(candidates) != 1:
-        raise RealFolderError(f"{data} holds {len(candidates)} embeddings Parquet files "
-                              f"({', '.join(p.name for p in candidates) or 'none'}); expected {EMBEDDINGS}")
+    if not candidates:
+        raise RealFolderError(f"{data} holds no embeddings Parquet file; expected {EMBEDDINGS}")
     return candidates[0]
 
 

@@ -61,7 +61,7 @@ def test_a_parquet_that_is_not_embeddings_is_refused(tmp_path):
     with pytest.raises(RealFolderError, match="is not an embeddings Parquet"):
         read_embeddings(root, 1280)
     (root / EMBEDDINGS).unlink()
-    with pytest.raises(RealFolderError, match="0 embeddings Parquet files"):
+    with pytest.raises(RealFolderError, match="holds no embeddings Parquet file"):
         read_embeddings(root, 1280)
 
 
