@@ -16,6 +16,7 @@ bytes (the caller owns this machine, so local paths are fine here).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -68,6 +69,17 @@ def beam_size(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def positive(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -113,20 +125,32 @@ def caption(args: argparse.Namespace) -> int:
     except Exception as err:
         print(f"captioner: cannot load {args.model}: {err}", file=sys.stderr)
         return 2
+    from pipeline.captioning.confidence import said_of
+
     names = list(data)
     params = {"beam_size": args.beam} if args.beam else None
     # a request holds at most the model's serving.max_rows images: more files go in several
     step = getattr(getattr(model.unwrap_python_model(), "limits", None), "max_rows", 64)
     status = 1 if errors else 0
+    for name, error in errors.items():
+        if args.json:
+            print(json.dumps({"file": name, "error": error}))
     for lo in range(0, len(names), step):
         chunk = names[lo:lo + step]
         result = model.predict(pd.DataFrame({"image": [data[n] for n in chunk]}), params=params)
-        for name, row in zip(chunk, result.itertuples()):
-            if row.error:
-                print(f"{name}\tERROR: {row.error}", file=sys.stderr)
+        for name, row in zip(chunk, result.to_dict("records")):
+            said = said_of(row)
+            if row["error"]:
                 status = 1
+                if args.json:
+                    print(json.dumps({"file": name, "error": row["error"]}), flush=True)
+                else:
+                    print(f"{name}\tERROR: {row['error']}", file=sys.stderr)
+            elif args.json:
+                print(json.dumps({"file": name, "caption": row["caption"], **said}), flush=True)
             else:
-                print(f"{name}\t{row.caption}", flush=True)
+                number = "" if said["confidence"] is None else f" {said['confidence']:.2f}"
+                print(f"{name}\t{said['spoken']}\t({said['confidence_words']}{number})", flush=True)
     return status
 
 
@@ -175,8 +199,6 @@ def index(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.search.photo_index import PhotoIndex
     from pipeline.search.ranking import Searcher, SearchResult
 
@@ -192,14 +214,18 @@ def search(args: argparse.Namespace) -> int:
         vector, itself = _like_vector(args.like, root, store, model)
         result = SearchResult(f"like {args.like}", "cosine", searcher.more_like(vector, args.limit, exclude=itself))
     else:
-        result = searcher.search(args.query, args.limit, args.ranking)
+        result = searcher.search(args.query, args.limit, args.ranking, min_confidence=args.min_confidence)
     if args.json:
         print(json.dumps({**result.to_json(), "root": str(root)}, indent=1))
         return 0
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    from pipeline.captioning.confidence import in_words
+
     for hit in result.hits:  # one line per photo, whatever its name holds (tabs, line breaks)
-        print(f"{hit.score:.3f}\t{_one_field(str(root / hit.photo.path))}\t{_one_field(hit.photo.caption)}")
+        photo = hit.photo
+        sure = in_words(photo.confidence, photo.abstained) + ("" if photo.confidence is None else f" {photo.confidence:.2f}")
+        print(f"{hit.score:.3f}\t{_one_field(str(root / photo.path))}\t{_one_field(photo.caption)}\t{sure}")
     if not result.hits:
         print("no photos found", file=sys.stderr)
     return 0
@@ -267,16 +293,29 @@ def alt_text(args: argparse.Namespace) -> int:
             print(f"{found.page}:{found.line}\t{found.src}\tNEEDS A PERSON: {found.reason}", file=sys.stderr)
     if args.review:
         _review(proposals, review, cfg)
-    elif args.apply:  # --yes: every proposal that keeps the conventions, no person in between
+    elif args.apply:  # --yes: every proposal that keeps the conventions and is sure enough, no person in between
+        bar = cfg.min_confidence if args.min_confidence is None else args.min_confidence
+        waiting = 0
         for p in proposals:
-            if p.status == "proposed" and not p.lint:
+            if p.status != "proposed":
+                continue
+            p.for_person = alt.waits_for_person(p, bar)
+            if p.for_person:
+                waiting += 1
+                print(f"{p.page}:{p.line}\t{p.src[:60]}\tWAITS FOR A PERSON: {p.for_person}", file=sys.stderr)
+            elif not p.lint:
                 p.status = "accepted"
         alt.save_review(review, proposals)
+        if waiting:
+            print(f"{waiting} proposals wait for a person (captioner alt-text {site} --review)", file=sys.stderr)
         return _apply(site, review, proposals, args.dry_run)
     else:
+        from pipeline.captioning.confidence import in_words
+
         for p in proposals:
             flags = f"  [{'; '.join(p.lint)}]" if p.lint else ""
-            print(f"{p.page}:{p.line}\t{p.src[:60]}\t{p.status}: {p.alt}{flags}")
+            sure = f"  ({in_words(p.confidence, p.abstained)}{'; for a person: ' + p.for_person if p.for_person else ''})"
+            print(f"{p.page}:{p.line}\t{p.src[:60]}\t{p.status}: {p.alt}{flags}{sure}")
         for label, count in alt.summary(scan, proposals):
             print(f"{label:>40}: {count}")
         print(f"review file: {review} (review: captioner alt-text {site} --review; then --apply)")
@@ -305,11 +344,17 @@ def _keep_decisions(proposals, review_path):
 def _review(proposals, review_path, cfg) -> None:
     """Ask about each proposal: accept, edit, reject, skip, quit; saved after every answer."""
     from pipeline.alttext import proposals as alt
+    from pipeline.captioning.confidence import in_words
 
-    todo = [p for p in proposals if p.status == "proposed"]
-    print(f"{len(todo)} proposals to review ({review_path})")
+    # the ones the model was not sure of first: they are what only a person can decide
+    todo = sorted((p for p in proposals if p.status == "proposed"), key=lambda p: not p.for_person)
+    print(f"{len(todo)} proposals to review ({review_path}), {sum(bool(p.for_person) for p in todo)} the model "
+          "was not sure of first")
     for p in todo:
-        print(f"\n{p.page}:{p.line}  {p.src}\n  proposed: {p.alt}" + (f"\n  note: {'; '.join(p.lint)}" if p.lint else ""))
+        sure = in_words(p.confidence, p.abstained) + ("" if p.confidence is None else f" ({p.confidence:.2f})")
+        print(f"\n{p.page}:{p.line}  {p.src}\n  proposed: {p.alt}\n  model: {sure}"
+              + (f"\n  waits for a person: {p.for_person}" if p.for_person else "")
+              + (f"\n  note: {'; '.join(p.lint)}" if p.lint else ""))
         answer = input("  [a]ccept, [e]dit, [r]eject, [s]kip, [q]uit? ").strip().lower()[:1]
         if answer == "q":
             break
@@ -362,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--beam", type=beam_size, default=None,
                      help=f"beam size 1..{MAX_BEAM} (1 = greedy; default: the model's)")
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    cap.add_argument("--json", action="store_true",
+                     help="one JSON object per photo: file, caption, confidence, confidence_words, abstained, "
+                          "reason (or file, error)")
     ind = sub.add_parser("index", help="caption every photo of a folder into a searchable index",
                          description="Caption every photo under DIR (JPEG, PNG, WebP; recursively) with the "
                                      "champion into a photo index. Again later, it does only what changed: "
@@ -374,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     registry_args(ind)
     ind.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sea = sub.add_parser("search", help="find indexed photos by what is in them",
-                         description="Print '<score>\\t<path>\\t<caption>' for the photos that best fit QUERY, best "
+                         description="Print '<score>\\t<path>\\t<caption>\\t<how sure>' for the photos that best fit QUERY, best "
                                      "first, ranked by the caption model's own likelihood of the query (default), "
                                      "full-text BM25 over the stored captions, or a blend of the two.")
     sea.add_argument("query", nargs="?", default="", help="what is in the photos you want, in English")
@@ -383,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     sea.add_argument("--ranking", choices=["likelihood", "bm25", "blend"], default="likelihood",
                      help="how to rank (default: likelihood; bm25 needs no model)")
     sea.add_argument("--json", action="store_true", help="JSON instead of lines")
+    sea.add_argument("--min-confidence", type=probability, default=None, metavar="P",
+                     help="only photos whose caption the model was at least this sure of (0..1; never abstained ones)")
     sea.add_argument("--db", default=default_index(), help=f"the index (default: {default_index()})")
     registry_args(sea)
     alt = sub.add_parser("alt-text", help="find images without alt text in a website and propose some",
@@ -394,7 +444,11 @@ def main(argv: list[str] | None = None) -> None:
     alt.add_argument("site", help="the website's folder")
     alt.add_argument("--review", action="store_true", help="accept, edit or reject each proposal")
     alt.add_argument("--apply", action="store_true", help="write the accepted alt texts into the pages")
-    alt.add_argument("--yes", action="store_true", help="with --apply: accept every proposal that keeps the conventions")
+    alt.add_argument("--yes", action="store_true",
+                     help="with --apply: accept every proposal that keeps the conventions and that the model is "
+                          "sure enough of (alt_text.min_confidence); abstained ones always wait for a person")
+    alt.add_argument("--min-confidence", type=probability, default=None, metavar="P",
+                     help="with --apply --yes: the confidence a proposal needs this run (default: alt_text.min_confidence)")
     alt.add_argument("--dry-run", action="store_true", help="with --apply: print the diff, write nothing")
     alt.add_argument("--review-file", default=None, help="default: SITE_DIR/.captioner-alt-text.json")
     alt.add_argument("--params", default="params.yaml", help="the conventions (alt_text.*) and model name")

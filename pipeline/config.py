@@ -271,6 +271,17 @@ class DecodingSettings(_Section):
                           "sharpness": float(old["consensus_sharpness"]), "seed": 0}})
 
 
+class ConfidenceSettings(_Section):
+    """How sure a caption is and when the model abstains (``pipeline/captioning/confidence.py``),
+    fitted on dev by the ``calibrate`` stage."""
+
+    novelty_neighbours: int = Field(ge=1, le=1000)  # train photos a photo's novelty is measured against
+    novelty_quantile: float = Field(gt=0.5, le=1)  # dev photos that stay under the abstention threshold
+    human_quantile: float = Field(gt=0, lt=1)  # acceptable = METEOR of the weaker human captions (this quantile)
+    folds: int = Field(ge=2, le=20)  # cross-fitting: a photo's confidence never comes from a fit on itself
+    seed: int
+
+
 class EvaluateSettings(_Section):
     gallery_size: int = Field(ge=0)  # test images shown in reports/gallery.html
 
@@ -305,6 +316,8 @@ class AltTextSettings(_Section):
     capital_first: bool
     full_stop: bool
     max_page_bytes: int = Field(ge=1)  # pages above this are reported, not read
+    # --apply --yes writes only proposals this sure (abstained or uncalibrated ones never)
+    min_confidence: float = Field(ge=0, le=1)
 
 
 class FeedbackSettings(_Section):
@@ -348,6 +361,7 @@ class Settings(_Section):
     features: FeaturesSettings
     train: TrainSettings
     decoding: DecodingSettings
+    confidence: ConfidenceSettings
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
     serving: ServingSettings

@@ -13,6 +13,7 @@ DECODER = MODELS_DIR / "decoder.keras"
 VOCAB = MODELS_DIR / "vocab.json"
 TRAIN_RUN = MODELS_DIR / "train_run.json"
 NEIGHBOURS = MODELS_DIR / "neighbours.npz"  # train images' features + captions (consensus reranking)
+CONFIDENCE = MODELS_DIR / "confidence.json"  # the calibrated confidence and the novelty threshold
 METRICS_DIR = Path("metrics")
 EVAL_METRICS = METRICS_DIR / "eval.json"
 REPORTS_DIR = Path("reports")
@@ -25,6 +26,9 @@ TEST_CAPTIONS = REPORTS_DIR / "test_captions.parquet"
 TEST_SCORES = REPORTS_DIR / "test_scores.parquet"  # per-image scores: new model and champion
 GALLERY = REPORTS_DIR / "gallery.html"
 REGISTRY_REPORT = REPORTS_DIR / "registry.json"
+CONFIDENCE_REPORT = REPORTS_DIR / "confidence.json"  # dev: calibration error, precision and coverage
+RELIABILITY_PLOT = REPORTS_DIR / "reliability.png"
+DEV_CONFIDENCE = REPORTS_DIR / "dev_confidence.parquet"  # per dev photo: caption, signals, confidence
 
 TOKEN_FILE = "Flickr8k.token.txt"
 KAGGLE_CAPTIONS = "captions.txt"

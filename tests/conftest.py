@@ -28,7 +28,7 @@ def http_server():
 def trained_project(tmp_path_factory):
     """A tiny project taken through download -> evaluate once per session (about 30 s).
     Tests chdir into a copy-free shared folder, so they must not delete its outputs."""
-    from pipeline.stages import download, evaluate, train, validate
+    from pipeline.stages import calibrate, download, evaluate, train, validate
     from tests.helpers import run_features, tiny_settings
 
     root = tmp_path_factory.mktemp("trained")
@@ -47,6 +47,7 @@ def trained_project(tmp_path_factory):
         validate.run(settings)
         run_features(settings)
         train.run(settings)
+        calibrate.run(settings)
         evaluate.run(settings)
     finally:
         os.chdir(old_cwd)

@@ -43,7 +43,7 @@ def running(repro) -> list[str]:
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(repo):
     first = sh(["dvc", "repro"], repo)
     for stage in ("download", "validate", "backbone", "features@0", "feedback", "feedback_features",
-                  "merge_features", "train", "evaluate", "register"):
+                  "merge_features", "train", "calibrate", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/features/xception.parquet").is_file()
     report = json.loads((repo / "reports/validation.json").read_text())

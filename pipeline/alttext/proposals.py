@@ -7,8 +7,12 @@ conventions (``alt_text.*`` params): a capital first letter, a full stop, no lea
 of them carries the reason (``lint``) and is never applied without a person's word.
 
 The review file (JSON, default ``<site>/.captioner-alt-text.json``) holds one entry per image:
-page, line, src, the proposed alt, the alt to apply, the model, and its ``status``
-(``proposed`` -> ``accepted`` | ``edited`` | ``rejected`` -> ``applied``).
+page, line, src, the proposed alt, the alt to apply, the model, how sure the model was
+(``confidence``, ``abstained``, ``reason``), and its ``status`` (``proposed`` -> ``accepted`` |
+``edited`` | ``rejected`` -> ``applied``). ``for_person`` says why a proposal waits for a person:
+below ``alt_text.min_confidence``, abstained (the image is unlike the photos the model learnt
+from), a model without a confidence; ``--apply --yes`` never applies those, ``--review`` shows
+them first.
 
 ``apply`` inserts the accepted alts into the pages and changes nothing else: each page's text is
 edited only at the recorded offsets (``alt="..."`` and ``data-alt-source="<model>"`` after
@@ -58,6 +62,21 @@ class Proposal:
     replaces: list[int] | None = None  # (start, end) of a machine alt to replace (refresh)
     previous_alt: str = ""
     provenance: list[int] | None = None  # (start, end) of the data-alt-source attribute there (refresh)
+    confidence: float | None = None  # the calibrated probability the caption is acceptable; None: unknown
+    abstained: bool = False  # the image is unlike the photos the model learnt from
+    reason: str = ""  # the model's word on its confidence (why it abstained, why it has none)
+    for_person: str = ""  # why only a person may apply it ("" = it may be applied with --yes)
+
+
+def waits_for_person(p: Proposal, min_confidence: float) -> str:
+    """Why ``p`` may not be applied without a person's word (empty when it may)."""
+    if p.abstained:
+        return f"the model abstained: {p.reason}"
+    if p.confidence is None:
+        return f"no confidence ({p.reason or 'the model did not say how sure it is'})"
+    if p.confidence < min_confidence:
+        return f"confidence {p.confidence:.2f} below {min_confidence:g}"
+    return ""
 
 
 def as_alt_text(caption: str, cfg: AltTextSettings) -> str:
@@ -93,14 +112,19 @@ def lint(alt: str, cfg: AltTextSettings) -> list[str]:
     return problems
 
 
-def proposal_for(found: Found, page_sha256: str, caption: str, model: str, cfg: AltTextSettings) -> Proposal:
-    alt = as_alt_text(caption, cfg)
+def proposal_for(found: Found, page_sha256: str, described: dict, model: str, cfg: AltTextSettings) -> Proposal:
+    """The proposal for one image from what the model said of it (``described``: caption,
+    confidence, abstained, reason)."""
+    alt = as_alt_text(described["caption"], cfg)
     refresh = found.state == "refresh"
-    return Proposal(f"{found.page}:{found.line}:{found.column}", found.page, found.line, found.column,
+    made = Proposal(f"{found.page}:{found.line}:{found.column}", found.page, found.line, found.column,
                     found.alt_span[0] if refresh else found.offset, found.kind, found.src, found.image, alt, alt, model,
                     "proposed", lint(alt, cfg), page_sha256, found.quote,
                     list(found.alt_span) if refresh else None, found.alt if refresh else "",
-                    list(found.provenance_span) if refresh and found.provenance_span else None)
+                    list(found.provenance_span) if refresh and found.provenance_span else None,
+                    described.get("confidence"), bool(described.get("abstained")), described.get("reason") or "")
+    made.for_person = waits_for_person(made, cfg.min_confidence)
+    return made
 
 
 def save_review(path: Path, proposals: list[Proposal]) -> None:
@@ -258,12 +282,14 @@ def propose(scan: Scan, model, identity: str, cfg: AltTextSettings, batch_size: 
             pixels[key] = load_rgb(source, model.spec.image_size, model.limits.max_image_pixels)
         except ValueError as err:  # ImageError: not an image, too large, unreadable
             found.state, found.reason = "skipped", f"not a usable image: {str(err).splitlines()[0]}"
+    from pipeline.registry.pyfunc_model import described
+
     keys = list(pixels)
-    captions: dict[str, str] = {}
+    captions: dict[str, dict] = {}
     for lo in tqdm(range(0, len(keys), batch_size), desc="caption", unit="batch", disable=not progress):
         chunk = keys[lo:lo + batch_size]
-        for key, ranked in zip(chunk, model.chooser.choose(model.embed(np.stack([pixels[k] for k in chunk])))):
-            captions[key] = model.vocab.decode(ranked[0].caption.tokens)
+        for key, said in zip(chunk, described(model, model.embed(np.stack([pixels[k] for k in chunk])))):
+            captions[key] = said
     out = []
     for found in wanted:
         key = found.image if found.image != "data:" else f"data:{id(found)}"

@@ -6,7 +6,9 @@ requests in flight finish on the version they started with, and a version that f
 logged while the old one keeps serving. Routes:
 
 * ``GET /``: the page (drop or pick photos; caption, the other beam candidates, time taken);
-* ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file;
+* ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file: the
+  caption, its candidates, how sure the model is (``confidence``, ``confidence_words``,
+  ``abstained`` and its ``reason``) and ``spoken``, the caption as a reader should take it;
 * ``GET /api/model``: the version in use; ``GET /healthz``;
 * with ``--index PATH``: ``GET /api/search?q=`` (photos of the index, best first) and
   ``GET /api/photo?path=`` (a thumbnail of an indexed photo, and only of one);
@@ -38,6 +40,7 @@ from pipeline.app.access import (
     valid_token,
 )
 from pipeline.app.hot_swap import ChampionHolder, Served
+from pipeline.captioning.confidence import said_of
 from pipeline.config import AppSettings
 from pipeline.errors import ReportedError
 
@@ -273,7 +276,8 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
         took_ms = (time.perf_counter() - start) * 1000
         return {"model": {"name": served.info["name"], "version": served.info["version"]},
                 "ms": round(took_ms, 1),
-                "results": [{"filename": u.filename, **r} for u, r in zip(file, results)]}
+                "results": [{"filename": u.filename, **r, **({} if r.get("error") else said_of(r))}
+                            for u, r in zip(file, results)]}
 
     @app.get("/api/search")
     def search(q: str = Query("", max_length=10_000, description="what is in the photos, in English"),

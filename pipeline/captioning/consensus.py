@@ -162,6 +162,13 @@ class ConsensusScorer:
                     out[g][i][j] = row @ weights / weights.sum()
         return out
 
+    def agreement_with_generic(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]
+                               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per image, its captions' agreement with its neighbours' references and with the
+        generic images' (each as ``score`` computes it before ``contrast``), in one pass."""
+        close, generic = self._agreement(captions, self._neighbourhood(features), self._generic(len(captions)))
+        return close, generic
+
     def score(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
         """Per image, the consensus of each of its ``captions`` (lists of words): the CIDEr-D
         against all reference captions of its neighbours (the mean over those references, each

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import warnings
 
+import numpy as np
 from nltk.translate.bleu_score import corpus_bleu
 
 BLEU_WEIGHTS = {
@@ -60,6 +61,27 @@ def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]])
     cider, _ = Cider().compute_score(gts, res)
     return {"coco_bleu4": float(bleu[3]), "meteor": float(meteor_score),
             "rouge_l": float(rouge), "cider": float(cider)}
+
+
+def per_item_meteor(pairs: list[tuple[list[str], list[list[str]]]]) -> np.ndarray:
+    """METEOR 1.5 (Java, as ``coco_metrics``) of each (hypothesis, its references) pair, all in
+    one Java process."""
+    if shutil.which("java") is None:
+        raise JavaMissingError("METEOR needs Java (pycocoevalcap runs meteor-1.5.jar): install a "
+                               "Java runtime, e.g. apt-get install openjdk-17-jre-headless")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if not pairs:
+        return np.zeros(0)
+    gts = {i: [" ".join(r) for r in refs] for i, (_, refs) in enumerate(pairs)}
+    res = {i: [" ".join(h) if h else "<empty>"] for i, (h, _) in enumerate(pairs)}
+    meteor = Meteor()
+    try:
+        _, scores = meteor.compute_score(gts, res)
+    finally:
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.wait(timeout=60)
+    return np.asarray(scores, np.float64)
 
 
 def score(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:

@@ -14,9 +14,13 @@ Input: a DataFrame with a column ``image`` (over REST: ``{"dataframe_split": {"c
   * ``bytes``: the raw file content (Python callers);
   * ``pathlib.Path``: a local file, read here. Only Python callers on their own machine can
     send one (JSON has no such type), so this is the explicit opt-in for paths.
-Output: columns ``caption`` and ``error``; a row whose image is unusable (not base64, too many
-bytes or pixels, not an image) gets an empty caption and a one-line reason, the other rows are
-captioned. Images are decoded and embedded ``batch_size`` at a time, so memory stays bounded.
+Output: columns ``caption``, ``error``, ``confidence``, ``abstained`` and ``reason``; a row whose
+image is unusable (not base64, too many bytes or pixels, not an image) gets an empty caption and a
+one-line reason in ``error``, the other rows are captioned. ``confidence`` is the calibrated
+probability that the caption is acceptable (``pipeline/captioning/confidence.py``); ``abstained``
+is true when the photo is unlike the photos the model learnt from, and ``reason`` says why (or why
+there is no confidence: a model without a readable calibration still captions, with
+``confidence`` null and that reason). Images are decoded and embedded ``batch_size`` at a time, so memory stays bounded.
 
 Request-level errors (too many rows, a bad ``beam_size``) raise an MlflowException with
 INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``, with no stack trace.
@@ -121,15 +125,39 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.embed = backbone.embedder(fallback_to_keras=True)
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
         neighbours = None
-        if self.decoding.consensus.neighbours:
-            if "neighbours" not in context.artifacts:
-                raise ValueError("this model reranks by consensus but carries no neighbours file")
+        if self.decoding.consensus.neighbours and "neighbours" not in context.artifacts:
+            raise ValueError("this model reranks by consensus but carries no neighbours file")
+        if "neighbours" in context.artifacts:
             neighbours = Neighbours.load(context.artifacts["neighbours"])
+        self.confidence, self.no_confidence = self._confidence(context.artifacts, neighbours)
         decoder = load_decoder(context.artifacts["decoder"])
         require_feature_dim(decoder, self.spec.feature_dim, self.spec.name, context.artifacts["decoder"])
         self.chooser = CaptionChooser(decoding_models(decoder), self.vocab,
                                       self.decoding, neighbours)
         self._warm_up()
+
+    def _confidence(self, artifacts: dict, neighbours):
+        """(the model's Confidence, None) or (None, why it has none): a missing or damaged
+        calibration leaves a model that captions and says so, never one that fails to load."""
+        import logging
+
+        from pipeline.captioning.confidence import (
+            NO_CALIBRATION,
+            Calibration,
+            CalibrationError,
+            Confidence,
+        )
+
+        if "confidence" not in artifacts or neighbours is None:
+            return None, NO_CALIBRATION
+        try:
+            calibration = Calibration.load(artifacts["confidence"])
+            if len(neighbours.features) < 1:
+                raise CalibrationError("the neighbours file holds no train photo")
+            return Confidence(calibration, neighbours), ""
+        except CalibrationError as err:
+            logging.getLogger("pipeline.serving").warning("serving without confidence: %s", err)
+            return None, f"this model's confidence calibration is unreadable: {str(err).splitlines()[0]}"
 
     def _warm_up(self) -> None:
         """Run the CNN and the decoding of both modes (with sampling and reranking) once on a
@@ -138,7 +166,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         size = self.spec.image_size
         feats = self.embed(np.zeros((1, size, size, 3), np.uint8))
         self.chooser.choose(feats, beam_size=1)
-        self.chooser.choose(feats)
+        self.describe(feats)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
@@ -149,11 +177,12 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             # one row holding the whole column: one image per item
             values = list(values[0])
         results = self.caption_images(values, beam_param(params, self.decoding.beam_size))
-        return pd.DataFrame({"caption": [r["caption"] for r in results], "error": [r["error"] for r in results]})
+        return pd.DataFrame({key: pd.Series([r[key] for r in results], dtype=object)
+                             for key in ("caption", "error", "confidence", "abstained", "reason")})
 
     def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
-        """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error"}, with the
-        same limits and per-row errors as ``predict`` (apps call this to show the other beam
+        """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error", "confidence",
+        "abstained", "reason"} (``describe``), with the same limits and per-row errors as ``predict`` (apps call this to show the other beam
         candidates, ``beam_size`` of them; ``score`` is the length-normalised log-probability; a
         model that reranks by consensus adds ``consensus``, the CIDEr-D against similar train
         images' captions, and lists the best by consensus + consensus.weight x score, sampled
@@ -162,7 +191,8 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         rows, limit = len(values), self.limits.max_rows
         if rows > limit:
             raise request_error(f"too many rows: {rows} in one request, the limit is {limit}")
-        results = [{"caption": "", "candidates": [], "error": ""} for _ in values]
+        results = [{"caption": "", "candidates": [], "error": "", "confidence": None, "abstained": False,
+                    "reason": ""} for _ in values]
         step = self.limits.batch_size
         for lo in range(0, rows, step):
             self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam)
@@ -181,24 +211,57 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
                 result["error"] = str(err).splitlines()[0]
         if not pixels:
             return
-        found = self.chooser.choose(self.embed(np.stack(pixels)), beam_size=beam)
-        for result, ranked in zip(ok, found):
-            result["candidates"] = [
-                {"caption": self.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
-                 **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
-                for c in ranked[:beam]]  # samples that lost are noise
-            result["caption"] = result["candidates"][0]["caption"]
+        for result, described in zip(ok, self.describe(self.embed(np.stack(pixels)), beam)):
+            result.update(described)
+
+    def describe(self, features: np.ndarray, beam_size: int | None = None) -> list[dict]:
+        """Per row of pooled ``features``: {"caption", "candidates" (the best ``beam_size``, with
+        their scores), "confidence", "abstained", "reason"}: the one way the app, search and alt
+        text caption what the CNN saw."""
+        beam = beam_size or self.decoding.beam_size
+        ranked = self.chooser.choose(features, beam_size=beam)
+        if self.confidence is None:
+            from pipeline.captioning.confidence import without_confidence
+
+            notes = without_confidence(len(ranked), self.no_confidence)
+        else:
+            notes = self.confidence.describe(features, ranked, self.vocab.decode, beam)
+        out = []
+        for pool, note in zip(ranked, notes):
+            candidates = [{"caption": self.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
+                           **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
+                          for c in pool[:beam]]  # samples that lost are noise
+            out.append({"caption": candidates[0]["caption"], "candidates": candidates,
+                        "confidence": note["confidence"], "abstained": note["abstained"], "reason": note["reason"]})
+        return out
+
+
+def described(model, features: np.ndarray) -> list[dict]:
+    """``model.describe(features)``, also for a champion registered before models said how sure
+    they are (its own chooser; no confidence, and the reason)."""
+    if hasattr(model, "describe"):
+        return model.describe(features)
+    out = []
+    for ranked in model.chooser.choose(features):
+        candidates = [{"caption": model.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
+                       **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
+                      for c in ranked[:model.decoding.beam_size]]
+        out.append({"caption": candidates[0]["caption"], "candidates": candidates, "confidence": None,
+                    "abstained": False, "reason": "this model has no confidence calibration (registered before it existed)"})
+    return out
 
 
 def signature_and_example(example_image: bytes):
-    """Signature (image: base64 text, bytes or Path -> caption, error; param beam_size) and an
-    input example carrying one small base64 JPEG."""
+    """Signature (image: base64 text, bytes or Path -> caption, error, confidence, abstained,
+    reason; param beam_size) and an input example carrying one small base64 JPEG."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "image")]),
-        outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]),
+        outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error"),
+                        ColSpec("double", "confidence", required=False), ColSpec("boolean", "abstained"),
+                        ColSpec("string", "reason")]),
         params=ParamSchema([ParamSpec("beam_size", "long", None)]),
     )
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})

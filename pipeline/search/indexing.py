@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.images import ImageError, load_rgb
+from pipeline.registry.pyfunc_model import described
 from pipeline.search.photo_index import Photo, PhotoIndex, PhotoIndexError
 
 log = logging.getLogger("pipeline.search")
@@ -108,15 +109,16 @@ def photo_files(folder: Path, refused: list[tuple[str, str]] | None = None) -> d
     return found
 
 
-def caption_features(model, features: np.ndarray) -> list[tuple[str, list[dict]]]:
-    """(caption, candidates) per row of ``features``, chosen as the model chooses for an upload."""
-    out = []
-    for ranked in model.chooser.choose(features):
-        candidates = [{"caption": model.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
-                       **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
-                      for c in ranked[:model.decoding.beam_size]]
-        out.append((candidates[0]["caption"], candidates))
-    return out
+def caption_features(model, features: np.ndarray) -> list[dict]:
+    """Per row of ``features``: caption, candidates, confidence, abstained, reason, chosen as the
+    model chooses for an upload."""
+    return described(model, features)
+
+
+def _described(photo: Photo, found: dict, identity: str) -> Photo:
+    photo.caption, photo.candidates, photo.model, photo.indexed_at = found["caption"], found["candidates"], identity, _now()
+    photo.confidence, photo.abstained, photo.reason = found["confidence"], found["abstained"], found["reason"]
+    return photo
 
 
 def _now() -> str:
@@ -183,9 +185,9 @@ def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_si
         for lo in range(0, len(reusable), batch_size):
             chunk = store.by_ids(r.id for r in reusable[lo:lo + batch_size])
             photos = [p for p in chunk.values() if p.embedding is not None and p.status == "ok"]
-            for photo, (caption, candidates) in zip(photos, caption_features(
+            for photo, found in zip(photos, caption_features(
                     model, np.stack([p.embedding for p in photos])) if photos else []):
-                photo.caption, photo.candidates, photo.model, photo.indexed_at = caption, candidates, identity, _now()
+                _described(photo, found, identity)
             store.save(photos)
             report.recaptioned += len(photos)
             bar.update(len(reusable[lo:lo + batch_size]))
@@ -219,8 +221,8 @@ def _embed_and_save(batch, store: PhotoIndex, model, identity: str, digest: str,
             saved.append(Photo(rel, size, mtime, sha or "", "error", error, model=identity, indexed_at=_now()))
     if good:
         features = model.embed(np.stack(pixels))
-        for (rel, size, mtime, sha), vector, (caption, candidates) in zip(good, features, caption_features(model, features)):
-            saved.append(Photo(rel, size, mtime, sha, "ok", "", caption, candidates, identity, digest,
-                               np.asarray(vector, np.float32), _now()))
+        for (rel, size, mtime, sha), vector, found in zip(good, features, caption_features(model, features)):
+            saved.append(_described(Photo(rel, size, mtime, sha, "ok", backbone=digest,
+                                          embedding=np.asarray(vector, np.float32)), found, identity))
     store.save(saved)
     return len(good)

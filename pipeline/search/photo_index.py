@@ -3,7 +3,10 @@
 Per photo: its path relative to the folder, size, mtime and sha256 (what re-indexing compares),
 the chosen caption and the other candidates with their scores, the CNN embedding (float32), and
 the model that wrote them (``name/version``) with its backbone's digest (so a new champion with
-the same CNN reuses the embeddings). A photo that could not be read keeps its error instead.
+the same CNN reuses the embeddings), and how sure that model was (``confidence``, null for a model
+without one; ``abstained`` and the ``reason`` when the photo is unlike what it learnt from). A
+photo that could not be read keeps its error instead. An index made before the confidence columns
+existed gains them (empty) when it is opened.
 
 Full-text search over the captions and candidates: SQLite's FTS5 with its BM25 ranking, or
 PostgreSQL's own text search (``ts_rank_cd``) on a ``tsvector`` column with a GIN index. Queries
@@ -46,7 +49,13 @@ photos = sa.Table(
     sa.Column("backbone", sa.String(64), nullable=False, default=""),  # digest of the CNN that embedded it
     sa.Column("embedding", sa.LargeBinary, nullable=True),  # float32 vector
     sa.Column("indexed_at", sa.Text, nullable=False, default=""),
+    sa.Column("confidence", sa.Float, nullable=True),  # calibrated probability the caption is acceptable
+    sa.Column("abstained", sa.Boolean, nullable=False, default=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
 )
+# columns added since the first indexes were made: (name, DDL type and default)
+ADDED_COLUMNS = (("confidence", "FLOAT"), ("abstained", "BOOLEAN NOT NULL DEFAULT FALSE"),
+                 ("reason", "TEXT NOT NULL DEFAULT ''"))
 index_meta = sa.Table("index_meta", metadata,
                       sa.Column("key", sa.String(64), primary_key=True),
                       sa.Column("value", sa.Text, nullable=False))
@@ -87,6 +96,9 @@ class Photo:
     embedding: np.ndarray | None = None
     indexed_at: str = ""
     id: int | None = None
+    confidence: float | None = None
+    abstained: bool = False
+    reason: str = ""
 
     @property
     def words(self) -> str:
@@ -112,7 +124,8 @@ def fts_words(query: str) -> list[str]:
 def _row_to_photo(row) -> Photo:
     emb = np.frombuffer(row.embedding, dtype=np.float32).copy() if row.embedding is not None else None
     return Photo(row.path, row.size, row.mtime_ns, row.sha256, row.status, row.error, row.caption,
-                 json.loads(row.candidates), row.model, row.backbone, emb, row.indexed_at, row.id)
+                 json.loads(row.candidates), row.model, row.backbone, emb, row.indexed_at, row.id,
+                 row.confidence, bool(row.abstained), row.reason)
 
 
 class PhotoIndex:
@@ -148,6 +161,10 @@ class PhotoIndex:
                 if not create and "photos" not in tables:
                     raise PhotoIndexError(f"{self.safe_url} holds no photo index: make one with captioner index DIR")
                 metadata.create_all(conn)
+                have = {c["name"] for c in sa.inspect(conn).get_columns("photos")}
+                for name, ddl in ADDED_COLUMNS:
+                    if name not in have:
+                        conn.exec_driver_sql(f"ALTER TABLE photos ADD COLUMN {name} {ddl}")
                 if self.dialect == "sqlite":
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     conn.exec_driver_sql("CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(words)")
@@ -184,7 +201,8 @@ class PhotoIndex:
             rows = conn.execute(sa.select(*cols).order_by(photos.c.id)).all()
         if not with_embeddings:
             return [Photo(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.error, r.caption,
-                          json.loads(r.candidates), r.model, r.backbone, None, r.indexed_at, r.id) for r in rows]
+                          json.loads(r.candidates), r.model, r.backbone, None, r.indexed_at, r.id,
+                          r.confidence, bool(r.abstained), r.reason) for r in rows]
         return [_row_to_photo(r) for r in rows]
 
     def by_ids(self, ids: Iterable[int]) -> dict[int, Photo]:
@@ -211,7 +229,8 @@ class PhotoIndex:
                           "model": photo.model, "backbone": photo.backbone,
                           "embedding": None if photo.embedding is None else
                           np.ascontiguousarray(photo.embedding, np.float32).tobytes(),
-                          "indexed_at": photo.indexed_at}
+                          "indexed_at": photo.indexed_at, "confidence": photo.confidence,
+                          "abstained": bool(photo.abstained), "reason": photo.reason}
                 existing = conn.execute(sa.select(photos.c.id).where(photos.c.path == photo.path)).scalar()
                 if existing is None:
                     existing = conn.execute(sa.insert(photos).values(**values)).inserted_primary_key[0]
@@ -273,6 +292,13 @@ class PhotoIndex:
             return [], np.zeros((0, 0), np.float32), []
         return ([r.id for r in rows], np.stack([np.frombuffer(r.embedding, np.float32) for r in rows]),
                 [r.backbone for r in rows])
+
+    def confident_ids(self, min_confidence: float) -> set[int]:
+        """Photos whose caption is at least this sure (never an abstained one, nor one captioned
+        by a model without a confidence)."""
+        with self.engine.connect() as conn:
+            return {int(r[0]) for r in conn.execute(sa.select(photos.c.id).where(
+                photos.c.status == "ok", photos.c.confidence >= min_confidence, photos.c.abstained.is_(False)))}
 
     def version(self) -> tuple:
         """Changes whenever a row is added, changed or removed (a cheap check for caches)."""

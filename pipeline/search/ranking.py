@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.captioning.confidence import said_of
 from pipeline.captioning.consensus import unit_rows
 from pipeline.data.caption_text import clean_caption
 from pipeline.search.photo_index import Photo, PhotoIndex
@@ -50,7 +51,9 @@ class SearchResult:
 
     def to_json(self) -> dict:
         return {"query": self.query, "ranking": self.ranking, "notes": self.notes,
-                "results": [{"path": h.photo.path, "score": round(h.score, 4), "caption": h.photo.caption}
+                "results": [{"path": h.photo.path, "score": round(h.score, 4), "caption": h.photo.caption,
+                             **said_of({"caption": h.photo.caption, "confidence": h.photo.confidence,
+                                        "abstained": h.photo.abstained, "reason": h.photo.reason})}
                             for h in self.hits]}
 
 
@@ -120,9 +123,10 @@ class Searcher:
         return np.asarray([i for i, b in enumerate(self.backbones) if b == digest], dtype=int)
 
     def search(self, query: str, limit: int, ranking: str = DEFAULT_RANKING,
-               shortlist: int = LIKELIHOOD_SHORTLIST) -> SearchResult:
+               shortlist: int = LIKELIHOOD_SHORTLIST, min_confidence: float | None = None) -> SearchResult:
         """The ``limit`` best photos for ``query`` (likelihood and blend need the model; only
-        photos embedded by its CNN are scored by it)."""
+        photos embedded by its CNN are scored by it); with ``min_confidence``, only photos whose
+        caption is at least that sure (abstained ones never)."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
         result = SearchResult(query, ranking, [])
@@ -147,6 +151,11 @@ class Searcher:
             else:
                 liked = self.likelihood(ids, text, shortlist, result.notes)
                 scores = liked if ranking == "likelihood" else fuse(liked, text)
+        if min_confidence is not None:
+            sure = self.store.confident_ids(min_confidence)
+            result.notes.append(f"only photos captioned with confidence >= {min_confidence:g}: "
+                                f"{sum(p in sure for p in scores)} of {len(scores)} matches")
+            scores = {p: s for p, s in scores.items() if p in sure}
         order = sorted(scores, key=lambda p: -scores[p])[:limit]
         photos = self.store.by_ids(order)
         result.hits = [Hit(photos[pid], float(scores[pid])) for pid in order if pid in photos]

@@ -13,7 +13,8 @@ runs the stages' own code there, on the project's MLflow store:
 2. ``feedback``, ``features --shard feedback``, ``merge_features``: the corrections people made in
    the app (the project's feedback store), their photos embedded by the same CNN, join the data
    as in the pipeline (held-out corrected photos are scored for both models too);
-3. ``train`` (dev drives early stopping), ``evaluate`` (metrics on every dev image; the champion
+3. ``train`` (dev drives early stopping), ``calibrate`` (how sure each caption is, fitted on dev),
+   ``evaluate`` (metrics on every dev image; the champion
    compared on the dev photos the folder holds, captioning them itself), ``register`` (an ordinary
    model version whose backbone is the MobileNetV2 file, judged against the champion as any).
 
@@ -38,7 +39,7 @@ from pipeline.data.features_file import embedding_table, write_table
 from pipeline.data.real_folder import RealFolderError, dev_photos, read_captions, read_embeddings
 from pipeline.data.sources import FEEDBACK, image_files, prepared_captions
 from pipeline.registry.champion import ALIAS
-from pipeline.stages import evaluate, features, feedback, merge_features, register, train
+from pipeline.stages import calibrate, evaluate, features, feedback, merge_features, register, train
 from pipeline.stages._cli import StageError, reported
 from pipeline.stages.backbone import save_backbone
 
@@ -121,6 +122,7 @@ def run(settings: Settings, data: Path, work: Path = DEFAULT_WORK, promote: bool
         captions = prepared_captions()
         corrected = image_files(captions[captions["folder"] == FEEDBACK], settings.data.source)
         train.run(settings)
+        calibrate.run(settings)
         evaluate.evaluate(settings, captions, {**photos, **corrected})
         report = register.run(settings)
         if promote and report["decision"] != "promoted":

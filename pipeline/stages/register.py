@@ -85,8 +85,10 @@ def log_caption_model(settings: Settings, model_dir: Path):
         name=ARTIFACT_NAME, python_model=str(MODEL_CODE),
         artifacts={"config": str(config), "decoder": str(paths.DECODER), "vocab": str(paths.VOCAB),
                    "backbone": str(backbone.path),
-                   # the served model reranks its beam as evaluate did
-                   **({"neighbours": str(paths.NEIGHBOURS)} if settings.decoding.consensus.neighbours else {})},
+                   # the served model reranks its beam as evaluate did, and measures a photo's novelty
+                   "neighbours": str(paths.NEIGHBOURS),
+                   # how sure each caption is, and when to abstain (stage calibrate)
+                   "confidence": str(paths.CONFIDENCE)},
         signature=signature, input_example=example, pip_requirements=pip_requirements(),
         code_paths=[str(PACKAGE_DIR)],
         registered_model_name=settings.registry.model_name)
@@ -139,7 +141,7 @@ def run(settings: Settings) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    require(paths.EVAL_METRICS, paths.TEST_SCORES, paths.DECODER, paths.VOCAB,
+    require(paths.EVAL_METRICS, paths.TEST_SCORES, paths.DECODER, paths.VOCAB, paths.NEIGHBOURS, paths.CONFIDENCE,
             BackboneFolder(paths.backbone_dir(settings.features.backbone)).spec_file)
     reg = settings.registry
     spec = BackboneFolder(paths.backbone_dir(settings.features.backbone)).spec()

@@ -150,7 +150,7 @@ def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkey
 
     from pipeline import paths
     from pipeline.captioning.backbone import load_image
-    from pipeline.stages import download, evaluate, register, train, validate
+    from pipeline.stages import calibrate, download, evaluate, register, train, validate
     from tests.helpers import jpeg_bytes, run_features
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
@@ -167,6 +167,7 @@ def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkey
     photo = paths.dataset_dir("synthetic") / paths.IMAGES_SUBDIR / images[3]
     assert np.array_equal(folder.embedder()(load_image(photo, folder.spec(), None)[None])[0], features[3])
     train.run(settings)
+    calibrate.run(settings)
     evaluate.run(settings)
     report = register.run(settings)
     model = mlflow.pyfunc.load_model(report["model_uri"])

@@ -59,7 +59,7 @@ def test_dagbag_has_no_import_errors_and_matches_dvc_yaml(project, tmp_path):
     assert result["import_errors"] == {}
     assert result["dags"] == ["caption_retraining"]
     assert list(result["tasks"]) == ["download", "validate", "backbone", "features-0", "feedback",
-                                     "feedback_features", "merge_features", "train", "evaluate", "register"]
+                                     "feedback_features", "merge_features", "train", "calibrate", "evaluate", "register"]
     dag_edges = {(up, down) for down, ups in result["tasks"].items() for up in ups}
     assert dag_edges == {(task_id(u), task_id(d)) for u, d in dvc_graph_edges(project)}
     assert dag_edges == {(task_id(u), task_id(d)) for d, ups in stage_graph(project).items() for u in ups}
@@ -107,7 +107,7 @@ def test_dag_run_trains_registers_retrains_against_the_champion_then_bad_data_st
     assert second["state"] == "failed"
     states = second["task_states"]
     assert states["validate"] == "failed"
-    assert {states[t] for t in ("features-0", "merge_features", "train", "evaluate", "register")} == \
+    assert {states[t] for t in ("features-0", "merge_features", "train", "calibrate", "evaluate", "register")} == \
         {"upstream_failed"}
 
     import mlflow

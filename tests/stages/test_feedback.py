@@ -14,7 +14,7 @@ import pytest
 from pipeline import paths
 from pipeline.feedback.export import held_out
 from pipeline.feedback.store import LAST_EXPORT, FeedbackStore, sha256_of
-from pipeline.stages import download, evaluate, feedback, register, train, validate
+from pipeline.stages import calibrate, download, evaluate, feedback, register, train, validate
 from pipeline.stages._cli import StageError
 from tests.helpers import run_features, synthetic_photos, tiny_settings
 
@@ -107,6 +107,7 @@ def test_corrections_train_the_next_model_and_register_judges_both_sets(workdir,
     validate.run(settings)
     run_features(settings)
     train.run(settings)
+    calibrate.run(settings)
     evaluate.run(settings)
     assert register.run(settings)["decision"] == "promoted"  # no champion yet
 
@@ -120,6 +121,7 @@ def test_corrections_train_the_next_model_and_register_judges_both_sets(workdir,
     client = mlflow.MlflowClient()
     before = caption_with_champion(client, settings.registry.model_name, files, 3).captions
     train.run(settings)
+    calibrate.run(settings)
     metrics = evaluate.run(settings)
     held = int((kept["split"] == "feedback").sum())
     assert metrics["feedback"]["n_images"] == held > 0

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from pipeline import paths
-from pipeline.stages import download, evaluate, register, train, validate
+from pipeline.stages import calibrate, download, evaluate, register, train, validate
 from pipeline.stages._cli import StageError
 from tests.helpers import jpeg_bytes, run_features, tiny_settings
 
@@ -55,6 +55,7 @@ def contest(tmp_path_factory):
         run_features(strong)
         for name, settings in (("weak_first", weak), ("strong", strong), ("weak_again", weak)):
             train.run(settings)
+            calibrate.run(settings)
             evaluate.run(settings)
             reports[name] = register.run(settings)
         client = mlflow.MlflowClient()
