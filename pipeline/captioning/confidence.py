@@ -251,19 +251,6 @@ def fit(signals: np.ndarray, acceptable: np.ndarray, *, novelty_threshold: float
                        beam_size)
 
 
-def cross_fitted(signals: np.ndarray, acceptable: np.ndarray, folds: int, **fit_args) -> np.ndarray:
-    """Each photo's probability from a calibration fitted on the other folds (never on itself);
-    the folds are drawn with ``fit_args["seed"]``."""
-    n = len(acceptable)
-    order = np.random.default_rng(fit_args.get("seed", 0)).permutation(n)
-    out = np.empty(n)
-    for f in range(max(2, min(folds, n))):
-        held = order[f::max(2, min(folds, n))]
-        rest = np.setdiff1d(order, held)
-        out[held] = fit(signals[rest], acceptable[rest], **fit_args).probability(signals[held])
-    return out
-
-
 def expected_calibration_error(prob: np.ndarray, acceptable: np.ndarray, bins: int = 10) -> float:
     """Mean |predicted - observed| over equal-width probability bins, weighted by their photos."""
     return float(sum(r["count"] * abs(r["mean_confidence"] - r["acceptable"])

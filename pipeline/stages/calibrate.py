@@ -21,6 +21,7 @@ to the training run in MLflow.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -83,43 +84,99 @@ def judged(prob: np.ndarray, acceptable: np.ndarray, abstained: np.ndarray, cide
             "precision_coverage": conf.precision_coverage(prob, acceptable, abstained)}
 
 
+@dataclass
+class Observed:
+    """A split's photos captioned as the served model captions them, with what a confidence is
+    fitted on and judged by: per photo its caption, signals, METEOR (the mean over its sets of
+    four references), CIDEr-D, and the METEOR of each human caption against the other four."""
+
+    names: list[str]
+    captions: list[str]
+    signals: np.ndarray
+    meteor: np.ndarray
+    cider: np.ndarray
+    human_meteor: np.ndarray
+    references: list
+
+    def acceptable(self, line: float) -> np.ndarray:
+        return (self.meteor >= line).astype(int)
+
+    @property
+    def novelty(self) -> np.ndarray:
+        return self.signals[:, conf.SIGNALS.index("novelty")]
+
+
+def observe(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str], features: np.ndarray,
+            neighbours: Neighbours, decoding: DecodingSettings, cfg: ConfidenceSettings, split: str = "dev") -> Observed:
+    """Caption ``split``'s photos as the served model will and score them (``Observed``).
+    ValueError when the split is empty or a photo has no features."""
+    names, references = references_by_image(captions, split)
+    if not names:
+        raise ValueError(f"the {split} split has no captions to calibrate on")
+    feats = features[rows_of(row_index(images), names)]
+    chooser = CaptionChooser(models, vocab, decoding, neighbours)
+    log.info("captioning %d %s photos as the served model will (beam %d)", len(names), split, decoding.beam_size)
+    pools = chooser.choose(feats, progress=True)
+    signals = conf.SignalMaker(neighbours, cfg.novelty_neighbours).signals(feats, pools, vocab.decode)
+    texts = [vocab.decode(pool[0].caption.tokens) for pool in pools]
+    log.info("scoring every %s caption, people's and the model's, by METEOR (Java)", split)
+    human, meteor = leave_one_out_meteor([t.split() for t in texts], references)
+    cider = CiderD(references).score([t.split() for t in texts], range(len(texts)))
+    return Observed(names, texts, signals, meteor, np.asarray(cider, np.float64), human, references)
+
+
+def novelty_threshold(novelty: np.ndarray, quantile: float) -> float:
+    """The novelty ``quantile`` of in-domain photos stay under (never below one of them for a tiny split)."""
+    return float(np.quantile(novelty, quantile, method="higher"))
+
+
+def fit_observed(seen: Observed, cfg: ConfidenceSettings, beam_size: int,
+                 rows: np.ndarray | None = None) -> conf.Calibration:
+    """The calibration (and novelty threshold) fitted on ``seen``'s photos (``rows`` of them)."""
+    rows = np.arange(len(seen.names)) if rows is None else rows
+    line = float(np.quantile(seen.human_meteor, cfg.human_quantile)) if len(seen.human_meteor) else 0.0
+    return conf.fit(seen.signals[rows], seen.acceptable(line)[rows],
+                    novelty_threshold=novelty_threshold(seen.novelty[rows], cfg.novelty_quantile),
+                    novelty_quantile=cfg.novelty_quantile, novelty_neighbours=cfg.novelty_neighbours,
+                    acceptable_meteor=line, beam_size=beam_size, seed=cfg.seed)
+
+
+def cross_fitted(seen: Observed, cfg: ConfidenceSettings, beam_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each photo's confidence, whether it abstains), both from a fit on the other folds
+    (``confidence.folds``): the calibration and the novelty threshold never see the photo they judge."""
+    n = len(seen.names)
+    folds = max(2, min(cfg.folds, n))
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    prob, abstained = np.empty(n), np.zeros(n, bool)
+    for f in range(folds):
+        held = order[f::folds]
+        fitted = fit_observed(seen, cfg, beam_size, np.setdiff1d(order, held))
+        prob[held] = fitted.probability(seen.signals[held])
+        abstained[held] = seen.novelty[held] > fitted.novelty_threshold
+    return prob, abstained
+
+
 def calibrate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
                     features: np.ndarray, neighbours: Neighbours, decoding: DecodingSettings,
                     cfg: ConfidenceSettings, min_confidence: float) -> tuple[conf.Calibration, dict, pd.DataFrame]:
     """Pure core: (the calibration fitted on every dev photo, the cross-fitted report, one row per
     dev photo). ValueError when the dev split is empty or a photo has no features."""
-    names, references = references_by_image(captions, "dev")
-    if not names:
-        raise ValueError("the dev split has no captions to calibrate on")
-    feats = features[rows_of(row_index(images), names)]
-    chooser = CaptionChooser(models, vocab, decoding, neighbours)
-    log.info("captioning %d dev photos as the served model will (beam %d)", len(names), decoding.beam_size)
-    pools = chooser.choose(feats, progress=True)
-    signals = conf.SignalMaker(neighbours, cfg.novelty_neighbours).signals(feats, pools, vocab.decode)
-    texts = [vocab.decode(pool[0].caption.tokens) for pool in pools]
-    log.info("scoring every dev caption, people's and the model's, by METEOR (Java)")
-    human, model_meteor = leave_one_out_meteor([t.split() for t in texts], references)
-    line = float(np.quantile(human, cfg.human_quantile)) if len(human) else 0.0
-    acceptable = (model_meteor >= line).astype(int)
-    novelty = signals[:, conf.SIGNALS.index("novelty")]
-    threshold = float(np.quantile(novelty, cfg.novelty_quantile, method="higher"))  # never below a dev photo for a tiny split
-    fit_args = dict(novelty_threshold=threshold, novelty_quantile=cfg.novelty_quantile,
-                    novelty_neighbours=cfg.novelty_neighbours, acceptable_meteor=line,
-                    beam_size=decoding.beam_size, seed=cfg.seed)
-    crossed = conf.cross_fitted(signals, acceptable, cfg.folds, **fit_args)
-    calibration = conf.fit(signals, acceptable, **fit_args)
-    cider = CiderD(references).score([t.split() for t in texts], range(len(texts)))
-    abstained = novelty > threshold
-    report = {"dev_photos": len(names), "acceptable_meteor": line, "human_quantile": cfg.human_quantile,
-              "human_captions_scored": int(len(human)), "acceptable_share": float(acceptable.mean()),
-              "novelty_threshold": threshold, "novelty_quantile": cfg.novelty_quantile,
+    seen = observe(models, vocab, captions, images, features, neighbours, decoding, cfg)
+    calibration = fit_observed(seen, cfg, decoding.beam_size)
+    line = calibration.acceptable_meteor
+    acceptable = seen.acceptable(line)
+    crossed, abstained = cross_fitted(seen, cfg, decoding.beam_size)
+    report = {"dev_photos": len(seen.names), "acceptable_meteor": line, "human_quantile": cfg.human_quantile,
+              "human_captions_scored": int(len(seen.human_meteor)), "acceptable_share": float(acceptable.mean()),
+              "novelty_threshold": calibration.novelty_threshold, "novelty_quantile": cfg.novelty_quantile,
               "abstain_dev": float(abstained.mean()), "folds": cfg.folds,
-              **judged(crossed, acceptable, abstained, cider, min_confidence),
+              **judged(crossed, acceptable, abstained, seen.cider, min_confidence),
               "coefficients": dict(zip(conf.SIGNALS, calibration.coef))}
-    table = pd.DataFrame({"image": names, "caption": texts, **{s: signals[:, i] for i, s in enumerate(conf.SIGNALS)},
-                          "meteor": model_meteor, "cider": cider, "acceptable": acceptable.astype(bool),
+    table = pd.DataFrame({"image": seen.names, "caption": seen.captions,
+                          **{s: seen.signals[:, i] for i, s in enumerate(conf.SIGNALS)},
+                          "meteor": seen.meteor, "cider": seen.cider, "acceptable": acceptable.astype(bool),
                           "confidence": crossed, "abstained": abstained,
-                          "references": [" | ".join(" ".join(r) for r in refs) for refs in references]})
+                          "references": [" | ".join(" ".join(r) for r in refs) for refs in seen.references]})
     return calibration, report, table
 
 

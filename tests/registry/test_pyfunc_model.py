@@ -78,6 +78,8 @@ def test_a_valid_image_gets_a_caption(server):
     assert status == 200
     row = body["predictions"][0]
     assert row["caption"] and not row["error"]
+    # how sure the model is travels with every caption over REST
+    assert 0 <= row["confidence"] <= 1 and isinstance(row["abstained"], bool) and isinstance(row["reason"], str)
 
 
 def test_every_request_form_mlflow_documents_gets_one_answer_per_image(server):
@@ -206,3 +208,37 @@ def test_models_registered_before_consensus_or_sampling_still_caption(registered
     scores = [c["score"] for c in result["candidates"]]
     assert result["caption"] and len(scores) == 3 and scores == sorted(scores, reverse=True)
     assert not any("consensus" in c for c in result["candidates"])
+
+
+def test_a_missing_or_damaged_calibration_leaves_a_model_that_captions_and_says_so(registered, tmp_path):
+    """The confidence file of a registered model gone or damaged: the model still loads and
+    captions, with no confidence and the reason (alt text then applies nothing without a person)."""
+    import mlflow
+    from mlflow.pyfunc import PythonModelContext
+
+    from pipeline.registry.pyfunc_model import CaptionModel
+
+    root, _, _ = registered
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "model"),
+                                                     tracking_uri=f"sqlite:///{root}/mlflow.db"))
+    names = {"decoder": "decoder.keras", "vocab": "vocab.json", "backbone": "xception.backbone",
+             "neighbours": "neighbours.npz", "config": "caption_config.json", "confidence": "confidence.json"}
+    artifacts = {name: str(next(p for p in (local / "artifacts").iterdir() if p.name.startswith(prefix)))
+                 for name, prefix in names.items()}
+    photo = jpeg_bytes(size=(120, 90))
+    whole = CaptionModel()
+    whole.load_context(PythonModelContext(artifacts, None))
+    (sure,) = whole.caption_images([photo])
+    assert sure["confidence"] is not None and sure["caption"]
+    damaged = tmp_path / "confidence.json"
+    damaged.write_text('{"format": 1, "signals": ["log_prob_per_word"')
+    cases = {"missing": {k: v for k, v in artifacts.items() if k != "confidence"},
+             "damaged": {**artifacts, "confidence": str(damaged)}}
+    for case, given in cases.items():
+        model = CaptionModel()
+        model.load_context(PythonModelContext(given, None))
+        (result,) = model.caption_images([photo])
+        assert result["caption"] == sure["caption"], case  # the same caption, without a confidence
+        assert result["confidence"] is None and result["abstained"] is False, case
+        assert ("unreadable" in result["reason"] and "confidence.json" in result["reason"]) if case == "damaged" \
+            else result["reason"] == "this model has no confidence calibration", (case, result["reason"])
