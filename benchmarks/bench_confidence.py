@@ -76,7 +76,7 @@ def main() -> None:
     from pipeline.config import parse_settings
     from pipeline.data.features_file import read_features
     from pipeline.data.real_folder import embeddings_file, read_captions
-    from pipeline.stages.calibrate import cross_fitted, fit_observed, judged, observe
+    from pipeline.stages.calibrate import cross_fitted, fit_observed, observe
     from pipeline.stages.train import train_decoder
 
     settings = parse_settings(override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments))
@@ -116,7 +116,7 @@ def main() -> None:
         abstained = seen.novelty > calibration.novelty_threshold
         how = f"fitted on {fit_dir.name} dev, judged on {data_dir.name} dev"
     acceptable = seen.acceptable(calibration.acceptable_meteor)
-    found = judged(prob, acceptable, abstained, seen.cider, settings.alt_text.min_confidence)
+    found = conf.judged(prob, acceptable, abstained, seen.cider, settings.alt_text.min_confidence)
     ood_names, categories, ood_features, ood_file = read_ood(args.ood.resolve())
     ood_novelty = conf.novelty(neighbours, ood_features, cfg.novelty_neighbours)
     ood_abstains = ood_novelty > calibration.novelty_threshold

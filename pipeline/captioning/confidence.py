@@ -284,6 +284,47 @@ def precision_coverage(prob: np.ndarray, acceptable: np.ndarray, abstained: np.n
     return rows
 
 
+def leave_one_out_meteor(captions: list[list[str]], references: list[list[list[str]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(each human caption's METEOR against the photo's other references, flattened; each
+    ``captions[i]``'s mean METEOR over the same sets of references), in one Java run."""
+    pairs, humans, owner = [], 0, []
+    for refs in references:
+        for j in range(len(refs)):
+            if len(refs) > 1:
+                pairs.append((refs[j], refs[:j] + refs[j + 1:]))
+                humans += 1
+    for i, (caption, refs) in enumerate(zip(captions, references)):
+        sets = [refs[:j] + refs[j + 1:] for j in range(len(refs))] if len(refs) > 1 else [refs]
+        for others in sets:
+            pairs.append((caption, others))
+            owner.append(i)
+    from pipeline.captioning.metrics import per_item_meteor
+
+    scores = per_item_meteor(pairs)
+    model = np.bincount(owner, weights=scores[humans:], minlength=len(captions)) / np.bincount(owner, minlength=len(captions))
+    return scores[:humans], model
+
+
+def judged(prob: np.ndarray, acceptable: np.ndarray, abstained: np.ndarray, cider: np.ndarray,
+           min_confidence: float) -> dict:
+    """What a confidence is worth on photos it was not fitted on (``prob``: cross-fitted)."""
+    from scipy.stats import spearmanr
+
+    order = np.argsort(-prob, kind="stable")
+    half = len(prob) // 2
+    top, bottom = cider[order[:half]].mean() if half else 0.0, cider[order[half:]].mean() if half else 0.0
+    at_default = precision_coverage(prob, acceptable, abstained, [min_confidence])[0]
+    rho = spearmanr(prob, cider).statistic if len(prob) > 2 and np.ptp(prob) > 0 else 0.0
+    return {"ece": expected_calibration_error(prob, acceptable),
+            "spearman": float(0.0 if np.isnan(rho) else rho),
+            "top_half_cider": float(top), "bottom_half_cider": float(bottom),
+            "top_bottom_ratio": float(top / bottom) if bottom > 0 else None,
+            "min_confidence": min_confidence,
+            "precision_at_default": at_default["precision"], "coverage_at_default": at_default["coverage"],
+            "reliability": reliability(prob, acceptable),
+            "precision_coverage": precision_coverage(prob, acceptable, abstained)}
+
+
 def plot_reliability(rows: list[dict], path: Path | str, title: str) -> None:
     import matplotlib
 

@@ -33,7 +33,7 @@ from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.cider import CiderD
 from pipeline.captioning.consensus import Neighbours
 from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
-from pipeline.captioning.metrics import JavaMissingError, per_item_meteor
+from pipeline.captioning.metrics import JavaMissingError
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import ConfidenceSettings, DecodingSettings, Settings
 from pipeline.data.caption_text import references_by_image
@@ -43,45 +43,6 @@ from pipeline.registry.tracking import resume_run
 from pipeline.stages._cli import reported, require, stage_main
 
 log = logging.getLogger("pipeline.calibrate")
-
-
-def leave_one_out_meteor(captions: list[list[str]], references: list[list[list[str]]]) -> tuple[np.ndarray, np.ndarray]:
-    """(each human caption's METEOR against the photo's other references, flattened; each
-    ``captions[i]``'s mean METEOR over the same sets of references), in one Java run."""
-    pairs, humans, owner = [], 0, []
-    for refs in references:
-        for j in range(len(refs)):
-            if len(refs) > 1:
-                pairs.append((refs[j], refs[:j] + refs[j + 1:]))
-                humans += 1
-    for i, (caption, refs) in enumerate(zip(captions, references)):
-        sets = [refs[:j] + refs[j + 1:] for j in range(len(refs))] if len(refs) > 1 else [refs]
-        for others in sets:
-            pairs.append((caption, others))
-            owner.append(i)
-    scores = per_item_meteor(pairs)
-    model = np.bincount(owner, weights=scores[humans:], minlength=len(captions)) / np.bincount(owner, minlength=len(captions))
-    return scores[:humans], model
-
-
-def judged(prob: np.ndarray, acceptable: np.ndarray, abstained: np.ndarray, cider: np.ndarray,
-           min_confidence: float) -> dict:
-    """What a confidence is worth on photos it was not fitted on (``prob``: cross-fitted)."""
-    from scipy.stats import spearmanr
-
-    order = np.argsort(-prob, kind="stable")
-    half = len(prob) // 2
-    top, bottom = cider[order[:half]].mean() if half else 0.0, cider[order[half:]].mean() if half else 0.0
-    at_default = conf.precision_coverage(prob, acceptable, abstained, [min_confidence])[0]
-    rho = spearmanr(prob, cider).statistic if len(prob) > 2 and np.ptp(prob) > 0 else 0.0
-    return {"ece": conf.expected_calibration_error(prob, acceptable),
-            "spearman": float(0.0 if np.isnan(rho) else rho),
-            "top_half_cider": float(top), "bottom_half_cider": float(bottom),
-            "top_bottom_ratio": float(top / bottom) if bottom > 0 else None,
-            "min_confidence": min_confidence,
-            "precision_at_default": at_default["precision"], "coverage_at_default": at_default["coverage"],
-            "reliability": conf.reliability(prob, acceptable),
-            "precision_coverage": conf.precision_coverage(prob, acceptable, abstained)}
 
 
 @dataclass
@@ -120,7 +81,7 @@ def observe(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, image
     signals = conf.SignalMaker(neighbours, cfg.novelty_neighbours).signals(feats, pools, vocab.decode)
     texts = [vocab.decode(pool[0].caption.tokens) for pool in pools]
     log.info("scoring every %s caption, people's and the model's, by METEOR (Java)", split)
-    human, meteor = leave_one_out_meteor([t.split() for t in texts], references)
+    human, meteor = conf.leave_one_out_meteor([t.split() for t in texts], references)
     cider = CiderD(references).score([t.split() for t in texts], range(len(texts)))
     return Observed(names, texts, signals, meteor, np.asarray(cider, np.float64), human, references)
 
@@ -170,7 +131,7 @@ def calibrate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFram
               "human_captions_scored": int(len(seen.human_meteor)), "acceptable_share": float(acceptable.mean()),
               "novelty_threshold": calibration.novelty_threshold, "novelty_quantile": cfg.novelty_quantile,
               "abstain_dev": float(abstained.mean()), "folds": cfg.folds,
-              **judged(crossed, acceptable, abstained, seen.cider, min_confidence),
+              **conf.judged(crossed, acceptable, abstained, seen.cider, min_confidence),
               "coefficients": dict(zip(conf.SIGNALS, calibration.coef))}
     table = pd.DataFrame({"image": seen.names, "caption": seen.captions,
                           **{s: seen.signals[:, i] for i, s in enumerate(conf.SIGNALS)},

@@ -15,6 +15,10 @@ no model is promoted unjudged.
 When people's corrections hold photos out (split ``feedback``, see the ``feedback`` stage), both
 models are scored on them too, against the corrections (``eval.json`` ``feedback``, rows of
 ``test_scores.parquet`` with ``set`` = ``feedback``).
+With the calibration the ``calibrate`` stage fitted on dev (``models/confidence.json``), each test
+caption also gets the confidence and abstention the served model would give it, and ``eval.json``
+``confidence`` says what they are worth on images the calibration never saw (calibration error,
+precision and coverage at ``alt_text.min_confidence``, the share abstained).
 Also writes ``reports/test_captions.parquet`` and ``reports/gallery.html``, and logs all of it
 to the training run in MLflow.
 """
@@ -31,6 +35,7 @@ from pipeline import paths
 from pipeline.atomic import write_json, write_parquet, write_text
 from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.comparison import per_image_scores
+from pipeline.captioning.confidence import Calibration, Confidence, judged, leave_one_out_meteor
 from pipeline.captioning.consensus import Neighbours
 from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
 from pipeline.captioning.decoding import beam_search, greedy
@@ -51,11 +56,15 @@ HEALTH = "caption_health"  # per mode: distinct captions and words, repeats, len
 
 def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, images: list[str],
                    features: np.ndarray, decoding: DecodingSettings,
-                   neighbours: Neighbours | None = None, split: str = "test") -> tuple[dict, pd.DataFrame]:
+                   neighbours: Neighbours | None = None, split: str = "test",
+                   calibration: Calibration | None = None, min_confidence: float = 0.8) -> tuple[dict, pd.DataFrame]:
     """Pure core: (metrics per mode, one row per image of ``split`` with its captions). With
     ``decoding.consensus.neighbours`` > 0 the beam is reranked by consensus with the
     ``neighbours`` (by default the train split of ``captions``; ``run`` passes the file the
-    served model carries); the image-blind baseline keeps the decoder's ranking. Raises
+    served model carries); the image-blind baseline keeps the decoder's ranking. With a
+    ``calibration`` (stage calibrate, fitted on dev), each beam caption gets its confidence and
+    abstention as served, and ``metrics["confidence"]`` says what they are worth on these images
+    (calibration error, precision and coverage at ``min_confidence``, abstentions). Raises
     ValueError when the split is empty or an image has no features."""
     index = row_index(images)
     test = captions[captions["split"] == split]
@@ -72,10 +81,11 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
     chooser = CaptionChooser(models, vocab, d, neighbours)
     log.info("decoding %d %s images (greedy, beam-%d%s, image-blind baseline)", len(test_images), split,
              d.beam_size, f" reranked by consensus with {chooser.scorer.k} train images" if chooser.scorer else "")
+    pools = chooser.choose(feats, progress=True)
     decoded = {
         "greedy": greedy(models, feats, vocab, no_repeat_ngram=d.no_repeat_ngram,
                          batch_size=d.batch_size, progress="greedy"),
-        "beam": [ranked[0].caption for ranked in chooser.choose(feats, progress=True)],
+        "beam": [ranked[0].caption for ranked in pools],
         # Image-blind: one caption for the mean train image, used for every test image.
         "baseline": beam_search(models, mean_feature, vocab, beam_size=d.beam_size, length_penalty=d.length_penalty,
                                 no_repeat_ngram=d.no_repeat_ngram, batch_size=d.batch_size) * len(test_images),
@@ -97,7 +107,30 @@ def evaluate_model(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame
         "beam_log_prob": [c.log_prob for c in decoded["beam"]],
         "references": [list(refs[n]) for n in test_images],
     })
+    if calibration is not None:
+        table, metrics["confidence"] = judge_confidence(table, feats, pools, vocab, references, calibration,
+                                                        neighbours or Neighbours.from_split(captions, "train", images, features),
+                                                        min_confidence)
     return metrics, table
+
+
+def judge_confidence(table: pd.DataFrame, feats: np.ndarray, pools, vocab: Vocabulary, references: list,
+                     calibration: Calibration, neighbours: Neighbours, min_confidence: float) -> tuple[pd.DataFrame, dict]:
+    """The served confidence of each beam caption, and what it is worth against people here."""
+    from pipeline.captioning.cider import CiderD
+
+    said = Confidence(calibration, neighbours).describe(feats, pools, vocab.decode)
+    prob = np.array([s["confidence"] for s in said], float)
+    abstained = np.array([s["abstained"] for s in said])
+    beams = [t.split() for t in table["beam"]]
+    log.info("scoring the beam captions' confidence against people (METEOR, Java)")
+    _, meteor = leave_one_out_meteor(beams, references)
+    acceptable = (meteor >= calibration.acceptable_meteor).astype(int)
+    found = judged(prob, acceptable, abstained, CiderD(references).score(beams, range(len(beams))), min_confidence)
+    summary = {k: v for k, v in found.items() if not isinstance(v, list)}
+    summary.update(abstained=float(abstained.mean()), acceptable_share=float(acceptable.mean()),
+                   precision_coverage=found["precision_coverage"])
+    return table.assign(confidence=prob, abstained=abstained, acceptable=acceptable.astype(bool)), summary
 
 
 def scores_table(table: pd.DataFrame, references: list, model: str, mode: str,
@@ -169,7 +202,9 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
     setup(settings)
     with reported(JavaMissingError, ValueError):
         neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
-        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours)
+        calibration = Calibration.load(paths.CONFIDENCE) if paths.CONFIDENCE.is_file() else None
+        metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours,
+                                        calibration=calibration, min_confidence=settings.alt_text.min_confidence)
         tables = {"test": table[table["image"].isin(files)].reset_index(drop=True)}
         if tables["test"].empty:
             raise ValueError("no test image has a photo to compare the champion on")
@@ -197,6 +232,12 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
                f"{health['distinct_words']} distinct words, {health['repeated_bigram_share']:.0%} with a "
                f"repeated bigram, {health['unk_share']:.0%} with <unk>, mean length "
                f"{health['mean_length']:.1f} words (references {health['reference_mean_length']:.1f}).")
+    if "confidence" in metrics:
+        c = metrics["confidence"]
+        precision = "n/a" if c["precision_at_default"] is None else f"{c['precision_at_default']:.2f}"
+        summary += (f" Confidence (calibrated on dev): expected calibration error {c['ece']:.3f} here; at "
+                    f"{c['min_confidence']:g} precision {precision}, coverage {c['coverage_at_default']:.0%}; "
+                    f"{c['abstained']:.0%} abstained.")
     if "feedback" in metrics:
         fb = metrics["feedback"]
         summary += (f" Held-out corrected photos ({fb['n_images']}): beam BLEU-4 {fb['beam']['bleu4']:.3f}, "
@@ -210,6 +251,9 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
         if "feedback" in metrics:  # the held-out corrected photos, as feedback_beam_bleu4, ...
             mlflow.log_metrics({k.replace(".", "_"): v for k, v in flatten("feedback", {
                 m: metrics["feedback"][m] for m in ("greedy", "beam")}).items()})
+        if "confidence" in metrics:  # the dev-fitted confidence judged on the test images
+            mlflow.log_metrics({f"test_confidence_{k}": v for k, v in metrics["confidence"].items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
         # The same captions as a table the UI shows (Artifacts, and Evaluation's table view)

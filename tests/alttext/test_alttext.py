@@ -377,12 +377,22 @@ def test_the_command_line_proposes_reviews_and_applies(site, champion, registere
     first_applied = {r["id"]: r["alt"] for r in json.loads((site / alt.REVIEW_FILE).read_text())
                      if r["status"] == "applied"}
     assert len(first_applied) == 2
-    again = subprocess.run([*cli, "--apply", "--yes"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                           timeout=600)
+    # the tiny model is never sure enough for alt_text.min_confidence: --yes applies nothing new, and
+    # says which proposals wait for a person
+    unsure = subprocess.run([*cli, "--apply", "--yes"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=600)
+    assert unsure.returncode == 0, unsure.stderr
+    assert "applied 0 alt texts" in unsure.stdout and "WAITS FOR A PERSON" in unsure.stderr
+    waiting = [r for r in json.loads((site / alt.REVIEW_FILE).read_text()) if r["status"] == "proposed"]
+    assert waiting and all(r["for_person"] and r["confidence"] is not None for r in waiting)
+    again = subprocess.run([*cli, "--apply", "--yes", "--min-confidence", "0"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
     record = {r["id"]: r for r in json.loads((site / alt.REVIEW_FILE).read_text())}
     assert all(record[i]["status"] == "applied" and record[i]["alt"] == a for i, a in first_applied.items())
     assert sum(1 for r in record.values() if r["status"] == "applied") > 2
+    # an abstained proposal is never applied by --yes, whatever the bar
+    assert all(r["status"] != "applied" for r in record.values() if r["abstained"])
 
 
 @pytest.mark.timeout(900)

@@ -4,6 +4,7 @@ chromium via Playwright)."""
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,6 +105,29 @@ def test_a_jpeg_gets_a_caption_and_the_other_candidates(api):
     assert body["model"] == {"name": NAME, "version": "1"} and body["ms"] > 0
 
 
+def noise_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_noise_is_not_described_as_if_it_were_a_photo(api):
+    """A picture unlike the training photos (noise) abstains: the answer says so, with the reason,
+    and the guess is only the candidate behind it; a photo of the kind it learnt from does not."""
+    client, _ = api
+    files = [("file", ("noise.png", noise_png(), "image/png")), ("file", ("a.jpg", photo(0), "image/jpeg"))]
+    noise, known = client.post("/api/caption", files=files).json()["results"]
+    assert noise["abstained"] is True and "unlike the photos it learnt from" in noise["reason"]
+    assert noise["confidence_words"] == "not sure what this shows" and noise["spoken"].startswith("Not sure")
+    assert noise["caption"]  # the candidate is still there, behind the disclosure
+    assert known["abstained"] is False and 0 <= known["confidence"] <= 1 and known["confidence_words"]
+
+
 def test_bad_files_get_their_own_error_and_good_ones_still_a_caption(api):
     client, _ = api
     files = [("file", ("notes.txt", b"just some text", "text/plain")),
@@ -191,6 +215,13 @@ def test_the_page_in_a_browser(store, tmp_path):
             expect(page.locator("#swapped")).to_contain_text("was 1")
             drop({"shapes-1.jpg": (images["shapes-1.jpg"], "image/jpeg")})
             expect(page.locator(".card .meta").first).to_contain_text("model version 2", timeout=120_000)
+            # a picture unlike the training photos: said so first, the guess behind a disclosure
+            drop({"noise.png": (noise_png(), "image/png")})
+            expect(page.locator(".card .caption").first).to_have_text("Not sure what this shows", timeout=120_000)
+            guess = page.locator(".card details.guess").first
+            expect(guess.locator("p")).to_be_hidden()
+            guess.locator("summary").click()
+            expect(guess.locator("p")).to_contain_text("unlike the photos it learnt from")
             page.screenshot(path=str(tmp_path / "app.png"))  # docs/app.png comes from a trained model
             browser.close()
         assert app.poll() is None  # no restart
@@ -571,12 +602,18 @@ def test_correcting_a_caption_in_a_browser(store, tmp_path):
             cards = page.locator(".card")
             # the newest card is first; the photos were sent together, in order
             right_card, wrong_card = cards.nth(0), cards.nth(1)
-            expect(wrong_card.locator("input.correction")).to_be_hidden()  # until "This is wrong"
+            # the tiny model is unsure of shapes: each card says so in words and asks for the person's
+            # own caption first, the box open and empty
+            for card in (right_card, wrong_card):
+                expect(card.locator(".confidence")).to_contain_text(re.compile("low confidence|not sure"))
+                expect(card.locator(".ask")).to_contain_text("not sure")
+                expect(card.locator("input.correction")).to_be_visible()
+                expect(card.locator("input.correction")).to_have_value("")
             right_card.locator(".rate-right").click()
             expect(right_card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)
-            wrong_card.locator(".rate-wrong").click()
+            wrong_card.locator("button[type=submit]").click()  # an empty caption is refused, said in the card
+            expect(wrong_card.locator(".status")).to_have_class(re.compile("bad"), timeout=60_000)
             box = wrong_card.locator("input.correction")
-            expect(box).to_be_focused()
             box.fill("a blue square near the top of a white picture")
             wrong_card.locator("button[type=submit]").click()
             expect(wrong_card.locator(".status")).to_contain_text("Saved as feedback", timeout=60_000)

@@ -107,3 +107,15 @@ def test_reliability_bins_count_every_photo():
     rows = conf.reliability(np.array([0.05, 0.15, 0.95, 1.0]), np.array([0, 0, 1, 1]))
     assert sum(r["count"] for r in rows) == 4 and rows[-1]["count"] == 2
     assert conf.expected_calibration_error(np.array([0.95, 1.0]), np.array([1, 1])) == pytest.approx(0.025)
+
+
+def test_leave_one_out_meteor_scores_people_against_each_other_and_the_model_against_the_same_sets():
+    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "dog", "runs", "on", "grass"],
+             ["a", "brown", "dog", "runs", "outside"]]]
+    human, (model, unrelated) = conf.leave_one_out_meteor(  # one Java run
+        [["a", "dog", "runs", "on", "the", "grass"], ["a", "red", "car", "parked", "by", "a", "wall"]], refs * 2)
+    assert len(human) == 6 and (human > 0.2).all()
+    # the model's caption is one of the references: scored against each set of the other two (never
+    # against itself alone), so it does not get a perfect score for free
+    assert 0.3 < model < 1.0
+    assert unrelated < model

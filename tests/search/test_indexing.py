@@ -186,6 +186,17 @@ def test_the_command_line_indexes_and_searches(champion, photos, tmp_path):
     body = json.loads(found.stdout)
     assert len(body["results"]) == 4 and body["ranking"] == "likelihood"
     assert all((Path(body["root"]) / r["path"]).is_file() for r in body["results"])
+    # each photo keeps how sure the model was of its caption; the tiny model is never sure
+    assert all(0 <= r["confidence"] < 0.8 and r["confidence_words"] for r in body["results"]), body
+    sure = subprocess.run([*cli, "search", "a red circle", "--db", str(db), "--model-name", NAME, "--json",
+                           "--min-confidence", "0.8"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert sure.returncode == 0, sure.stderr
+    kept = json.loads(sure.stdout)
+    assert kept["results"] == [] and any("confidence >= 0.8" in n for n in kept["notes"])
+    bad = subprocess.run([*cli, "search", "red", "--db", str(db), "--min-confidence", "2"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
     like = subprocess.run([*cli, "search", "--like", str(folder / names[0]), "--db", str(db), "--limit", "2",
                            "--model-name", NAME], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert like.returncode == 0 and names[0] not in like.stdout.splitlines()[0]  # itself left out

@@ -105,3 +105,31 @@ def test_an_index_damaged_in_the_middle_is_one_paragraph_for_search(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"cannot read the photo index sqlite:///{db}" in done.stderr and f"mv {db} {db}.bad" in done.stderr
+
+
+def test_each_photo_keeps_how_sure_its_caption_is_and_search_can_ask_for_sure_ones(index):
+    sure, unsure, abstained, unknown = (photo(f"{n}.jpg", "a dog runs", seed=i) for i, n in enumerate(
+        ("sure", "unsure", "abstained", "unknown")))
+    sure.confidence, unsure.confidence, abstained.confidence = 0.9, 0.3, 0.95
+    abstained.abstained, abstained.reason = True, "unlike the photos it learnt from"
+    index.save([sure, unsure, abstained, unknown])
+    rows = {p.path: p for p in index.all()}
+    assert rows["sure.jpg"].confidence == pytest.approx(0.9) and rows["unknown.jpg"].confidence is None
+    assert rows["abstained.jpg"].abstained and rows["abstained.jpg"].reason == "unlike the photos it learnt from"
+    # never an abstained photo, nor one whose model said nothing of its confidence
+    assert index.confident_ids(0.8) == {rows["sure.jpg"].id}
+    assert index.confident_ids(0.0) == {rows["sure.jpg"].id, rows["unsure.jpg"].id}
+
+
+def test_an_index_made_before_confidence_gains_the_columns_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    PhotoIndex(db).save([photo("a.jpg", "a dog runs", seed=1)])
+    with sqlite3.connect(db) as conn:  # as the index was before the confidence columns
+        for column in ("confidence", "abstained", "reason"):
+            conn.execute(f"ALTER TABLE photos DROP COLUMN {column}")
+    reopened = PhotoIndex(db, create=False)
+    (row,) = reopened.all()
+    assert row.caption == "a dog runs" and row.confidence is None and row.abstained is False
+    assert reopened.text_search("dog", 5)

@@ -126,13 +126,16 @@ def test_the_champion_captions_the_dev_photos_as_people_do(champion, references)
 
     project, data, _ = champion
     photos = sorted((REAL / "dev_photos").iterdir())
-    result = captioner(project, "caption", *map(str, photos))
+    result = captioner(project, "caption", "--json", *map(str, photos))
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("\t") for line in result.stdout.splitlines()]
-    assert [Path(r[0]).name for r in rows] == [p.name for p in photos]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == [p.name for p in photos]
     found = score([[c.split() for c in references[p.name]] for p in photos],
-                  [clean_caption(r[1]).split() for r in rows])
+                  [clean_caption(r["caption"]).split() for r in rows])
     assert found["bleu4"] >= 0.15, found
+    # every caption says how sure it is; real dev photos are what the model learnt from
+    assert all(0 <= r["confidence"] <= 1 and r["confidence_words"] for r in rows)
+    assert sum(r["abstained"] for r in rows) <= 0.05 * len(rows), [r for r in rows if r["abstained"]]
 
 
 def test_search_finds_real_photos_by_what_is_in_them(champion, references, tmp_path, monkeypatch, capsys):
@@ -174,10 +177,18 @@ def test_alt_text_says_what_people_see(champion, references, tmp_path):
     for name in dogs:
         shutil.copy(data / "dev_photos" / name, site / "img" / name)
     (site / "index.html").write_text("<html><body>" + "".join(f'<img src="img/{n}">' for n in dogs) + "</body></html>")
+    result = captioner(project, "alt-text", str(site))
+    assert result.returncode == 0, result.stderr[-2000:]
+    proposals = json.loads((site / ".captioner-alt-text.json").read_text())
+    assert len(proposals) == 4 and sum("dog" in p["alt"].lower() for p in proposals) >= 3, proposals
+    # --yes applies only what the model is sure enough of; the rest wait for a person, marked
     result = captioner(project, "alt-text", str(site), "--apply", "--yes")
     assert result.returncode == 0, result.stderr[-2000:]
-    alts = re.findall(r'alt="([^"]*)"', (site / "index.html").read_text())
-    assert len(alts) == 4 and sum("dog" in a.lower() for a in alts) >= 3, alts
+    sure = {p["src"] for p in proposals if p["confidence"] is not None and p["confidence"] >= 0.8 and not p["abstained"]}
+    tags = re.findall(r"<img[^>]*>", (site / "index.html").read_text())
+    applied = {re.search(r'src="([^"]*)"', t).group(1) for t in tags if 'alt="' in t}
+    assert len(tags) == 4 and applied == sure, (tags, proposals)
+    assert result.stderr.count("WAITS FOR A PERSON") == 4 - len(sure)
 
 
 def test_a_second_model_is_judged_against_the_champion_on_the_same_photos(champion, tmp_path):

@@ -168,6 +168,15 @@ def test_captioner_cli_prints_one_caption_per_image(registered, tmp_path):
     assert f"{bad}\tERROR:" in result.stderr
     assert f"{text}\tERROR: corrupt image: cannot decode" in result.stderr
     assert "BytesIO" not in result.stderr
+    # --json: one object per photo, saying how sure the model is (in words too), errors included
+    as_json = subprocess.run([str(cli), "caption", "--json", str(good), str(text), "--model", f"models:/{NAME}@champion",
+                              "--tracking-uri", f"sqlite:///{root}/mlflow.db"], capture_output=True, text=True,
+                             cwd=root, timeout=400)
+    assert as_json.returncode == 1, as_json.stderr
+    rows = {r["file"]: r for r in map(json.loads, as_json.stdout.splitlines())}
+    assert set(rows[str(good)]) >= {"caption", "confidence", "abstained", "reason", "confidence_words"}
+    assert 0 <= rows[str(good)]["confidence"] <= 1 and rows[str(good)]["caption"]
+    assert rows[str(text)]["error"].startswith("corrupt image")
     # outside a project, with no model named: a usage error saying what to pass, not a guess
     nowhere = subprocess.run([str(cli), "caption", str(good)], capture_output=True, text=True, cwd=tmp_path,
                              timeout=120)
