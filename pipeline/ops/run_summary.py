@@ -37,6 +37,12 @@ def main() -> None:
               f"{health['images']} images, {health['distinct_words']} distinct words, "
               f"{health['repeated_bigram_share']:.0%} repeat a bigram, mean length "
               f"{health['mean_length']:.1f} (references {health['reference_mean_length']:.1f})")
+    sure = metrics.get("confidence")
+    if sure:
+        precision = "n/a" if sure["precision_at_default"] is None else f"{sure['precision_at_default']:.2f}"
+        print(f"confidence (calibrated on dev, judged on test): calibration error {sure['ece']:.3f}; at "
+              f"{sure['min_confidence']:g}, precision {precision}, coverage {sure['coverage_at_default']:.0%}; "
+              f"{sure['abstained']:.0%} abstained (reports/confidence.json, reports/reliability.png)")
     print(f"\nregistry: {registry['model_name']} v{registry['version']} -> {registry['decision']} "
           f"(champion: v{registry['champion']})")
     print(f"gallery:  {paths.GALLERY}\nmetrics:  {paths.EVAL_METRICS}\n"

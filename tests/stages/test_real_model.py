@@ -138,6 +138,36 @@ def test_the_champion_captions_the_dev_photos_as_people_do(champion, references)
     assert sum(r["abstained"] for r in rows) <= 0.05 * len(rows), [r for r in rows if r["abstained"]]
 
 
+def test_pictures_unlike_photos_get_an_honest_abstention_not_a_confident_sentence(champion, tmp_path):
+    """Blank, a solid colour, a tiny icon and noise abstain, saying why; a real photo turned on its
+    side or mirrored is still a photo: it is captioned with a confidence like any other."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    project, _, _ = champion
+    rng = np.random.default_rng(0)
+    photo = Image.open(sorted((REAL / "dev_photos").iterdir())[0]).convert("RGB")
+    icon = Image.new("RGB", (16, 16), "white")
+    ImageDraw.Draw(icon).ellipse((3, 3, 12, 12), fill=(30, 90, 200))
+    pictures = {"blank.png": Image.new("RGB", (224, 224), "white"),
+                "solid.png": Image.new("RGB", (300, 200), (200, 30, 30)),
+                "icon.png": icon,
+                "noise.png": Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)),
+                "rotated.jpg": photo.rotate(90, expand=True), "mirrored.jpg": photo.transpose(Image.FLIP_LEFT_RIGHT)}
+    for name, picture in pictures.items():
+        picture.save(tmp_path / name)
+    result = captioner(project, "caption", "--json", *(str(tmp_path / n) for n in pictures))
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = {Path(r["file"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    for name in ("blank.png", "solid.png", "icon.png", "noise.png"):
+        row = said[name]
+        assert row["abstained"] and "unlike the photos it learnt from" in row["reason"], row
+        assert row["confidence_words"] == "not sure what this shows" and row["spoken"].startswith("Not sure"), row
+    for name in ("rotated.jpg", "mirrored.jpg"):
+        assert said[name]["confidence"] is not None, said[name]
+    print({n: (r["caption"], r["confidence"], r["abstained"]) for n, r in said.items()})
+
+
 def test_search_finds_real_photos_by_what_is_in_them(champion, references, tmp_path, monkeypatch, capsys):
     """The top 5 photos for a few things people name (precision: the share of hits whose people's
     captions use the word) beat the share of such photos among all, by far. The searches run in
