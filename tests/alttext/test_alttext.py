@@ -146,7 +146,7 @@ def test_every_image_without_alt_is_found_and_nothing_else(site):
 
 def test_proposals_keep_the_conventions():
     cfg = AltTextSettings(max_length=40, banned_prefixes=["image of", "picture of"], capital_first=True,
-                          full_stop=True, max_page_bytes=1000)
+                          full_stop=True, max_page_bytes=1000, min_confidence=0.8)
     assert alt.as_alt_text("image of a red circle on the left", cfg) == "A red circle on the left."
     assert alt.as_alt_text("a dog runs", cfg) == "A dog runs." and alt.lint("A dog runs.", cfg) == []
     assert "over alt_text.max_length (40)" in alt.lint(alt.as_alt_text("a dog " * 20, cfg), cfg)[0]

@@ -356,7 +356,8 @@ def test_searching_photos_in_a_browser(store, photo_index):
             page.locator("#q").fill(target.caption)
             page.locator("#search button").click()
             expect(page.locator(".hit")).to_have_count(12, timeout=120_000)
-            expect(page.locator(".hit .meta").first).to_have_text(target.path)
+            expect(page.locator(".hit .meta").first).to_contain_text(target.path)
+            expect(page.locator(".hit .meta").first).to_contain_text("confidence")  # how sure, in words
             page.wait_for_function("() => { const i = document.querySelector('.hit img');"
                                    " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
             browser.close()

@@ -231,6 +231,6 @@ def test_names_that_are_not_utf8_or_hold_tabs_and_line_breaks(champion, photos, 
     found = subprocess.run([*cli, "search", "a red circle", "--db", str(db), "--limit", "50", "--model-name", NAME],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     lines = found.stdout.splitlines()
-    assert len(lines) == 18 and all(len(line.split("\t")) == 3 for line in lines)
+    assert len(lines) == 18 and all(len(line.split("\t")) == 4 for line in lines)  # score, path, caption, how sure
     assert any(line.split("\t")[1].endswith("tab\\there.jpg") for line in lines)
     assert any(line.split("\t")[1].endswith("new\\nline.jpg") for line in lines)
