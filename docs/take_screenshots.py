@@ -3,7 +3,8 @@
     .venv/bin/python docs/take_screenshots.py        # from the project root
 
 The app, search and correction pictures show real photos: with a champion that `captioner
-real-model` made (its work folder `real/`, `--work`), the shared Flickr8k dev photos (`--photos`);
+real-model` made (its work folder `real/`, `--work`), the shared Flickr8k dev photos (`--photos`)
+and one of the shared out-of-domain charts, on which the model abstains;
 without one, the synthetic test photos of the model `make run` trained. The MLflow pictures show
 the project's store. Indexes the photos into a temporary photo index, starts `captioner app` (with that
 index) and an MLflow server over the project's own store (ports chosen free), searches the photos,
@@ -35,6 +36,8 @@ from pipeline.registry.tracking import tracking_uri
 
 DOCS = Path(__file__).resolve().parent
 PHOTOS = DOCS.parents[1] / "shared" / "flickr8k_real" / "dev_photos"
+# a picture unlike any photo (a chart), to show the model abstaining
+UNLIKE = DOCS.parents[1] / "shared" / "out_of_domain" / "images"
 BIN = Path(sys.executable).parent
 
 
@@ -90,6 +93,9 @@ def main() -> None:
     scores = pd.read_parquet(base / paths.TEST_SCORES).query("model == 'candidate' and mode == 'beam' and set == 'test'")
     worst = scores.sort_values(["cider", "image"])["image"].iloc[0]
     photos = [worst, *[p for p in sorted(scores["image"]) if p != worst][:2]]
+    if (base / paths.DEV_CONFIDENCE).is_file():  # beside it, the photo the model is surest of
+        sure = pd.read_parquet(base / paths.DEV_CONFIDENCE).query("image in @scores.image and image != @worst")
+        photos = [worst, sure.sort_values(["confidence", "image"], ascending=[False, True])["image"].iloc[0]]
     app_port, ui_port = free_port(), free_port()
     index_dir = Path(tempfile.mkdtemp(prefix="captioner-screenshots-"))
     db = index_dir / "photos.db"
@@ -117,8 +123,10 @@ def main() -> None:
             page.screenshot(path=str(DOCS / "search.png"))
             page.set_viewport_size({"width": 1200, "height": 860})
             page.goto(f"http://127.0.0.1:{app_port}")
-            page.locator("#picker").set_input_files([str(images_dir / p) for p in photos])
-            expect(page.locator(".card .caption")).to_have_count(len(photos), timeout=120_000)
+            unlike = sorted(UNLIKE.glob("charts__*.jpg"))[:1] if real else []
+            # cards show the last file first: the surest photo, the worst, then the chart
+            page.locator("#picker").set_input_files([*map(str, unlike), *[str(images_dir / p) for p in photos]])
+            expect(page.locator(".card .caption")).to_have_count(len(photos) + len(unlike), timeout=120_000)
             page.screenshot(path=str(DOCS / "app.png"))
             card = page.locator(".card").filter(has_text=photos[0])
             card.locator(".rate-wrong").click()
