@@ -110,8 +110,11 @@ def read_inputs(names: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
 
 def caption(args: argparse.Namespace) -> int:
     data, errors = read_inputs(args.images)
-    for name, error in errors.items():
-        print(f"{name}\tERROR: {error}", file=sys.stderr)
+    for name, error in errors.items():  # said at once, before the model loads
+        if args.json:
+            print(json.dumps({"file": name, "error": error}), flush=True)
+        else:
+            print(f"{name}\tERROR: {error}", file=sys.stderr)
     if not data:
         return 1
     import mlflow  # noqa: I001
@@ -132,9 +135,6 @@ def caption(args: argparse.Namespace) -> int:
     # a request holds at most the model's serving.max_rows images: more files go in several
     step = getattr(getattr(model.unwrap_python_model(), "limits", None), "max_rows", 64)
     status = 1 if errors else 0
-    for name, error in errors.items():
-        if args.json:
-            print(json.dumps({"file": name, "error": error}))
     for lo in range(0, len(names), step):
         chunk = names[lo:lo + step]
         result = model.predict(pd.DataFrame({"image": [data[n] for n in chunk]}), params=params)
@@ -399,8 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning with Flickr8k models.")
     sub = parser.add_subparsers(dest="command", required=True)
     cap = sub.add_parser("caption", help="print one caption per image",
-                         description="Print '<file>\\t<caption>' per image; errors go to stderr "
-                                     "and make the exit status 1 (2: the model cannot be loaded).")
+                         description="Print '<file>\\t<caption>\\t(<how sure>)' per image: the caption as a reader "
+                                     "should take it ('May show: ...' when the model is unsure, 'Not sure what this "
+                                     "shows' when the picture is unlike the photos it learnt from) and the confidence "
+                                     "in words and as a number. Errors go to stderr and make the exit status 1 (2: the "
+                                     "model cannot be loaded).")
     cap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     cap.add_argument("--model", default=None,
                      help="MLflow model URI (default: models:/<register.model_name>@champion)")

@@ -1,6 +1,7 @@
 """`captioner caption`: bad arguments and unreadable files are reported before the (slow)
 model load; a model is needed only for files that exist."""
 
+import json
 import subprocess
 import sys
 import time
@@ -24,6 +25,9 @@ def test_missing_files_and_folders_are_reported_without_loading_a_model(tmp_path
     assert f"{tmp_path}\tERROR: is a directory" in result.stderr
     assert "cannot load" not in result.stderr  # the model was never asked for
     assert not (tmp_path / "mlflow.db").exists()
+    as_json, _ = run_cli("--json", str(tmp_path / "nope.jpg"), cwd=tmp_path)  # one JSON object per file there too
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == {"file": str(tmp_path / "nope.jpg"), "error": "no such file"}
 
 
 def test_bad_beam_is_a_usage_error_not_a_traceback(tmp_path):

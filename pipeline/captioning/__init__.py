@@ -5,7 +5,8 @@ LSTM decoder and its trainer (``decoder``), greedy / beam / sampled decoding (``
 consensus reranking (``consensus``), the one function that chooses an image's captions from the
 typed decoding settings (``caption_choice``), CIDEr-D (``cider``), self-critical training
 (``self_critical``), corpus metrics (``metrics``), per-image scores and the paired bootstrap
-(``comparison``) and the HTML gallery of test captions (``gallery``).
+(``comparison``), the HTML gallery of test captions (``gallery``), and how sure a caption is and
+when to abstain (``confidence``: its signals, the calibration, the words people are told).
 
 May import: ``pipeline.data`` and the ground floor. Never MLflow, Airflow or the web app.
 """

@@ -20,7 +20,8 @@ one-line reason in ``error``, the other rows are captioned. ``confidence`` is th
 probability that the caption is acceptable (``pipeline/captioning/confidence.py``); ``abstained``
 is true when the photo is unlike the photos the model learnt from, and ``reason`` says why (or why
 there is no confidence: a model without a readable calibration still captions, with
-``confidence`` null and that reason). Images are decoded and embedded ``batch_size`` at a time, so memory stays bounded.
+``confidence`` null and that reason). Images are decoded and embedded ``batch_size`` at a time,
+so memory stays bounded.
 
 Request-level errors (too many rows, a bad ``beam_size``) raise an MlflowException with
 INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``, with no stack trace.
