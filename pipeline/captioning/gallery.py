@@ -14,14 +14,15 @@ def thumbnail_data_uri(path: Path, max_pixels: int | None, size: int = 200) -> s
 
 
 def render(items: list[dict], title: str, summary: str, max_pixels: int | None) -> str:
-    """items: {path, image, beam, greedy, references}; images (at most ``max_pixels``) are embedded
-    as data URIs."""
+    """items: {path, image, beam, greedy, references} and, where the model says how sure it is,
+    ``sure`` (the confidence in words); images (at most ``max_pixels``) are embedded as data URIs."""
     cards = []
     for item in items:
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in item["references"])
+        sure = f' <i>({html.escape(item["sure"])})</i>' if item.get("sure") else ""
         cards.append(
             f'<figure><img src="{thumbnail_data_uri(item["path"], max_pixels)}" alt="{html.escape(item["image"])}">'
-            f'<figcaption><b>beam:</b> {html.escape(item["beam"])}<br>'
+            f'<figcaption><b>beam:</b> {html.escape(item["beam"])}{sure}<br>'
             f'<b>greedy:</b> {html.escape(item["greedy"])}<details><summary>references</summary>'
             f'<ul>{refs}</ul></details><small>{html.escape(item["image"])}</small></figcaption></figure>')
     return f"""<!doctype html>

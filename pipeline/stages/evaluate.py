@@ -35,7 +35,13 @@ from pipeline import paths
 from pipeline.atomic import write_json, write_parquet, write_text
 from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.comparison import per_image_scores
-from pipeline.captioning.confidence import Calibration, Confidence, judged, leave_one_out_meteor
+from pipeline.captioning.confidence import (
+    Calibration,
+    Confidence,
+    in_words,
+    judged,
+    leave_one_out_meteor,
+)
 from pipeline.captioning.consensus import Neighbours
 from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
 from pipeline.captioning.decoding import beam_search, greedy
@@ -219,8 +225,12 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
     write_json(paths.EVAL_METRICS, metrics)
     write_parquet(table, paths.TEST_CAPTIONS)
     write_parquet(scores, paths.TEST_SCORES)
-    items = [{"path": files[r.image], "image": r.image, "beam": r.beam, "greedy": r.greedy,
-              "references": r.references} for r in tables["test"].head(settings.evaluate.gallery_size).itertuples()]
+    shown = tables["test"].head(settings.evaluate.gallery_size)
+    sure = (table.set_index("image")[["confidence", "abstained"]].to_dict("index") if "confidence" in table else {})
+    items = [{"path": files[r.image], "image": r.image, "beam": r.beam, "greedy": r.greedy, "references": r.references,
+              **({"sure": in_words(sure[r.image]["confidence"], bool(sure[r.image]["abstained"]))
+                  + f" {sure[r.image]['confidence']:.2f}"} if r.image in sure else {})}
+             for r in shown.itertuples()]
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""
     reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images{samples}"

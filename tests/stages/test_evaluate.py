@@ -38,6 +38,11 @@ def test_test_captions_and_gallery(in_trained):
     page = paths.GALLERY.read_text()
     assert page.count("data:image/jpeg;base64,") == min(4, len(table))
     assert table["beam"].iloc[0] in page
+    # each test caption with the confidence the served model gives it (calibrated on dev), also in the gallery
+    assert table["confidence"].between(0, 1).all() and table["abstained"].dtype == bool
+    assert "confidence" in page or "not sure what this shows" in page
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
+    assert {"ece", "precision_at_default", "coverage_at_default", "abstained"} <= set(metrics["confidence"])
 
 
 def test_evaluation_shows_its_progress(in_trained, capsys, caplog):
