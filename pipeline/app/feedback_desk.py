@@ -112,7 +112,8 @@ class FeedbackDesk:
     @contextmanager
     def traced(self, info: dict, filenames: list[str]):
         """An MLflow trace around one caption request (or nothing when tracing is off); yields a
-        dict the caller fills with ``captions``, and that gets ``trace_id``."""
+        dict the caller fills with ``captions`` (and their ``confidence``, ``abstained``), and that
+        gets ``trace_id``."""
         record: dict = {}
         if self._experiment_id is None:
             yield record
@@ -125,7 +126,8 @@ class FeedbackDesk:
             span.set_inputs({"files": filenames})
             mlflow.update_current_trace(tags={"model.name": info["name"], "model.version": str(info["version"])})
             yield record
-            span.set_outputs({"captions": record.get("captions", [])})
+            span.set_outputs({"captions": record.get("captions", []),  # and how sure the model was of each
+                              "confidence": record.get("confidence", []), "abstained": record.get("abstained", [])})
             record["trace_id"] = span.trace_id
 
     def served(self, info: dict, datas: list[bytes], results: list[dict], trace_id: str | None) -> None:

@@ -272,6 +272,8 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
             with desk.traced(served.info, [u.filename for u in file]) as trace:
                 results = served.model.caption_images(datas)
                 trace["captions"] = [r["caption"] for r in results]
+                trace["confidence"] = [r.get("confidence") for r in results]
+                trace["abstained"] = [bool(r.get("abstained")) for r in results]
             desk.served(served.info, datas, results, trace.get("trace_id"))
         took_ms = (time.perf_counter() - start) * 1000
         return {"model": {"name": served.info["name"], "version": served.info["version"]},

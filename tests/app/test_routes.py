@@ -420,6 +420,9 @@ def test_ratings_and_corrections_are_stored_traced_in_mlflow_and_can_be_taken_ba
     assert corrected["caption_right"].value is False
     assert corrected["correct_caption"].value == "a blue square at the top"
     assert set(by_id) == {stored[c]["trace_id"] for c in stored}
+    # the trace keeps how sure the model was, beside what people then said of the caption
+    outputs = by_id[stored[first["caption_id"]]["trace_id"]].data.spans[0].outputs
+    assert outputs["confidence"] == [first["confidence"]] and outputs["abstained"] == [first["abstained"]]
     tags = MlflowClient().get_model_version(NAME, "1").tags
     assert (tags["feedback.right"], tags["feedback.wrong"], tags["feedback.corrections"]) == ("1", "1", "1")
 
