@@ -46,6 +46,7 @@ CONSENSUS_NEIGHBOURS = 25  # the train photos whose captions a caption is compar
 # what people are told; the bands are the calibrated probability that the caption is acceptable
 HIGH, MODERATE = 0.8, 0.5
 NO_CALIBRATION = "this model has no confidence calibration"
+OLDER_MODEL = NO_CALIBRATION + " (registered before it existed)"
 
 
 class CalibrationError(ValueError):
@@ -127,8 +128,8 @@ class Calibration:
         z = (np.asarray(signals, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
         return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
 
-    def save(self, path: Path | str, extra: dict | None = None) -> None:
-        Path(path).write_text(json.dumps({**asdict(self), **(extra or {})}, indent=2) + "\n")
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path | str) -> "Calibration":
@@ -187,7 +188,7 @@ def said_of(row: dict) -> dict:
     value = row.get("confidence")
     confidence = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
     abstained = bool(row.get("abstained") or False)
-    reason = row.get("reason") or ("" if "confidence" in row else NO_CALIBRATION + " (registered before it existed)")
+    reason = row.get("reason") or ("" if "confidence" in row else OLDER_MODEL)
     return {"confidence": confidence, "abstained": abstained, "reason": reason,
             "confidence_words": in_words(confidence, abstained),
             "spoken": spoken(row.get("caption") or "", confidence, abstained)}
@@ -219,7 +220,7 @@ class Confidence:
             else:
                 reason = ""
             out.append({"confidence": None if p is None else round(float(p), 4), "abstained": abstained,
-                        "reason": reason, "novelty": round(float(n), 4)})
+                        "reason": reason})
         return out
 
 
@@ -284,11 +285,13 @@ def precision_coverage(prob: np.ndarray, acceptable: np.ndarray, abstained: np.n
     return rows
 
 
-def leave_one_out_meteor(captions: list[list[str]], references: list[list[list[str]]]) -> tuple[np.ndarray, np.ndarray]:
-    """(each human caption's METEOR against the photo's other references, flattened; each
-    ``captions[i]``'s mean METEOR over the same sets of references), in one Java run."""
+def leave_one_out_meteor(captions: list[list[str]], references: list[list[list[str]]],
+                         with_people: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(each human caption's METEOR against the photo's other references, flattened, empty without
+    ``with_people``; each ``captions[i]``'s mean METEOR over the same sets of references), in one
+    Java run."""
     pairs, humans, owner = [], 0, []
-    for refs in references:
+    for refs in references if with_people else ():
         for j in range(len(refs)):
             if len(refs) > 1:
                 pairs.append((refs[j], refs[:j] + refs[j + 1:]))

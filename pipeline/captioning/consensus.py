@@ -166,8 +166,7 @@ class ConsensusScorer:
                                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per image, its captions' agreement with its neighbours' references and with the
         generic images' (each as ``score`` computes it before ``contrast``), in one pass."""
-        close, generic = self._agreement(captions, self._neighbourhood(features), self._generic(len(captions)))
-        return close, generic
+        return tuple(self._agreement(captions, self._neighbourhood(features), self._generic(len(captions))))
 
     def score(self, features: np.ndarray, captions: Sequence[Sequence[list[str]]]) -> list[np.ndarray]:
         """Per image, the consensus of each of its ``captions`` (lists of words): the CIDEr-D

@@ -38,25 +38,37 @@ def nltk_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) ->
     return {name: (0.0 if value < 1e-12 else value) for name, value in scores.items()}
 
 
-def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
-    """coco BLEU-4, METEOR, ROUGE-L and CIDEr (pycocoevalcap) on pre-tokenised captions."""
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+    """pycocoevalcap's METEOR 1.5 (Java) on prepared texts: (corpus score, per-item scores)."""
     if shutil.which("java") is None:
         raise JavaMissingError("METEOR needs Java (pycocoevalcap runs meteor-1.5.jar): install a "
                                "Java runtime, e.g. apt-get install openjdk-17-jre-headless")
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
 
-    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [" ".join(h) if h else "<empty>"] for i, h in enumerate(hypotheses)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     meteor = Meteor()
     try:
-        meteor_score, _ = meteor.compute_score(gts, res)
+        return meteor.compute_score(gts, res)
     finally:  # the wrapper has no close(); end the Java process now rather than at GC
         meteor.meteor_p.stdin.close()
         meteor.meteor_p.wait(timeout=60)
+
+
+def _coco_texts(references: list[list[list[str]]], hypotheses: list[list[str]]) -> tuple[dict, dict]:
+    """pycocoevalcap's inputs: references and hypotheses by item, joined (an empty one as <empty>)."""
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(h) if h else "<empty>"] for i, h in enumerate(hypotheses)}
+    return gts, res
+
+
+def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    """coco BLEU-4, METEOR, ROUGE-L and CIDEr (pycocoevalcap) on pre-tokenised captions."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _coco_texts(references, hypotheses)
+    meteor_score, _ = _meteor(gts, res)  # first: no Java, no scoring at all
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return {"coco_bleu4": float(bleu[3]), "meteor": float(meteor_score),
@@ -66,21 +78,9 @@ def coco_metrics(references: list[list[list[str]]], hypotheses: list[list[str]])
 def per_item_meteor(pairs: list[tuple[list[str], list[list[str]]]]) -> np.ndarray:
     """METEOR 1.5 (Java, as ``coco_metrics``) of each (hypothesis, its references) pair, all in
     one Java process."""
-    if shutil.which("java") is None:
-        raise JavaMissingError("METEOR needs Java (pycocoevalcap runs meteor-1.5.jar): install a "
-                               "Java runtime, e.g. apt-get install openjdk-17-jre-headless")
-    from pycocoevalcap.meteor.meteor import Meteor
-
     if not pairs:
         return np.zeros(0)
-    gts = {i: [" ".join(r) for r in refs] for i, (_, refs) in enumerate(pairs)}
-    res = {i: [" ".join(h) if h else "<empty>"] for i, (h, _) in enumerate(pairs)}
-    meteor = Meteor()
-    try:
-        _, scores = meteor.compute_score(gts, res)
-    finally:
-        meteor.meteor_p.stdin.close()
-        meteor.meteor_p.wait(timeout=60)
+    _, scores = _meteor(*_coco_texts([refs for _, refs in pairs], [h for h, _ in pairs]))
     return np.asarray(scores, np.float64)
 
 

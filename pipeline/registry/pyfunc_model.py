@@ -227,14 +227,20 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             notes = without_confidence(len(ranked), self.no_confidence)
         else:
             notes = self.confidence.describe(features, ranked, self.vocab.decode, beam)
-        out = []
-        for pool, note in zip(ranked, notes):
-            candidates = [{"caption": self.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
-                           **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
-                          for c in pool[:beam]]  # samples that lost are noise
-            out.append({"caption": candidates[0]["caption"], "candidates": candidates,
-                        "confidence": note["confidence"], "abstained": note["abstained"], "reason": note["reason"]})
-        return out
+        return with_candidates(self.vocab, ranked, beam, notes)
+
+
+def with_candidates(vocab, ranked: list, beam: int, notes: list[dict]) -> list[dict]:
+    """Each image's best ``beam`` candidates as the app shows them (text, score, consensus; the
+    samples that lost are noise), its caption, and its note on confidence."""
+    out = []
+    for pool, note in zip(ranked, notes):
+        candidates = [{"caption": vocab.decode(c.caption.tokens), "score": round(c.score, 4),
+                       **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
+                      for c in pool[:beam]]
+        out.append({"caption": candidates[0]["caption"], "candidates": candidates, "confidence": note["confidence"],
+                    "abstained": note["abstained"], "reason": note["reason"]})
+    return out
 
 
 def described(model, features: np.ndarray) -> list[dict]:
@@ -242,14 +248,10 @@ def described(model, features: np.ndarray) -> list[dict]:
     they are (its own chooser; no confidence, and the reason)."""
     if hasattr(model, "describe"):
         return model.describe(features)
-    out = []
-    for ranked in model.chooser.choose(features):
-        candidates = [{"caption": model.vocab.decode(c.caption.tokens), "score": round(c.score, 4),
-                       **({"consensus": round(c.consensus, 4)} if c.consensus is not None else {})}
-                      for c in ranked[:model.decoding.beam_size]]
-        out.append({"caption": candidates[0]["caption"], "candidates": candidates, "confidence": None,
-                    "abstained": False, "reason": "this model has no confidence calibration (registered before it existed)"})
-    return out
+    from pipeline.captioning.confidence import OLDER_MODEL, without_confidence
+
+    ranked = model.chooser.choose(features)
+    return with_candidates(model.vocab, ranked, model.decoding.beam_size, without_confidence(len(ranked), OLDER_MODEL))
 
 
 def signature_and_example(example_image: bytes):

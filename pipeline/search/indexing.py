@@ -109,13 +109,7 @@ def photo_files(folder: Path, refused: list[tuple[str, str]] | None = None) -> d
     return found
 
 
-def caption_features(model, features: np.ndarray) -> list[dict]:
-    """Per row of ``features``: caption, candidates, confidence, abstained, reason, chosen as the
-    model chooses for an upload."""
-    return described(model, features)
-
-
-def _described(photo: Photo, found: dict, identity: str) -> Photo:
+def _with_caption(photo: Photo, found: dict, identity: str) -> Photo:
     photo.caption, photo.candidates, photo.model, photo.indexed_at = found["caption"], found["candidates"], identity, _now()
     photo.confidence, photo.abstained, photo.reason = found["confidence"], found["abstained"], found["reason"]
     return photo
@@ -185,9 +179,9 @@ def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_si
         for lo in range(0, len(reusable), batch_size):
             chunk = store.by_ids(r.id for r in reusable[lo:lo + batch_size])
             photos = [p for p in chunk.values() if p.embedding is not None and p.status == "ok"]
-            for photo, found in zip(photos, caption_features(
+            for photo, found in zip(photos, described(
                     model, np.stack([p.embedding for p in photos])) if photos else []):
-                _described(photo, found, identity)
+                _with_caption(photo, found, identity)
             store.save(photos)
             report.recaptioned += len(photos)
             bar.update(len(reusable[lo:lo + batch_size]))
@@ -221,8 +215,8 @@ def _embed_and_save(batch, store: PhotoIndex, model, identity: str, digest: str,
             saved.append(Photo(rel, size, mtime, sha or "", "error", error, model=identity, indexed_at=_now()))
     if good:
         features = model.embed(np.stack(pixels))
-        for (rel, size, mtime, sha), vector, found in zip(good, features, caption_features(model, features)):
-            saved.append(_described(Photo(rel, size, mtime, sha, "ok", backbone=digest,
+        for (rel, size, mtime, sha), vector, found in zip(good, features, described(model, features)):
+            saved.append(_with_caption(Photo(rel, size, mtime, sha, "ok", backbone=digest,
                                           embedding=np.asarray(vector, np.float32)), found, identity))
     store.save(saved)
     return len(good)

@@ -80,9 +80,10 @@ def observe(models: StepModels, vocab: Vocabulary, captions: pd.DataFrame, image
     pools = chooser.choose(feats, progress=True)
     signals = conf.SignalMaker(neighbours, cfg.novelty_neighbours).signals(feats, pools, vocab.decode)
     texts = [vocab.decode(pool[0].caption.tokens) for pool in pools]
+    words = [t.split() for t in texts]
     log.info("scoring every %s caption, people's and the model's, by METEOR (Java)", split)
-    human, meteor = conf.leave_one_out_meteor([t.split() for t in texts], references)
-    cider = CiderD(references).score([t.split() for t in texts], range(len(texts)))
+    human, meteor = conf.leave_one_out_meteor(words, references)
+    cider = CiderD(references).score(words, range(len(texts)))
     return Observed(names, texts, signals, meteor, np.asarray(cider, np.float64), human, references)
 
 
@@ -161,7 +162,7 @@ def run(settings: Settings) -> dict:
         import mlflow
 
         mlflow.log_metrics({f"confidence_{k}": v for k, v in report.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for artifact in (paths.CONFIDENCE, paths.CONFIDENCE_REPORT, paths.RELIABILITY_PLOT):
             mlflow.log_artifact(str(artifact))
     precision = report["precision_at_default"]
