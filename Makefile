@@ -7,9 +7,18 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup browser app screenshots bench bench-quality bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
+.PHONY: run test setup exiftool browser app screenshots bench bench-quality bench-features bench-train bench-decode bench-serving bench-team airflow team ui lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) exiftool
+
+# `captioner tag` writes XMP with ExifTool (Debian's libimage-exiftool-perl): install it when
+# missing and this user may (root, or sudo without a password); otherwise say how.
+exiftool:
+	@command -v exiftool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "warning: exiftool not found and no root: captioner tag and its tests need it (apt-get install libimage-exiftool-perl)"; exit 0; fi; \
+	  echo "installing Debian's ExifTool for captioner tag"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends libimage-exiftool-perl >/dev/null; }
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: Python 3.11 is needed (found: $(PYTHON)); install it or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -22,14 +31,14 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 # Runs the whole pipeline on the embedded synthetic dataset (offline), then captions a few test images.
-run: $(STAMP)
+run: setup
 	$(BIN)/dvc repro
 	$(BIN)/python -m pipeline.ops.run_summary
 
 # Two pytest-xdist workers, a module at a time each (its fixtures built once): about half the
 # wall time on 2 cores, as the end-to-end tests spend much of theirs waiting on services.
 TEST_WORKERS ?= 2
-test: $(STAMP) browser
+test: $(STAMP) exiftool browser
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 # The browser tests drive Debian's chromium with Playwright (no browser download): install it

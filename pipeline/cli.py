@@ -5,6 +5,7 @@ serve the champion as a web app.
     captioner index ~/Photos [--db PATH]          # caption every photo with the champion
     captioner search "two dogs in the snow" [--limit 10] [--json] [--like PHOTO]
     captioner alt-text ./site [--review] [--apply [--yes] [--dry-run]]
+    captioner tag ~/Photos [--dry-run] [--sidecar] [--keep-mtime]   # alt text into each photo's XMP
     captioner app [--port 8000] [--poll-seconds 10] [--index PATH] [--no-feedback]
     captioner real-model --data ../shared/flickr8k_real [--promote]   # a champion of real photos, offline
 
@@ -389,6 +390,49 @@ def _apply(site: Path, review_path: Path, proposals, dry_run: bool) -> int:
     return 0 if not result.skipped else 1
 
 
+def tag(args: argparse.Namespace) -> int:
+    """Write the champion's captions into the photos' own XMP (see ``pipeline/alttext/tagging``)."""
+    from pipeline.alttext.tagging import tag_photos
+    from pipeline.data.photo_metadata import MetadataError
+
+    try:
+        settings = load_settings(args.params)
+    except ConfigError as err:
+        print(f"captioner: {err}", file=sys.stderr)
+        return 2
+    fields = None
+    if args.fields:
+        fields = [f.strip() for f in args.fields.split(",") if f.strip()]
+        unknown = [f for f in fields if f not in ("alt_text", "description")]
+        if unknown or not fields:
+            print(f"captioner: --fields takes alt_text and/or description, got {args.fields!r}", file=sys.stderr)
+            return 2
+    identity, model = _champion(args)
+    try:
+        report = tag_photos([Path(p).expanduser() for p in args.paths], model, identity, settings.tag,
+                            settings.alt_text, dry_run=args.dry_run, sidecar=args.sidecar,
+                            keep_mtime=args.keep_mtime, fields=fields, min_confidence=args.min_confidence,
+                            progress=not args.quiet)
+    except MetadataError as err:
+        print(f"captioner: {err}", file=sys.stderr)
+        return 2
+    for t in report.photos:
+        if args.json:
+            print(json.dumps({"file": t.path, "action": t.action, "detail": t.detail, "written_to": t.written_to,
+                              "confidence": t.confidence, "abstained": t.abstained,
+                              "confidence_words": t.confidence_words}), flush=True)
+            continue
+        number = "" if t.confidence is None else f" {t.confidence:.2f}"
+        sure = f"\t({t.confidence_words}{number})" if t.action in ("written", "would write", "unsure") else ""
+        line = f"{_one_field(t.path)}\t{t.action.upper()}\t{_one_field(t.detail)}{sure}"
+        print(line, file=sys.stderr if t.action == "error" else sys.stdout, flush=True)
+    counts = report.counts()
+    print(f"tagged with {identity}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+          + f" ({len(report.photos)} photos, {report.seconds:.1f} s)"
+          + (" - dry run, nothing written" if args.dry_run else ""), file=sys.stderr if args.json else sys.stdout)
+    return 1 if counts["error"] else 0
+
+
 def registry_args(parser: argparse.ArgumentParser) -> None:
     """Which registered model and tracking store a command uses."""
     parser.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
@@ -457,6 +501,29 @@ def main(argv: list[str] | None = None) -> None:
     alt.add_argument("--params", default="params.yaml", help="the conventions (alt_text.*) and model name")
     registry_args(alt)
     alt.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tg = sub.add_parser("tag", help="write the champion's caption into each photo's own metadata (XMP)",
+                        description="Write the champion's caption into each photo's XMP, where photo tools, content "
+                                    "systems and social media read it: IPTC's Alt Text (Accessibility) and, by tag.fields, "
+                                    "dc:description, with a record that a model wrote them (name, version, date, "
+                                    "confidence). A value a person wrote is never changed; a later champion rewrites "
+                                    "only what a model wrote, where its caption differs; a caption below "
+                                    "tag.min_confidence is not written. The image data and every other field are "
+                                    "kept; each write is atomic. Prints '<file>\\t<WRITTEN|WOULD WRITE|KEPT|UNCHANGED|"
+                                    "UNSURE|ERROR>\\t<text or why>'. Needs ExifTool (apt-get install "
+                                    "libimage-exiftool-perl).")
+    tg.add_argument("paths", nargs="+", help="photos and folders (walked recursively; links are not followed)")
+    tg.add_argument("--dry-run", action="store_true", help="say what would be written, write nothing")
+    tg.add_argument("--sidecar", action="store_true",
+                    help="for photos ExifTool cannot write into (BMP) and read-only ones: write photo.xmp beside them")
+    tg.add_argument("--keep-mtime", action="store_true", help="keep each photo's modification time")
+    tg.add_argument("--fields", default=None, metavar="LIST",
+                    help="comma-separated: alt_text, description (default: tag.fields)")
+    tg.add_argument("--min-confidence", type=probability, default=None, metavar="P",
+                    help="the confidence a caption needs to be written this run (default: tag.min_confidence)")
+    tg.add_argument("--json", action="store_true", help="one JSON object per photo")
+    tg.add_argument("--params", default="params.yaml", help="tag.* and alt_text.* settings (default: params.yaml)")
+    registry_args(tg)
+    tg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     app = sub.add_parser("app", help="serve a caption web page and JSON API over the champion",
                          description="A web page (drop photos, get captions) and POST /api/caption, "
                                      "GET /api/model, GET /healthz over models:/<name>@<alias>; the "
@@ -541,6 +608,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             sys.exit(alt_text(args))
         except (ReportedError, ValueError) as err:
+            print(f"captioner: {err}", file=sys.stderr)
+            sys.exit(1)
+    if args.command == "tag":
+        setup_logging(level=logging.WARNING)
+        try:
+            sys.exit(tag(args))
+        except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(1)
     if args.command in ("index", "search"):

@@ -320,6 +320,17 @@ class AltTextSettings(_Section):
     min_confidence: float = Field(ge=0, le=1)
 
 
+class TagSettings(_Section):
+    """``captioner tag``: what a photo's own metadata receives from the champion."""
+
+    # fields written (pipeline/data/photo_metadata.FIELDS): alt_text = Iptc4xmpCore:AltTextAccessibility,
+    # description = dc:description
+    fields: list[Literal["alt_text", "description"]] = Field(min_length=1)
+    min_confidence: float = Field(ge=0, le=1)  # below it (or abstained, or unknown) nothing is written
+    max_xmp_bytes: int = Field(ge=1024)  # a photo carrying more XMP than this is left alone
+    batch_size: int = Field(ge=1, le=512)  # photos captioned together
+
+
 class FeedbackSettings(_Section):
     """People's word on served captions: the store, its limits, and how corrections train."""
 
@@ -366,6 +377,7 @@ class Settings(_Section):
     register_: RegisterSettings = Field(alias="register")
     serving: ServingSettings
     alt_text: AltTextSettings
+    tag: TagSettings
     feedback: FeedbackSettings
     app: AppSettings
     mlflow: MlflowSettings

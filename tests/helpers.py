@@ -260,6 +260,23 @@ def chromium() -> str:
     return found
 
 
+def exiftool() -> str:
+    """ExifTool (Debian's libimage-exiftool-perl; `make setup` installs it where it may), the
+    reader the metadata tests check the project's writes with: skip without it, or fail with
+    CAPTIONER_REQUIRE_SERVICES=1 (CI)."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("exiftool")
+    if not found:
+        reason = "metadata test needs ExifTool (apt-get install libimage-exiftool-perl; `make setup` does it as root)"
+        if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
+        pytest.skip(reason)
+    return found
+
+
 def free_port() -> int:
     import socket
 

@@ -155,3 +155,28 @@ def check_image(path: Path, max_pixels: int | None) -> tuple[str, str]:
         return err.category, err.detail
     except (OSError, ValueError, SyntaxError) as err:
         return CORRUPT, str(err)
+
+
+def prefetched(items: list, source_of, size: int, max_pixels: int | None, batch_size: int, workers: int = 2):
+    """Yield ``(batch, pixels)`` for ``items`` ``batch_size`` at a time, where ``pixels[i]`` is the
+    (size, size, 3) array of ``source_of(batch[i])`` or the ``ImageError``/``OSError`` that kept it
+    from one. The next batch is read and decoded on ``workers`` threads while the caller works on
+    this one (PIL releases the GIL while it decodes), so photos reach the CNN at its own pace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(item):
+        try:
+            return load_rgb(source_of(item), size, max_pixels)
+        except (ImageError, OSError, ValueError) as err:
+            return err
+
+    batches = [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode") as pool:
+        pending = [pool.submit(load, item) for item in batches[0]]
+        for i, batch in enumerate(batches):
+            current = pending
+            if i + 1 < len(batches):
+                pending = [pool.submit(load, item) for item in batches[i + 1]]
+            yield batch, [f.result() for f in current]

@@ -17,12 +17,12 @@ import pandas as pd
 from pipeline.data.caption_text import clean_caption
 from pipeline.data.features_file import read_features
 from pipeline.data.flickr8k import parse_token_file, read_split_list
+from pipeline.data.photo_folder import PHOTO_SUFFIXES
 
 EMBEDDINGS = "mobilenet_v2_224.trainval.parquet"
 GRID = "mobilenet_v2_224_grid.trainval.parquet"
 PHOTOS = "dev_photos"
 SPLITS = ("train", "dev")
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class RealFolderError(ValueError):
