@@ -132,6 +132,7 @@ def caption(args: argparse.Namespace) -> int:
     from pipeline.captioning.confidence import said_of
 
     names = list(data)
+    person = _persons_alt_texts(names) if args.json else {}
     params = {"beam_size": args.beam} if args.beam else None
     # a request holds at most the model's serving.max_rows images: more files go in several
     step = getattr(getattr(model.unwrap_python_model(), "limits", None), "max_rows", 64)
@@ -148,11 +149,31 @@ def caption(args: argparse.Namespace) -> int:
                 else:
                     print(f"{name}\tERROR: {row['error']}", file=sys.stderr)
             elif args.json:
-                print(json.dumps({"file": name, "caption": row["caption"], **said}), flush=True)
+                extra = {"person_alt_text": person.get(name)} if person is not None else {}
+                print(json.dumps({"file": name, "caption": row["caption"], **said, **extra}), flush=True)
             else:
                 number = "" if said["confidence"] is None else f" {said['confidence']:.2f}"
                 print(f"{name}\t{said['spoken']}\t({said['confidence_words']}{number})", flush=True)
     return status
+
+
+def _persons_alt_texts(names: list[str]) -> dict[str, str] | None:
+    """file -> the alt text (or description) a person wrote into it, for the files that carry one;
+    None when ExifTool is not there to read them (the JSON then says nothing of it)."""
+    from pipeline.data.photo_metadata import MetadataError, PhotoMetadata
+
+    try:
+        with PhotoMetadata() as tool:
+            texts = tool.read([Path(n).expanduser() for n in names])
+    except MetadataError as err:
+        logging.getLogger("pipeline").warning("not reading the photos' own alt text: %s", err)
+        return None
+    found = {}
+    for name, text in zip(names, texts):
+        by_person = text.by_person()
+        if by_person:
+            found[name] = by_person.get("alt_text") or next(iter(by_person.values()))
+    return found
 
 
 def default_index() -> str:
@@ -456,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     cap.add_argument("--json", action="store_true",
                      help="one JSON object per photo: file, caption, confidence, confidence_words, abstained, "
-                          "reason (or file, error)")
+                          "reason, person_alt_text (the alt text a person already wrote into the photo, or null) "
+                          "(or file, error)")
     ind = sub.add_parser("index", help="caption every photo of a folder into a searchable index",
                          description="Caption every photo under DIR (JPEG, PNG, WebP; recursively) with the "
                                      "champion into a photo index. Again later, it does only what changed: "

@@ -176,7 +176,8 @@ def _writable_here(text: PhotoText) -> str:
     """Why the text cannot go into the photo itself ('' when it can)."""
     if text.file_type not in EMBEDDABLE:
         return f"ExifTool cannot write into {text.file_type.upper() or 'this'} files"
-    if not os.access(text.path, os.W_OK):
+    # the mode bits too: root may write anything, but a file marked read-only is meant to stay so
+    if not os.access(text.path, os.W_OK) or not text.path.stat().st_mode & 0o222:
         return "the file is read-only"
     if not os.access(text.path.parent, os.W_OK):
         return "its folder is read-only"

@@ -13,7 +13,13 @@ import pytest
 from PIL import Image, ImageCms
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline.data.photo_metadata import PhotoChanged, PhotoMetadata, sidecar_for, signature, xmp_problem
+from pipeline.data.photo_metadata import (
+    PhotoChanged,
+    PhotoMetadata,
+    sidecar_for,
+    signature,
+    xmp_problem,
+)
 from tests.helpers import exiftool
 
 RECORD = {"Model": "flickr8k-captioner", "ModelVersion": "3", "AltText": "A dog runs.", "Description": "A dog runs."}
