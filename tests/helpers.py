@@ -244,37 +244,32 @@ def require_services() -> None:
         pytest.skip(reason)
 
 
-def chromium() -> str:
-    """Debian's chromium for the browser tests (`make test` installs it where it may): skip
-    without it, or fail with CAPTIONER_REQUIRE_SERVICES=1 (CI)."""
+def installed(program: str, reason: str) -> str:
+    """The path of a program a test needs: skip without it (a laptop), or fail with
+    CAPTIONER_REQUIRE_SERVICES=1 (CI, where `make test` installs it)."""
     import shutil
 
     import pytest
 
-    found = shutil.which("chromium")
+    found = shutil.which(program)
     if not found:
-        reason = "browser test needs Debian's chromium (apt-get install chromium; `make test` does it as root)"
         if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
             pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
         pytest.skip(reason)
     return found
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser tests (`make test` installs it where it may)."""
+    return installed("chromium", "browser test needs Debian's chromium (apt-get install chromium; "
+                                 "`make test` does it as root)")
 
 
 def exiftool() -> str:
     """ExifTool (Debian's libimage-exiftool-perl; `make setup` installs it where it may), the
-    reader the metadata tests check the project's writes with: skip without it, or fail with
-    CAPTIONER_REQUIRE_SERVICES=1 (CI)."""
-    import shutil
-
-    import pytest
-
-    found = shutil.which("exiftool")
-    if not found:
-        reason = "metadata test needs ExifTool (apt-get install libimage-exiftool-perl; `make setup` does it as root)"
-        if os.environ.get("CAPTIONER_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason + " and CAPTIONER_REQUIRE_SERVICES=1")
-        pytest.skip(reason)
-    return found
+    reader the metadata tests check the project's writes with."""
+    return installed("exiftool", "metadata test needs ExifTool (apt-get install libimage-exiftool-perl; "
+                                 "`make setup` does it as root)")
 
 
 def free_port() -> int:
