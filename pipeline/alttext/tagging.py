@@ -36,6 +36,7 @@ from pipeline.data.images import prefetched
 from pipeline.data.photo_folder import PHOTO_SUFFIXES, photo_files, shown_name
 from pipeline.data.photo_metadata import (
     EMBEDDABLE,
+    RECORDED,
     MetadataError,
     PhotoMetadata,
     PhotoText,
@@ -119,8 +120,7 @@ def _record(identity: str, said: dict, values: dict[str, str]) -> dict[str, str]
               "ConfidenceWords": in_words(said["confidence"], said["abstained"])}
     if said["confidence"] is not None:
         record["Confidence"] = f"{said['confidence']:.3f}"
-    names = {"alt_text": "AltText", "description": "Description"}
-    record.update({names[f]: v for f, v in values.items()})
+    record.update({RECORDED[f]: v for f, v in values.items()})
     return record
 
 

@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import base64
 import glob
-import hashlib
 import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
+
+from pipeline.data.archives import sha256_of
 
 CONFIG = Path(__file__).with_name("exiftool.config")
 # field -> (ExifTool group, tag); every one a language alternative
@@ -111,11 +111,7 @@ def exiftool_path() -> str | None:
 
 def signature(path: Path) -> tuple:
     st = path.stat()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return st.st_size, st.st_mtime_ns, st.st_ino, digest.hexdigest()
+    return st.st_size, st.st_mtime_ns, st.st_ino, sha256_of(path)
 
 
 def xmp_problem(packet: bytes, max_bytes: int) -> str:
@@ -322,11 +318,3 @@ class PhotoMetadata:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-
-@contextmanager
-def opened(max_xmp_bytes: int = 1 << 20):
-    tool = PhotoMetadata(max_xmp_bytes)
-    try:
-        yield tool
-    finally:
-        tool.close()

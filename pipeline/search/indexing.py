@@ -19,7 +19,6 @@ walking the folder; links are followed only when they lead inside it (never outs
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.archives import sha256_of
 from pipeline.data.images import ImageError, load_rgb
 from pipeline.data.photo_folder import photo_files
 from pipeline.registry.pyfunc_model import described
@@ -58,14 +58,6 @@ class IndexReport:
     def summary(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "errors"}, "errors": len(self.errors),
                 "photos_per_s": round(self.photos_per_s, 2)}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _with_caption(photo: Photo, found: dict, identity: str) -> Photo:
