@@ -17,6 +17,7 @@ bytes (the caller owns this machine, so local paths are fine here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -211,13 +212,37 @@ def index(args: argparse.Namespace) -> int:
         return 1
     store = PhotoIndex(args.db)
     identity, model = _champion(args)
-    report = index_folder(folder, store, model, identity, args.batch, progress=not args.quiet)
+    with _metadata_reader() as metadata:
+        report = index_folder(folder, store, model, identity, args.batch, progress=not args.quiet, metadata=metadata)
     for path, error in report.errors:
-        print(f"{path}\tERROR: {error}", file=sys.stderr)
+        print(f"{_one_field(path)}\tERROR: {error}", file=sys.stderr)
+    for path, why in report.metadata_unread:
+        print(f"{_one_field(path)}\tWARNING: its own metadata was not read: {why}", file=sys.stderr)
     summary = report.summary()
     print(f"indexed {folder} with {identity} into {store.url}: " + ", ".join(
         f"{k} {v}" for k, v in summary.items() if k not in ("seconds",)) + f" ({summary['seconds']:.1f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _metadata_reader():
+    """An open ExifTool for reading what people wrote into photos, or None (with a warning) when
+    there is none: indexing goes on without it."""
+    from pipeline.config import TagSettings
+    from pipeline.data.photo_metadata import MetadataError, PhotoMetadata
+
+    try:
+        max_xmp = load_settings().tag.max_xmp_bytes
+    except ConfigError:
+        max_xmp = TagSettings().max_xmp_bytes
+    try:
+        tool = PhotoMetadata(max_xmp)
+    except MetadataError as err:
+        logging.getLogger("pipeline").warning("photos' own alt text and descriptions are not read: %s", err)
+        yield None
+        return
+    with tool:
+        yield tool
 
 
 def search(args: argparse.Namespace) -> int:
@@ -247,7 +272,10 @@ def search(args: argparse.Namespace) -> int:
     for hit in result.hits:  # one line per photo, whatever its name holds (tabs, line breaks)
         photo = hit.photo
         sure = in_words(photo.confidence, photo.abstained) + ("" if photo.confidence is None else f" {photo.confidence:.2f}")
-        print(f"{hit.score:.3f}\t{_one_field(str(root / photo.path))}\t{_one_field(photo.caption)}\t{sure}")
+        line = f"{hit.score:.3f}\t{_one_field(str(root / photo.path))}\t{_one_field(photo.caption)}\t{sure}"
+        if photo.person_text:  # a person's own words about the photo, marked as theirs
+            line += f"\t{'found in ' if hit.by_person else ''}{photo.person_field} by a person: {_one_field(photo.person_text)}"
+        print(line)
     if not result.hits:
         print("no photos found", file=sys.stderr)
     return 0
@@ -483,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
                          description="Caption every photo under DIR (JPEG, PNG, WebP; recursively) with the "
                                      "champion into a photo index. Again later, it does only what changed: "
                                      "new, changed, moved and deleted files, and a new champion (reusing the "
-                                     "stored CNN features when the CNN is the same).")
+                                     "stored CNN features when the CNN is the same). With ExifTool installed, the "
+                                     "alt text or description a person wrote into a photo is stored too, for search.")
     ind.add_argument("folder", help="the photo folder")
     ind.add_argument("--db", default=default_index(), help=f"the index: a file, or a SQLAlchemy URL "
                                                             f"(default: {default_index()})")
@@ -493,7 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     sea = sub.add_parser("search", help="find indexed photos by what is in them",
                          description="Print '<score>\\t<path>\\t<caption>\\t<how sure>' for the photos that best fit QUERY, best "
                                      "first, ranked by the caption model's own likelihood of the query (default), "
-                                     "full-text BM25 over the stored captions, or a blend of the two.")
+                                     "full-text BM25 over the stored captions, or a blend of the two. Photos "
+                                     "whose own alt text or description, as a person wrote it into the photo, "
+                                     "holds every word come first, with a fifth field: '<field> by a person: <text>'.")
     sea.add_argument("query", nargs="?", default="", help="what is in the photos you want, in English")
     sea.add_argument("--like", metavar="PHOTO", help="instead: photos that look like PHOTO (CNN features)")
     sea.add_argument("--limit", type=positive, default=10, help="how many photos (default: 10)")
@@ -619,7 +650,8 @@ def main(argv: list[str] | None = None) -> None:
                   for text in (args.trusted_proxies, args.allowed_hosts)]
         try:
             sys.exit(serve(name, args.alias, args.host, args.port, args.poll_seconds, settings.app, args.index,
-                           feedback, trusted_proxies=listed[0], extra_hosts=listed[1]))
+                           feedback, trusted_proxies=listed[0], extra_hosts=listed[1], tag=settings.tag,
+                           alt_text=settings.alt_text))
         except ReportedError as err:
             print(f"captioner: {err}", file=sys.stderr)
             sys.exit(2)

@@ -172,6 +172,27 @@ def tag_photos(paths: list[Path], model, identity: str, cfg: TagSettings, alt_cf
     return report
 
 
+MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "tif": "image/tiff"}
+
+
+def tag_upload(tool: PhotoMetadata, data: bytes, name: str, said: dict, identity: str, cfg: TagSettings,
+               alt_cfg: AltTextSettings) -> tuple[bytes, Tagged, str]:
+    """An uploaded photo (``data``, called ``name``) with ``said`` (the model's caption and how
+    sure it is) written in as ``captioner tag`` would: (the photo's bytes, what happened, its
+    file type). The bytes are the upload's own unless something was written."""
+    with tool.private_copy(data) as path:
+        (text,) = tool.read([path], for_writing=True)
+        if not text.problem and text.file_type not in EMBEDDABLE:
+            done = Tagged(name, "error", f"a {text.file_type.upper() or 'file of this'} kind cannot carry alt text: "
+                                         "send JPEG, PNG, WebP, GIF or TIFF")
+        else:
+            done = (_before_captioning(text, identity, cfg.fields, sidecar=False)
+                    or _write(tool, text, said, identity, cfg.fields, cfg.min_confidence, alt_cfg,
+                              dry_run=False, sidecar=False, keep_mtime=False))
+        done.path, done.written_to = name, name if done.written_to else ""
+        return (path.read_bytes() if done.action == "written" else data), done, text.file_type
+
+
 def _writable_here(text: PhotoText) -> str:
     """Why the text cannot go into the photo itself ('' when it can)."""
     if text.file_type not in EMBEDDABLE:

@@ -9,6 +9,10 @@ logged while the old one keeps serving. Routes:
 * ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file: the
   caption, its candidates, how sure the model is (``confidence``, ``confidence_words``,
   ``abstained`` and its ``reason``) and ``spoken``, the caption as a reader should take it;
+* ``POST /api/photo-with-alt-text``: one photo (field ``file``) -> the same photo with the
+  champion's caption written into its own XMP (IPTC alt text, by ``tag.fields``), as
+  ``captioner tag`` writes it: "Download with alt text". Nothing else in the file changes; an
+  unsure caption is not written (422, with the reason), a person's alt text is kept as it is;
 * ``GET /api/model``: the version in use; ``GET /healthz``;
 * with ``--index PATH``: ``GET /api/search?q=`` (photos of the index, best first) and
   ``GET /api/photo?path=`` (a thumbnail of an indexed photo, and only of one);
@@ -24,10 +28,13 @@ Who may do what (owner tokens, the operator's credential, origins, hosts, proxie
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
+from pipeline.alttext.tagging import MEDIA_TYPES
 from pipeline.app.access import (
     OWNER_COOKIE,
     OperatorCredential,
@@ -41,10 +48,12 @@ from pipeline.app.access import (
 )
 from pipeline.app.hot_swap import ChampionHolder, Served
 from pipeline.captioning.confidence import said_of
-from pipeline.config import AppSettings
+from pipeline.config import AltTextSettings, AppSettings, TagSettings
+from pipeline.data.photo_metadata import MetadataError
 from pipeline.errors import ReportedError
 
 FEEDBACK_PATH = "/api/feedback"
+ALT_TEXT_PATH = "/api/photo-with-alt-text"
 
 log = logging.getLogger("pipeline.app")
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -66,6 +75,8 @@ class BodyLimit:
         limits = served.model.limits
         if path.startswith(FEEDBACK_PATH):  # one photo, in base64, and a few short fields
             return (limits.max_image_bytes + 2) // 3 * 4 + 65_536
+        if path == ALT_TEXT_PATH:  # one photo
+            return limits.max_image_bytes + 65_536
         return limits.max_rows * (limits.max_image_bytes + 65_536)  # + multipart headers
 
     async def __call__(self, scope, receive, send):
@@ -145,6 +156,30 @@ class PhotoSearch:
 THUMBNAIL_SIZE = 320
 
 
+class AltTextWriter:
+    """One ExifTool for the app's downloads, started at the first one, one download at a time."""
+
+    def __init__(self, tag: TagSettings, alt_text: AltTextSettings):
+        self.tag_cfg, self.alt_cfg = tag, alt_text
+        self._tool = None
+        self._lock = threading.Lock()
+
+    def tag(self, data: bytes, name: str, said: dict, identity: str):
+        from pipeline.alttext.tagging import tag_upload
+        from pipeline.data.photo_metadata import PhotoMetadata
+
+        with self._lock:
+            if self._tool is None:
+                self._tool = PhotoMetadata(self.tag_cfg.max_xmp_bytes)
+            return tag_upload(self._tool, data, name, said, identity, self.tag_cfg, self.alt_cfg)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tool is not None:
+                self._tool.close()
+                self._tool = None
+
+
 class RequestGuard:
     """ASGI middleware, before any route: a ``Host`` the app does not answer is refused (400: DNS
     rebinding), and so is a state-changing request from a page of another origin (403)."""
@@ -173,11 +208,13 @@ async def _answer(send, status: int, detail: str) -> None:
 
 def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSettings,
                photos: PhotoSearch | None = None, desk=None, operator: OperatorCredential | None = None,
-               hosts: list[str] | None = None):
+               hosts: list[str] | None = None, tag: TagSettings | None = None,
+               alt_text: AltTextSettings | None = None):
     """The FastAPI app; the poller runs while the app does. ``limits``: requests per client
     address. With ``photos``, also search; with ``desk`` (a FeedbackDesk), caption ids, traces and
     feedback; ``operator`` (default: none) may list and take back anyone's feedback; ``hosts``:
-    the Host headers answered (default: any)."""
+    the Host headers answered (default: any); ``tag`` and ``alt_text``: how captions are written
+    into downloaded photos (params ``tag.*``, ``alt_text.*``; without them, no such downloads)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, File, Header, HTTPException, Query, Request, UploadFile
@@ -191,6 +228,7 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
 
     operator = operator or OperatorCredential(None)
     caption_limit = RateLimit(limits.max_captions_per_minute)
+    writer = AltTextWriter(tag, alt_text) if tag is not None and alt_text is not None else None
 
     class FeedbackBody(BaseModel):
         caption_id: str = Field(min_length=1, max_length=64, description="from a caption's result")
@@ -211,6 +249,8 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
         poller.join(timeout=poll_seconds + 5)
         if desk is not None:
             desk.close()
+        if writer is not None:
+            writer.close()
 
     app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
     app.add_middleware(BodyLimit, champion=champion)
@@ -253,12 +293,40 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
         return {**served.info, "alias": champion.alias, "poll_seconds": poll_seconds,
                 "last_error": champion.last_error}
 
-    @app.post("/api/caption")
-    def caption(request: Request, file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+    def limited(request: Request) -> None:
         if not caption_limit.allow(client_address(request)):
             raise HTTPException(429, f"more than {limits.max_captions_per_minute} caption requests a minute from "
                                      "this address (app.max_captions_per_minute): try again in a minute",
                                 headers={"Retry-After": "60"})
+
+    @app.post(ALT_TEXT_PATH)
+    def photo_with_alt_text(request: Request, file: UploadFile = File(..., description="one photo")):
+        """The photo back with the champion's caption as its own alt text (a download)."""
+        if writer is None:
+            raise HTTPException(404, "this app writes no alt text into photos (started without tag.* settings)")
+        limited(request)
+        served = serving()
+        data = file.file.read(served.model.limits.max_image_bytes + 1)
+        (said,) = served.model.caption_images([data])
+        if said.get("error"):
+            raise HTTPException(422, f"{file.filename}: {said['error']}")
+        identity = f"{served.info['name']}/{served.info['version']}"
+        try:
+            body, done, file_type = writer.tag(data, file.filename or "photo", said, identity)
+        except MetadataError as err:
+            raise HTTPException(503, f"this server cannot write photo metadata: {err}") from None
+        if done.action not in ("written", "unchanged", "kept"):
+            raise HTTPException(422, f"no alt text written: {done.detail}")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(file.filename or "photo").stem)[:80].strip("._") or "photo"
+        return Response(body, media_type=MEDIA_TYPES.get(file_type, "application/octet-stream"), headers={
+            "Content-Disposition": f'attachment; filename="{stem}-alt-text.{file_type}"',
+            "X-Alt-Text-Action": done.action,  # written | unchanged (already so) | kept (a person's, left as is)
+            "X-Alt-Text": quote(done.detail if done.action == "written" else "", safe=" .,;:!?'-"),
+            "X-Confidence-Words": said_of(said)["confidence_words"]})
+
+    @app.post("/api/caption")
+    def caption(request: Request, file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+        limited(request)
         served = serving()
         model_limits = served.model.limits
         if len(file) > model_limits.max_rows:
@@ -379,7 +447,8 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
 
 def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, limits: AppSettings,
           index: str | None = None, feedback=None, trusted_proxies: list[str] | None = None,
-          extra_hosts: list[str] | None = None) -> int:
+          extra_hosts: list[str] | None = None, tag: TagSettings | None = None,
+          alt_text: AltTextSettings | None = None) -> int:
     """Run the app; ``feedback`` (FeedbackSettings, None = off) opens the feedback store;
     ``trusted_proxies``: addresses whose X-Forwarded-For is believed (default: none);
     ``extra_hosts``: Host headers answered besides the defaults (``access.allowed_hosts``)."""
@@ -421,7 +490,8 @@ def serve(name: str, alias: str, host: str, port: int, poll_seconds: float, limi
              champion.current.info["version"], host, port, alias, poll_seconds,
              "; operator credential set" if operator.configured else "",
              f"; proxy headers believed from {', '.join(trusted_proxies)}" if trusted_proxies else "")
-    app = create_app(champion, poll_seconds, limits, photos, desk, operator, allowed_hosts(host, extra_hosts or []))
+    app = create_app(champion, poll_seconds, limits, photos, desk, operator, allowed_hosts(host, extra_hosts or []),
+                     tag, alt_text)
     config = uvicorn.Config(app, log_level="warning", proxy_headers=bool(trusted_proxies),
                             forwarded_allow_ips=trusted_proxies or [])
     uvicorn.Server(config).run(sockets=[sock])

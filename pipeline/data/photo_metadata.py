@@ -28,6 +28,7 @@ permissions (and times, with ``keep_mtime``) and is renamed over it: a crash lea
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import os
 import re
@@ -306,15 +307,15 @@ class PhotoMetadata:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def embedded_copy(self, data: bytes, suffix: str, values: dict[str, str], record: dict[str, str]) -> bytes:
-        """The image ``data`` with ``values`` and ``record`` written into it (nothing else changed)."""
+    @contextlib.contextmanager
+    def private_copy(self, data: bytes):
+        """A path to a private copy of ``data`` (an uploaded photo) to read and write like any
+        photo, gone when the block ends. It has no suffix: ExifTool goes by the content, and
+        ``PhotoText.file_type`` says what that is."""
         work = Path(tempfile.mkdtemp(dir=self._links))
         try:
-            source = work / f"in{suffix}"
-            source.write_bytes(data)
-            text = PhotoText(source, signature=signature(source))
-            self.write(text, values, record)
-            return source.read_bytes()
+            path = work / "upload"
+            path.write_bytes(data)
+            yield path
         finally:
             shutil.rmtree(work, ignore_errors=True)
-

@@ -12,7 +12,10 @@ Incremental, and each step costs only what changed:
   (``BackboneFolder.digest``) the stored embeddings are reused and only the decoder runs.
 
 Photos are embedded and captioned ``batch_size`` at a time, each batch committed on its own, so
-a killed run keeps what it finished and the next run goes on from there. Files are found by
+a killed run keeps what it finished and the next run goes on from there; the next batch is read
+and decoded on threads while the CNN works on this one (``prefetched``). With ExifTool at hand,
+each photo's own metadata is read too: alt text or a description that a person (not a model, see
+``pipeline.data.photo_metadata``) wrote into it is stored beside the caption, for search. Files are found by
 walking the folder; links are followed only when they lead inside it (never outside the folder).
 """
 
@@ -28,8 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.archives import sha256_of
-from pipeline.data.images import ImageError, load_rgb
+from pipeline.data.images import prefetched
 from pipeline.data.photo_folder import photo_files
+from pipeline.data.photo_metadata import PhotoMetadata
 from pipeline.registry.pyfunc_model import described
 from pipeline.search.photo_index import Photo, PhotoIndex, PhotoIndexError
 
@@ -48,6 +52,8 @@ class IndexReport:
     recaptioned: int = 0  # only the decoder ran: the stored embedding was reused
     embedded: int = 0  # the CNN ran
     errors: list[tuple[str, str]] = field(default_factory=list)
+    described_by_person: int = 0  # photos with alt text or a description a person wrote into them
+    metadata_unread: list[tuple[str, str]] = field(default_factory=list)  # photos whose XMP was left alone, and why
     seconds: float = 0.0
 
     @property
@@ -56,7 +62,8 @@ class IndexReport:
         return done / self.seconds if self.seconds > 0 else float("nan")
 
     def summary(self) -> dict:
-        return {**{k: v for k, v in self.__dict__.items() if k != "errors"}, "errors": len(self.errors),
+        return {**{k: v for k, v in self.__dict__.items() if k not in ("errors", "metadata_unread")},
+                "errors": len(self.errors), "metadata_unread": len(self.metadata_unread),
                 "photos_per_s": round(self.photos_per_s, 2)}
 
 
@@ -70,10 +77,14 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+PERSON_FIELDS = ("alt_text", "extended_description", "description")  # the first a person wrote is stored
+
+
 def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_size: int,
-                 progress: bool = True) -> IndexReport:
+                 progress: bool = True, metadata: PhotoMetadata | None = None) -> IndexReport:
     """Bring ``store`` up to date with the photos under ``folder`` and the captions ``model``
-    (a loaded ``CaptionModel``, registered as ``identity`` = name/version) writes for them."""
+    (a loaded ``CaptionModel``, registered as ``identity`` = name/version) writes for them;
+    ``metadata`` (an open ExifTool) also reads what a person wrote into each photo."""
     start = time.perf_counter()
     root = folder.expanduser().resolve()
     if not root.is_dir():
@@ -139,9 +150,9 @@ def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_si
             work += [(p.path, root / p.path, p.size, p.mtime_ns, p.sha256) for p in chunk.values()
                      if p.embedding is None or p.status != "ok"]
         work += [(r.path, root / r.path, r.size, r.mtime_ns, r.sha256) for r in stale if r.backbone != digest]
-        for lo in range(0, len(work), batch_size):
-            batch = work[lo:lo + batch_size]
-            report.embedded += _embed_and_save(batch, store, model, identity, digest, report)
+        for batch, pixels in prefetched(work, _readable, model.spec.image_size, model.limits.max_image_pixels,
+                                        batch_size):
+            report.embedded += _embed_and_save(batch, pixels, store, model, identity, digest, report, metadata)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -150,24 +161,50 @@ def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_si
     return report
 
 
-def _embed_and_save(batch, store: PhotoIndex, model, identity: str, digest: str, report: IndexReport) -> int:
-    """Decode, embed and caption one batch; unreadable files become error rows. Returns how
-    many photos the CNN embedded."""
-    pixels, good, saved = [], [], []
-    for rel, path, size, mtime, sha in batch:
-        try:
-            if not sha:
-                raise OSError("the file cannot be read")
-            pixels.append(load_rgb(path, model.spec.image_size, model.limits.max_image_pixels))
-            good.append((rel, size, mtime, sha))
-        except (ImageError, OSError, ValueError) as err:
-            error = str(err).splitlines()[0]
+def _readable(item) -> Path:
+    rel, path, size, mtime, sha = item
+    if not sha:
+        raise OSError("the file cannot be read")
+    return path
+
+
+def _embed_and_save(batch, pixels, store: PhotoIndex, model, identity: str, digest: str, report: IndexReport,
+                    metadata: PhotoMetadata | None) -> int:
+    """Embed and caption one decoded batch; files that could not be read or decoded become error
+    rows. Returns how many photos the CNN embedded."""
+    good, saved = [], []
+    for (rel, path, size, mtime, sha), image in zip(batch, pixels):
+        if isinstance(image, np.ndarray):
+            good.append((rel, path, size, mtime, sha, image))
+        else:
+            error = str(image).splitlines()[0]
             report.errors.append((rel, error))
             saved.append(Photo(rel, size, mtime, sha or "", "error", error, model=identity, indexed_at=_now()))
     if good:
-        features = model.embed(np.stack(pixels))
-        for (rel, size, mtime, sha), vector, found in zip(good, features, described(model, features)):
-            saved.append(_with_caption(Photo(rel, size, mtime, sha, "ok", backbone=digest,
-                                          embedding=np.asarray(vector, np.float32)), found, identity))
+        written = _persons_words(metadata, [g[1] for g in good], [g[0] for g in good], report)
+        features = model.embed(np.stack([g[5] for g in good]))
+        for (rel, _, size, mtime, sha, _), vector, found, (field_name, text) in zip(
+                good, features, described(model, features), written):
+            photo = Photo(rel, size, mtime, sha, "ok", backbone=digest, embedding=np.asarray(vector, np.float32),
+                          person_text=text, person_field=field_name)
+            saved.append(_with_caption(photo, found, identity))
     store.save(saved)
     return len(good)
+
+
+def _persons_words(metadata: PhotoMetadata | None, paths: list[Path], names: list[str],
+                   report: IndexReport) -> list[tuple[str, str]]:
+    """(field, text) a person wrote into each photo, ('', '') where none did (or no ExifTool)."""
+    if metadata is None:
+        return [("", "")] * len(paths)
+    out = []
+    for name, text in zip(names, metadata.read(paths)):
+        if text.problem:
+            report.metadata_unread.append((name, text.problem))
+            out.append(("", ""))
+            continue
+        person = text.by_person()
+        chosen = next((f for f in PERSON_FIELDS if person.get(f)), "")
+        out.append((chosen, person.get(chosen, "")))
+        report.described_by_person += bool(chosen)
+    return out

@@ -6,12 +6,15 @@ the model that wrote them (``name/version``) with its backbone's digest (so a ne
 the same CNN reuses the embeddings), and how sure that model was (``confidence``, null for a model
 without one; ``abstained`` and the ``reason`` when the photo is unlike what it learnt from). A
 photo that could not be read keeps its error instead. An index made before the confidence columns
-existed gains them (empty) when it is opened.
+existed gains them (empty) when it is opened. Beside the model's caption: the alt text or
+description a person wrote into the photo's own metadata (``person_text``, and its field), kept
+apart from the model's words so that search can say whose words it found.
 
 Full-text search over the captions and candidates: SQLite's FTS5 with its BM25 ranking, or
 PostgreSQL's own text search (``ts_rank_cd``) on a ``tsvector`` column with a GIN index. Queries
 reach either as words of ``clean_caption`` (letters a-z only), never as the engines' query
-syntax, so quotes, ``*`` or ``NEAR`` in a user's query are just text.
+syntax, so quotes, ``*`` or ``NEAR`` in a user's query are just text. A person's words are also
+searched on their own (``person_fts`` / ``person_words``), for the photos a person described.
 
 Tables are made by SQLAlchemy Core (``metadata.create_all``) the first time an index is opened;
 the FTS5 table by its own DDL, as SQLAlchemy has no construct for virtual tables.
@@ -52,10 +55,14 @@ photos = sa.Table(
     sa.Column("confidence", sa.Float, nullable=True),  # calibrated probability the caption is acceptable
     sa.Column("abstained", sa.Boolean, nullable=False, default=False),
     sa.Column("reason", sa.Text, nullable=False, default=""),
+    # what a person wrote into the photo's own metadata (XMP alt text or description), and which field
+    sa.Column("person_text", sa.Text, nullable=False, default=""),
+    sa.Column("person_field", sa.String(32), nullable=False, default=""),
 )
 # columns added since the first indexes were made: (name, DDL type and default)
 ADDED_COLUMNS = (("confidence", "FLOAT"), ("abstained", "BOOLEAN NOT NULL DEFAULT FALSE"),
-                 ("reason", "TEXT NOT NULL DEFAULT ''"))
+                 ("reason", "TEXT NOT NULL DEFAULT ''"), ("person_text", "TEXT NOT NULL DEFAULT ''"),
+                 ("person_field", "VARCHAR(32) NOT NULL DEFAULT ''"))
 index_meta = sa.Table("index_meta", metadata,
                       sa.Column("key", sa.String(64), primary_key=True),
                       sa.Column("value", sa.Text, nullable=False))
@@ -66,7 +73,8 @@ class PhotoIndexError(ReportedError):
 
 
 def _ours(table: str) -> bool:
-    return table in ("photos", "index_meta", "photos_fts") or table.startswith("photos_fts_")
+    return (table in ("photos", "index_meta", "photos_fts", "person_fts")
+            or table.startswith(("photos_fts_", "person_fts_")))
 
 
 def damaged(url: str, err: BaseException) -> PhotoIndexError:
@@ -99,11 +107,13 @@ class Photo:
     confidence: float | None = None
     abstained: bool = False
     reason: str = ""
+    person_text: str = ""  # alt text or description a person wrote into the photo ('' = none)
+    person_field: str = ""  # which field it came from: alt_text, extended_description, description
 
     @property
     def words(self) -> str:
-        """What full-text search reads: the caption and every candidate."""
-        return " ".join([self.caption, *(c["caption"] for c in self.candidates)])
+        """What full-text search reads: the caption, every candidate and what a person wrote."""
+        return " ".join([self.caption, *(c["caption"] for c in self.candidates), self.person_text])
 
 
 class IndexedFile(NamedTuple):
@@ -121,11 +131,12 @@ def fts_words(query: str) -> list[str]:
     return clean_caption(query).split()
 
 
-def _row_to_photo(row) -> Photo:
-    emb = np.frombuffer(row.embedding, dtype=np.float32).copy() if row.embedding is not None else None
+def _row_to_photo(row, with_embedding: bool = True) -> Photo:
+    emb = (np.frombuffer(row.embedding, dtype=np.float32).copy()
+           if with_embedding and row.embedding is not None else None)
     return Photo(row.path, row.size, row.mtime_ns, row.sha256, row.status, row.error, row.caption,
                  json.loads(row.candidates), row.model, row.backbone, emb, row.indexed_at, row.id,
-                 row.confidence, bool(row.abstained), row.reason)
+                 row.confidence, bool(row.abstained), row.reason, row.person_text, row.person_field)
 
 
 class PhotoIndex:
@@ -168,9 +179,11 @@ class PhotoIndex:
                 if self.dialect == "sqlite":
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     conn.exec_driver_sql("CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(words)")
+                    conn.exec_driver_sql("CREATE VIRTUAL TABLE IF NOT EXISTS person_fts USING fts5(words)")
                 elif self.dialect == "postgresql":
-                    conn.exec_driver_sql("ALTER TABLE photos ADD COLUMN IF NOT EXISTS words tsvector")
-                    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS photos_words ON photos USING gin(words)")
+                    for column in ("words", "person_words"):
+                        conn.exec_driver_sql(f"ALTER TABLE photos ADD COLUMN IF NOT EXISTS {column} tsvector")
+                        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS photos_{column} ON photos USING gin({column})")
                 conn.execute(sa.text("SELECT 1 FROM photos LIMIT 1"))
         except sa.exc.SQLAlchemyError as err:
             raise damaged(self.safe_url, err) from None
@@ -199,11 +212,7 @@ class PhotoIndex:
         cols = [c for c in photos.c if with_embeddings or c.name != "embedding"]
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(*cols).order_by(photos.c.id)).all()
-        if not with_embeddings:
-            return [Photo(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.error, r.caption,
-                          json.loads(r.candidates), r.model, r.backbone, None, r.indexed_at, r.id,
-                          r.confidence, bool(r.abstained), r.reason) for r in rows]
-        return [_row_to_photo(r) for r in rows]
+        return [_row_to_photo(r, with_embeddings) for r in rows]
 
     def by_ids(self, ids: Iterable[int]) -> dict[int, Photo]:
         ids = list(ids)
@@ -230,14 +239,16 @@ class PhotoIndex:
                           "embedding": None if photo.embedding is None else
                           np.ascontiguousarray(photo.embedding, np.float32).tobytes(),
                           "indexed_at": photo.indexed_at, "confidence": photo.confidence,
-                          "abstained": bool(photo.abstained), "reason": photo.reason}
+                          "abstained": bool(photo.abstained), "reason": photo.reason,
+                          "person_text": photo.person_text, "person_field": photo.person_field}
                 existing = conn.execute(sa.select(photos.c.id).where(photos.c.path == photo.path)).scalar()
                 if existing is None:
                     existing = conn.execute(sa.insert(photos).values(**values)).inserted_primary_key[0]
                 else:
                     conn.execute(sa.update(photos).where(photos.c.id == existing).values(**values))
                 photo.id = existing
-                self._set_words(conn, existing, photo.words if photo.status == "ok" else "")
+                self._set_words(conn, existing, photo.words if photo.status == "ok" else "",
+                                photo.person_text if photo.status == "ok" else "")
 
     def move(self, photo_id: int, path: str, size: int, mtime_ns: int) -> None:
         """A file that moved (same content): the row follows it, nothing is recomputed."""
@@ -253,15 +264,19 @@ class PhotoIndex:
             if self.dialect == "sqlite":
                 for photo_id in ids:
                     conn.execute(sa.text("DELETE FROM photos_fts WHERE rowid = :id"), {"id": photo_id})
+                    conn.execute(sa.text("DELETE FROM person_fts WHERE rowid = :id"), {"id": photo_id})
 
-    def _set_words(self, conn, photo_id: int, words: str) -> None:
-        text = " ".join(fts_words(words))
+    def _set_words(self, conn, photo_id: int, words: str, person: str) -> None:
+        text, person = " ".join(fts_words(words)), " ".join(fts_words(person))
         if self.dialect == "sqlite":
-            conn.execute(sa.text("DELETE FROM photos_fts WHERE rowid = :id"), {"id": photo_id})
-            conn.execute(sa.text("INSERT INTO photos_fts(rowid, words) VALUES (:id, :w)"), {"id": photo_id, "w": text})
+            for table, value in (("photos_fts", text), ("person_fts", person)):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE rowid = :id"), {"id": photo_id})
+                if value:
+                    conn.execute(sa.text(f"INSERT INTO {table}(rowid, words) VALUES (:id, :w)"), {"id": photo_id, "w": value})
         else:
-            conn.execute(sa.text("UPDATE photos SET words = to_tsvector('english', :w) WHERE id = :id"),
-                         {"id": photo_id, "w": text})
+            conn.execute(sa.text("UPDATE photos SET words = to_tsvector('english', :w), "
+                                 "person_words = to_tsvector('english', :p) WHERE id = :id"),
+                         {"id": photo_id, "w": text, "p": person})
 
     # -- search ----------------------------------------------------------------------------------
     def text_search(self, query: str, limit: int) -> list[tuple[int, float]]:
@@ -281,6 +296,20 @@ class PhotoIndex:
                 "SELECT id, ts_rank_cd(words, q) AS score FROM photos, to_tsquery('english', :q) q "
                 "WHERE words @@ q ORDER BY score DESC LIMIT :n"), {"q": tsquery, "n": limit})
             return [(int(r[0]), float(r[1])) for r in rows]
+
+    def person_search(self, query: str) -> set[int]:
+        """The photos whose own metadata, as a person wrote it, holds every word of ``query``."""
+        words = list(dict.fromkeys(fts_words(query)))
+        if not words:
+            return set()
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                rows = conn.execute(sa.text("SELECT rowid FROM person_fts WHERE person_fts MATCH :q"),
+                                    {"q": " AND ".join(f'"{w}"' for w in words)})
+            else:
+                rows = conn.execute(sa.text("SELECT id FROM photos WHERE person_words @@ to_tsquery('english', :q)"),
+                                    {"q": " & ".join(words)})
+            return {int(r[0]) for r in rows}
 
     def embeddings(self) -> tuple[list[int], np.ndarray, list[str]]:
         """(ids, (N, D) float32, the digest of the CNN that embedded each) of every photo indexed

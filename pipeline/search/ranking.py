@@ -14,6 +14,10 @@ Which one is the default was measured on real Flickr8k dev (``benchmarks/bench_s
 it scores only a shortlist: the photos full-text search finds, and the ones whose CNN features
 are closest to those of the best of them (what that costs in recall is in the same report).
 
+Whatever the ranking, a photo whose own alt text or description, as a person wrote it into the
+photo (``captioner index`` reads it), holds every word of the query comes first: a person who
+looked at the photo is surer than the model. Such hits are marked as found in a person's words.
+
 Query words the model does not know are left out of the likelihood, with a note; a query of
 none but unknown words falls back to full-text search.
 """
@@ -40,6 +44,7 @@ LIKELIHOOD_BATCH = 4096  # photos scored together (rows x vocabulary floats per 
 class Hit:
     photo: Photo
     score: float
+    by_person: bool = False  # found in what a person wrote into the photo, not in the model's caption
 
 
 @dataclass
@@ -53,8 +58,16 @@ class SearchResult:
         return {"query": self.query, "ranking": self.ranking, "notes": self.notes,
                 "results": [{"path": h.photo.path, "score": round(h.score, 4), "caption": h.photo.caption,
                              **said_of({"caption": h.photo.caption, "confidence": h.photo.confidence,
-                                        "abstained": h.photo.abstained, "reason": h.photo.reason})}
+                                        "abstained": h.photo.abstained, "reason": h.photo.reason}),
+                             "person": person_written(h.photo), "found_in_person_text": h.by_person}
                             for h in self.hits]}
+
+
+def person_written(photo: Photo) -> dict | None:
+    """What a person wrote into the photo's own metadata, marked as theirs (None when nothing)."""
+    if not photo.person_text:
+        return None
+    return {"field": photo.person_field, "text": photo.person_text, "written_by": "a person"}
 
 
 def query_ids(query: str, vocab) -> tuple[list[int], list[str], list[str]]:
@@ -151,14 +164,22 @@ class Searcher:
             else:
                 liked = self.likelihood(ids, text, shortlist, result.notes)
                 scores = liked if ranking == "likelihood" else fuse(liked, text)
+        # a photo whose own description, as a person wrote it, holds every word of the query
+        # comes first: a person's words about the photo beat any model's
+        person = self.store.person_search(query)
+        for pid in person:
+            scores.setdefault(pid, text.get(pid, 0.0))
+        if person:
+            result.notes.append(f"{len(person)} photos whose own alt text or description (written by a person) "
+                                "holds every word come first")
         if min_confidence is not None:
             sure = self.store.confident_ids(min_confidence)
-            result.notes.append(f"only photos captioned with confidence >= {min_confidence:g}: "
-                                f"{sum(p in sure for p in scores)} of {len(scores)} matches")
-            scores = {p: s for p, s in scores.items() if p in sure}
-        order = sorted(scores, key=lambda p: -scores[p])[:limit]
+            result.notes.append(f"only photos captioned with confidence >= {min_confidence:g} (or described by "
+                                f"a person): {sum(p in sure or p in person for p in scores)} of {len(scores)} matches")
+            scores = {p: s for p, s in scores.items() if p in sure or p in person}
+        order = sorted(scores, key=lambda p: (p not in person, -scores[p]))[:limit]
         photos = self.store.by_ids(order)
-        result.hits = [Hit(photos[pid], float(scores[pid])) for pid in order if pid in photos]
+        result.hits = [Hit(photos[pid], float(scores[pid]), pid in person) for pid in order if pid in photos]
         return result
 
     def likelihood(self, ids: list[int], text: dict[int, float], shortlist: int, notes: list[str]) -> dict[int, float]:

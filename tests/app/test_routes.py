@@ -690,3 +690,72 @@ def test_a_real_app_believes_no_forwarded_address_no_foreign_origin_and_no_forei
         hop = {"X-Forwarded-For": "203.0.113.7"}
         assert [post(url, **hop).status_code for _ in range(3)] == [200, 200, 429]
         assert post(url, **{"X-Forwarded-For": "203.0.113.8"}).status_code == 200
+
+
+def test_download_with_alt_text(store, tmp_path):
+    """The photo comes back with the champion's caption as its own IPTC alt text (read back by
+    ExifTool), nothing else changed; a person's alt text is kept; an unsure caption, hostile XMP
+    and a format that cannot carry XMP get a reason instead of a file."""
+    import io
+    from urllib.parse import unquote
+
+    from fastapi.testclient import TestClient
+    from PIL import Image, ImageCms
+
+    from tests.data.test_photo_metadata import LAUGHS, PERSON_XMP, image_data, read_back
+    from tests.helpers import exiftool
+
+    exiftool()
+
+    def jpeg(index: int, **extra) -> bytes:  # a synthetic photo as a camera leaves it: EXIF, ICC (and XMP)
+        exif = Image.Exif()
+        exif[0x013B] = "Grace Hopper"
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(photo(index))).save(buf, "JPEG", quality=90, exif=exif.tobytes(),
+                                                   icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(), **extra)
+        return buf.getvalue()
+
+    path = "/api/photo-with-alt-text"
+    upload = tmp_path / "upload.jpg"
+    upload.write_bytes(jpeg(0))
+    # the tiny model is never sure enough for the default bar (tag.min_confidence 0.8): nothing is written
+    cfg = tiny_settings(**{"app.max_captions_per_minute": 1000})
+    with TestClient(create_app(ChampionHolder(NAME), 3600, LIMITS, tag=cfg.tag, alt_text=cfg.alt_text)) as client:
+        refused = client.post(path, files=[("file", ("photo.jpg", upload.read_bytes(), "image/jpeg"))])
+        assert refused.status_code == 422 and "below tag.min_confidence 0.8" in refused.json()["detail"]
+    sure = cfg.tag.model_copy(update={"min_confidence": 0.0})
+    with TestClient(create_app(ChampionHolder(NAME), 3600, LIMITS, tag=sure, alt_text=cfg.alt_text)) as client:
+        got = client.post(path, files=[("file", ("My photo\n\";.jpg", upload.read_bytes(), "image/jpeg"))])
+        assert got.status_code == 200, got.text
+        assert got.headers["content-type"] == "image/jpeg" and got.headers["x-alt-text-action"] == "written"
+        # the name sent never reaches the header as it was: quotes, line breaks and ; are gone
+        assert re.fullmatch(r'attachment; filename="My_photo[A-Za-z0-9_]*-alt-text\.jpg"',
+                            got.headers["content-disposition"]), got.headers["content-disposition"]
+        out = tmp_path / "download.jpg"
+        out.write_bytes(got.content)
+        fields = read_back(out)[0]
+        alt = fields["XMP-iptcCore:AltTextAccessibility"]
+        assert alt == unquote(got.headers["x-alt-text"]) and alt.endswith(".") and alt[0].isupper()
+        assert fields["XMP-captioner:Model"] == NAME and str(fields["XMP-captioner:ModelVersion"]) == "1"
+        assert fields["XMP-captioner:ConfidenceWords"] == got.headers["x-confidence-words"]
+        assert fields["IFD0:Artist"] == "Grace Hopper" and "ICC_Profile:ProfileDescription" in fields
+        assert image_data(out, tmp_path) == image_data(upload, tmp_path)  # the image data byte for byte
+        # what the app wrote, sent again: nothing more to write
+        again = client.post(path, files=[("file", ("download.jpg", got.content, "image/jpeg"))])
+        assert again.headers["x-alt-text-action"] == "unchanged" and again.content == got.content
+        # a person's alt text is theirs: the photo comes back as it was sent
+        person = jpeg(1, xmp=PERSON_XMP)
+        kept = client.post(path, files=[("file", ("garden.jpg", person, "image/jpeg"))])
+        assert kept.status_code == 200 and kept.headers["x-alt-text-action"] == "kept" and kept.content == person
+        # hostile XMP (entities, a DTD) is never expanded, and nothing is written into it
+        hostile = client.post(path, files=[("file", ("laughs.jpg", jpeg(2, xmp=LAUGHS), "image/jpeg"))])
+        assert hostile.status_code == 422 and "DTD or entities" in hostile.json()["detail"]
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(photo(3))).save(buf, "BMP")
+        bmp = client.post(path, files=[("file", ("photo.bmp", buf.getvalue(), "image/bmp"))])
+        assert bmp.status_code == 422 and "BMP kind cannot carry alt text" in bmp.json()["detail"]
+        text = client.post(path, files=[("file", ("notes.jpg", b"not a photo at all", "image/jpeg"))])
+        assert text.status_code == 422 and "notes.jpg" in text.json()["detail"]
+        big = client.post(path, files=[("file", ("big.jpg", b"\xff" * (200_000 + 70_000), "image/jpeg"))])
+        assert big.status_code == 413
+        assert client.post(path).status_code == 422  # no file at all

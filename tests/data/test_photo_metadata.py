@@ -194,7 +194,12 @@ def test_sidecars_for_formats_exiftool_cannot_write_and_twins(tool, tmp_path):
 def test_an_embedded_copy_for_download(tool, tmp_path):
     path = tmp_path / "upload.jpg"
     jpeg_with_everything(path)
-    data = tool.embedded_copy(path.read_bytes(), ".jpg", {"alt_text": "A dog runs."}, RECORD)
+    with tool.private_copy(path.read_bytes()) as copy:
+        (text,) = tool.read([copy], for_writing=True)
+        assert text.file_type == "jpg" and not text.problem
+        tool.write(text, {"alt_text": "A dog runs."}, RECORD)
+        data = copy.read_bytes()
+    assert not copy.exists()  # nothing of the upload is left behind
     out = tmp_path / "download.jpg"
     out.write_bytes(data)
     assert read_back(out)[0]["XMP-iptcCore:AltTextAccessibility"] == "A dog runs."

@@ -234,3 +234,50 @@ def test_names_that_are_not_utf8_or_hold_tabs_and_line_breaks(champion, photos, 
     assert len(lines) == 18 and all(len(line.split("\t")) == 4 for line in lines)  # score, path, caption, how sure
     assert any(line.split("\t")[1].endswith("tab\\there.jpg") for line in lines)
     assert any(line.split("\t")[1].endswith("new\\nline.jpg") for line in lines)
+
+
+def test_what_a_person_wrote_into_a_photo_is_stored_searched_and_marked(champion, photos, tmp_path):
+    """Alt text a person wrote into a photo (XMP) is stored beside the caption and found first,
+    marked as theirs; what a model wrote there is not taken for a person's; hostile XMP is not read."""
+    from pipeline.data.photo_metadata import PhotoMetadata
+    from tests.data.test_photo_metadata import LAUGHS
+    from tests.helpers import exiftool
+
+    exiftool()
+    _, identity, model = champion
+    folder, names = photos
+    described, machine, hostile = folder / names[0], folder / "2026/summer" / names[1], folder / names[2]
+    with PhotoMetadata() as tool:
+        (text,) = tool.read([described], for_writing=True)
+        tool.write(text, {"alt_text": "Grandma feeding a zebra under an umbrella."}, {})
+        (text,) = tool.read([machine], for_writing=True)  # written by a model, with its record
+        tool.write(text, {"alt_text": "A zebra by an umbrella."}, {"Model": NAME, "ModelVersion": "1",
+                                                                  "AltText": "A zebra by an umbrella."})
+    image = hostile.read_bytes()  # a JPEG whose XMP declares entities (a billion laughs)
+    hostile.write_bytes(image[:2] + b"\xff\xe1" + (len(LAUGHS) + 31).to_bytes(2, "big")
+                        + b"http://ns.adobe.com/xap/1.0/\x00" + LAUGHS + image[2:])
+    store = PhotoIndex(tmp_path / "index.db")
+    with PhotoMetadata() as tool:
+        report = index_folder(folder, store, model, identity, batch_size=5, progress=False, metadata=tool)
+    assert report.embedded == 16 and report.errors == [] and report.described_by_person == 1
+    assert [name for name, _ in report.metadata_unread] == [names[2]]
+    assert "DTD or entities" in report.metadata_unread[0][1]
+    row = store.by_path(names[0])
+    assert (row.person_field, row.person_text) == ("alt_text", "Grandma feeding a zebra under an umbrella.")
+    assert store.by_path(f"2026/summer/{names[1]}").person_text == ""  # a model's words are not a person's
+    searcher = Searcher(store, model)
+    for ranking in ("likelihood", "bm25", "blend"):
+        result = searcher.search("zebra umbrella", 3, ranking, min_confidence=0.8)  # the tiny model is never sure
+        assert [h.photo.path for h in result.hits] == [names[0]], (ranking, result.notes)
+        body = result.to_json()["results"][0]
+        assert body["found_in_person_text"] is True
+        assert body["person"] == {"field": "alt_text", "text": "Grandma feeding a zebra under an umbrella.",
+                                  "written_by": "a person"}
+    # the person edits their words: the next run stores the new ones, and finds by them only
+    with PhotoMetadata() as tool:
+        (text,) = tool.read([described], for_writing=True)
+        tool.write(text, {"alt_text": "Grandpa with a kite."}, {})
+        again = index_folder(folder, store, model, identity, batch_size=5, progress=False, metadata=tool)
+    assert again.changed == 1 and store.by_path(names[0]).person_text == "Grandpa with a kite."
+    assert not any(h.by_person for h in searcher.search("zebra umbrella", 3, "bm25").hits)
+    assert searcher.search("kite grandpa", 1, "likelihood").hits[0].photo.path == names[0]
