@@ -228,15 +228,14 @@ def index(args: argparse.Namespace) -> int:
 def _metadata_reader():
     """An open ExifTool for reading what people wrote into photos, or None (with a warning) when
     there is none: indexing goes on without it."""
-    from pipeline.config import TagSettings
     from pipeline.data.photo_metadata import MetadataError, PhotoMetadata
 
-    try:
-        max_xmp = load_settings().tag.max_xmp_bytes
+    try:  # tag.max_xmp_bytes where there is a params.yaml; the reader's own default elsewhere
+        limit = {"max_xmp_bytes": load_settings().tag.max_xmp_bytes}
     except ConfigError:
-        max_xmp = TagSettings().max_xmp_bytes
+        limit = {}
     try:
-        tool = PhotoMetadata(max_xmp)
+        tool = PhotoMetadata(**limit)
     except MetadataError as err:
         logging.getLogger("pipeline").warning("photos' own alt text and descriptions are not read: %s", err)
         yield None

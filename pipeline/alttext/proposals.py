@@ -269,27 +269,33 @@ def propose(scan: Scan, model, identity: str, cfg: AltTextSettings, batch_size: 
     import numpy as np
     from tqdm import tqdm
 
-    from pipeline.data.images import load_rgb
-
-    wanted = [f for f in scan.found if f.state == "missing-alt" or (f.state == "refresh" and f.machine != identity)]
-    pixels: dict[str, np.ndarray] = {}
-    for found in wanted:
-        key = found.image if found.image != "data:" else f"data:{id(found)}"
-        if key in pixels:
-            continue
-        source = found.data if found.image == "data:" else scan.site / found.image
-        try:
-            pixels[key] = load_rgb(source, model.spec.image_size, model.limits.max_image_pixels)
-        except ValueError as err:  # ImageError: not an image, too large, unreadable
-            found.state, found.reason = "skipped", f"not a usable image: {str(err).splitlines()[0]}"
+    from pipeline.data.images import prefetched
     from pipeline.registry.pyfunc_model import described
 
-    keys = list(pixels)
+    wanted = [f for f in scan.found if f.state == "missing-alt" or (f.state == "refresh" and f.machine != identity)]
+    sources: dict[str, object] = {}  # one decode and one caption per distinct image
+    for found in wanted:
+        key = found.image if found.image != "data:" else f"data:{id(found)}"
+        sources.setdefault(key, found.data if found.image == "data:" else scan.site / found.image)
+    reasons: dict[str, str] = {}
     captions: dict[str, dict] = {}
-    for lo in tqdm(range(0, len(keys), batch_size), desc="caption", unit="batch", disable=not progress):
-        chunk = keys[lo:lo + batch_size]
-        for key, said in zip(chunk, described(model, model.embed(np.stack([pixels[k] for k in chunk])))):
-            captions[key] = said
+    bar = tqdm(total=len(sources), desc="caption", unit="image", disable=not progress)
+    # the next batch is decoded on threads while the CNN and decoder work on this one
+    for batch, pixels in prefetched(list(sources), sources.get, model.spec.image_size,
+                                    model.limits.max_image_pixels, batch_size):
+        good = [(key, p) for key, p in zip(batch, pixels) if isinstance(p, np.ndarray)]
+        for key, p in zip(batch, pixels):
+            if not isinstance(p, np.ndarray):  # ImageError, OSError: not an image, too large, unreadable
+                reasons[key] = f"not a usable image: {str(p).splitlines()[0]}"
+        if good:
+            for (key, _), said in zip(good, described(model, model.embed(np.stack([p for _, p in good])))):
+                captions[key] = said
+        bar.update(len(batch))
+    bar.close()
+    for found in wanted:
+        key = found.image if found.image != "data:" else f"data:{id(found)}"
+        if key in reasons:
+            found.state, found.reason = "skipped", reasons[key]
     out = []
     for found in wanted:
         key = found.image if found.image != "data:" else f"data:{id(found)}"

@@ -219,6 +219,11 @@ def test_the_page_in_a_browser(store, tmp_path):
             page.locator("#picker").set_input_files([  # the file picker, two at once
                 {"name": n, "mimeType": "image/jpeg", "buffer": images[n]} for n in ("shapes-2.jpg", "shapes-3.jpg")])
             expect(page.locator(".card .caption")).to_have_count(3, timeout=120_000)
+            # "Download with alt text": the tiny model is never sure enough (tag.min_confidence), and the page says so
+            card = page.locator(".card", has_text="shapes-1.jpg")
+            card.locator("button.download-alt").click()
+            expect(card.locator(".download .status")).to_contain_text("no alt text written", timeout=60_000)
+            expect(card.locator(".download .status")).to_contain_text("below tag.min_confidence")
 
             registry = MlflowClient()
             registry.set_registered_model_alias(NAME, "champion", new_version(registry))
