@@ -215,9 +215,9 @@ def index(args: argparse.Namespace) -> int:
     with _metadata_reader() as metadata:
         report = index_folder(folder, store, model, identity, args.batch, progress=not args.quiet, metadata=metadata)
     for path, error in report.errors:
-        print(f"{_one_field(path)}\tERROR: {error}", file=sys.stderr)
-    for path, why in report.metadata_unread:
-        print(f"{_one_field(path)}\tWARNING: its own metadata was not read: {why}", file=sys.stderr)
+        print(f"{path}\tERROR: {error}", file=sys.stderr)
+    for path, why in report.metadata_unread:  # paths as photo_files shows them (escaped already)
+        print(f"{path}\tWARNING: its own metadata was not read: {why}", file=sys.stderr)
     summary = report.summary()
     print(f"indexed {folder} with {identity} into {store.url}: " + ", ".join(
         f"{k} {v}" for k, v in summary.items() if k not in ("seconds",)) + f" ({summary['seconds']:.1f} s)")
