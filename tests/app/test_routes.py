@@ -222,8 +222,8 @@ def test_the_page_in_a_browser(store, tmp_path):
             # "Download with alt text": the tiny model is never sure enough (tag.min_confidence), and the page says so
             card = page.locator(".card", has_text="shapes-1.jpg")
             card.locator("button.download-alt").click()
-            expect(card.locator(".download .status")).to_contain_text("no alt text written", timeout=60_000)
-            expect(card.locator(".download .status")).to_contain_text("below tag.min_confidence")
+            expect(card.locator(".download .download-status")).to_contain_text("no alt text written", timeout=60_000)
+            expect(card.locator(".download .download-status")).to_contain_text("below tag.min_confidence")
 
             registry = MlflowClient()
             registry.set_registered_model_alias(NAME, "champion", new_version(registry))
