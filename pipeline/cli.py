@@ -161,19 +161,15 @@ def caption(args: argparse.Namespace) -> int:
 def _persons_alt_texts(names: list[str]) -> dict[str, str] | None:
     """file -> the alt text (or description) a person wrote into it, for the files that carry one;
     None when ExifTool is not there to read them (the JSON then says nothing of it)."""
-    from pipeline.data.photo_metadata import MetadataError, PhotoMetadata
-
-    try:
-        with PhotoMetadata() as tool:
-            texts = tool.read([Path(n).expanduser() for n in names])
-    except MetadataError as err:
-        logging.getLogger("pipeline").warning("not reading the photos' own alt text: %s", err)
-        return None
+    with _metadata_reader() as tool:
+        if tool is None:
+            return None
+        texts = tool.read([Path(n).expanduser() for n in names])
     found = {}
     for name, text in zip(names, texts):
-        by_person = text.by_person()
-        if by_person:
-            found[name] = by_person.get("alt_text") or next(iter(by_person.values()))
+        _, words = text.persons_words()
+        if words:
+            found[name] = words
     return found
 
 

@@ -82,6 +82,12 @@ class PhotoText:
         """The fields a person wrote: a value with no record of a model writing exactly it."""
         return {f: v for f, v in self.values.items() if v and not self.by_model(f)}
 
+    def persons_words(self) -> tuple[str, str]:
+        """(field, text) of the first field a person wrote, in FIELDS order (alt text first);
+        ('', '') when a person wrote none."""
+        person = self.by_person()
+        return next(((f, person[f]) for f in FIELDS if f in person), ("", ""))
+
     def by_model(self, name: str) -> bool:
         recorded = RECORDED.get(name)
         return bool(recorded) and name in self.values and self.record.get(recorded) == self.values[name]

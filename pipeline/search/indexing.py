@@ -77,9 +77,6 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-PERSON_FIELDS = ("alt_text", "extended_description", "description")  # the first a person wrote is stored
-
-
 def index_folder(folder: Path, store: PhotoIndex, model, identity: str, batch_size: int,
                  progress: bool = True, metadata: PhotoMetadata | None = None) -> IndexReport:
     """Bring ``store`` up to date with the photos under ``folder`` and the captions ``model``
@@ -203,8 +200,7 @@ def _persons_words(metadata: PhotoMetadata | None, paths: list[Path], names: lis
             report.metadata_unread.append((name, text.problem))
             out.append(("", ""))
             continue
-        person = text.by_person()
-        chosen = next((f for f in PERSON_FIELDS if person.get(f)), "")
-        out.append((chosen, person.get(chosen, "")))
-        report.described_by_person += bool(chosen)
+        chosen = text.persons_words()
+        out.append(chosen)
+        report.described_by_person += bool(chosen[0])
     return out
