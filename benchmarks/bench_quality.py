@@ -12,6 +12,11 @@ held out and never read here):
   beam reranked by consensus with the train images when ``decoding.consensus.neighbours`` > 0
   (with ``decoding.consensus.samples`` sampled captions per image among the candidates).
 
+When the folder also holds the grid of regions (``mobilenet_v2_224_grid.trainval.parquet`` beside
+``mobilenet_v2_224.trainval.parquet``), it is read too, and ``train.decoder`` chooses which decoder
+trains: ``lstm`` reads the pooled vectors, ``attention`` also the grid (``--load`` takes the kind
+of the decoder saved). Consensus reranking compares photos by their pooled vectors either way.
+
 ``--set train.units=512`` (repeatable) overrides a param for this run. The table goes to
 ``reports/benchmarks.md``.
 """
@@ -95,22 +100,34 @@ def main() -> None:
     import pandas as pd
     import yaml
 
-    from pipeline.captioning.decoder import decoding_models, ensemble_decoder, members_of
+    from pipeline.captioning.consensus import Neighbours
+    from pipeline.captioning.decoder import decoding_models, ensemble_decoder, grid_of, members_of
     from pipeline.captioning.decoding import beam_search
     from pipeline.captioning.self_critical import fine_tune
     from pipeline.config import DecodingSettings, parse_settings
-    from pipeline.data.features_file import read_features, row_index, rows_of
-    from pipeline.data.real_folder import embeddings_file, read_captions
+    from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
+    from pipeline.data.real_folder import embeddings_file, grid_file, read_captions
     from pipeline.stages.evaluate import HEALTH, evaluate_model
-    from pipeline.stages.train import references_of, train_decoder
+    from pipeline.stages.train import decoder_features, references_of, train_decoder
 
     raw = override(yaml.safe_load((PROJECT / "params.yaml").read_text()), args.assignments)
     settings = parse_settings(raw)
     captions, dropped = read_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
     embeddings = embeddings_file(args.data)
-    images, features, _ = read_features(embeddings)
-    print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {features.shape[1]} dims")
+    images, pooled, _ = read_features(embeddings)
+    grid_path, grid, features = grid_file(args.data), None, pooled
+    if grid_path:
+        grid_images, regions, (rows, columns, channels) = read_grid(grid_path)
+        features, grid = with_grid(images, pooled, grid_images, regions, grid_path), (rows * columns, channels)
+        del regions
+    print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {pooled.shape[1]} dims"
+          + (f", grids of {grid[0]} regions x {grid[1]} channels" if grid else ""))
 
+    kind = settings.train
+    if args.load:  # the saved decoders' own kind decides what they read
+        attends = any(grid_of(m) for m in load_members(args.load)[0])
+        kind = settings.train.model_copy(update={"decoder": "attention" if attends else "lstm"})
+    decoder_rows, _ = decoder_features(features, grid, kind, str(grid_path or embeddings))
     start = time.perf_counter()
     if args.load:  # then only self-critical fine-tuning (of each member), if train.self_critical.epochs > 0
         members, vocab = load_members(args.load)
@@ -120,12 +137,12 @@ def main() -> None:
             index = row_index(images)
             references = (*references_of(captions, "train", index), *references_of(captions, "dev", index))
             for member, model in enumerate(members):
-                tuned.append(fine_tune(model, vocab, features, *references, settings.train.self_critical,
+                tuned.append(fine_tune(model, vocab, decoder_rows, *references, settings.train.self_critical,
                                        settings.train.seed + member).assign(member=member))
         self_critical = pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame()
         decoder = members[0] if len(members) == 1 else ensemble_decoder(members)
     else:
-        decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train)
+        decoder, vocab, history, self_critical = train_decoder(captions, images, features, settings.train, grid=grid)
     train_minutes = (time.perf_counter() - start) / 60
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
@@ -135,7 +152,8 @@ def main() -> None:
     scored = captions.assign(split=captions["split"].replace({"dev": "test"}))
     start = time.perf_counter()
     models = decoding_models(decoder)
-    metrics, _ = evaluate_model(models, vocab, scored, images, features, settings.decoding)
+    neighbours = Neighbours.from_split(scored, "train", images, pooled)  # photos compared by pooled vectors
+    metrics, _ = evaluate_model(models, vocab, scored, images, decoder_rows, settings.decoding, neighbours)
     eval_minutes = (time.perf_counter() - start) / 60
 
     keys = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
@@ -148,7 +166,7 @@ def main() -> None:
                      f"{h['unk_share']:.1%} with <unk>, length {h['mean_length']:.1f} vs {h['reference_mean_length']:.1f}"))
     for spec in args.decode:
         variant = DecodingSettings.model_validate(override(settings.decoding.model_dump(), spec.split(",")))
-        found, _ = evaluate_model(models, vocab, scored, images, features, variant)
+        found, _ = evaluate_model(models, vocab, scored, images, decoder_rows, variant, neighbours)
         h = found[HEALTH]["beam"]
         rows.append((f"beam, {spec}", " / ".join(f"{found['beam'][k]:.3f}" for k in keys)
                      + f"; {h['distinct_words']} words, length {h['mean_length']:.1f}"))
@@ -156,7 +174,7 @@ def main() -> None:
     rows.append(("evaluation", f"{eval_minutes:.1f} min"))
     members = members_of(decoder)
     if len(members) > 1:  # decoding speed of one member against the whole ensemble
-        dev_features = features[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
+        dev_features = decoder_rows[np.unique(rows_of(row_index(images), scored.loc[scored["split"] == "test", "image"]))]
         for name, candidate in (("1 member", decoding_models(members[0])), (f"{len(members)} members", models)):
             start = time.perf_counter()
             d = settings.decoding
@@ -168,7 +186,9 @@ def main() -> None:
     append_report(f"Caption quality on real Flickr8k dev (bench_quality.py, {args.label})", rows, [
         f"rows: BLEU-1 / BLEU-2 / BLEU-3 / BLEU-4 / METEOR / ROUGE-L / CIDEr on the {metrics['n_images']} dev "
         f"images; train on {int((captions['split'] == 'train').sum())} train captions",
-        f"data: {embeddings.name} ({features.shape[1]}-d); decoder units {t.units}, embedding {t.embedding_dim}, "
+        f"data: {embeddings.name} ({pooled.shape[1]}-d)"
+        + (f" and {grid_path.name} ({grid[0]} regions x {grid[1]} channels)" if grid_path else "")
+        + f"; decoder {'attention' if any(grid_of(m) for m in members_of(decoder)) else 'lstm'}, units {t.units}, embedding {t.embedding_dim}, "
         f"dropout {t.dropout}, lr {t.learning_rate} (x{t.lr_decay} after {t.lr_patience} stalled epochs), "
         f"label smoothing {t.label_smoothing}, batch {t.batch_size}, patience {t.patience}; ensemble {t.ensemble}; "
         f"self-critical {t.self_critical.epochs} epochs (lr {t.self_critical.learning_rate}, "

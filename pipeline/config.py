@@ -194,6 +194,9 @@ class SelfCriticalSettings(_Section):
 
 
 class TrainSettings(_Section):
+    # lstm: one pooled vector per photo; attention: also looks at the CNN's grid of regions for
+    # each word (needs features with a grid, ``pipeline/captioning/decoder.py``)
+    decoder: Literal["lstm", "attention"]
     vocab_min_count: int = Field(ge=1)
     max_length: int = Field(ge=4, le=200)
     embedding_dim: int = Field(ge=4)

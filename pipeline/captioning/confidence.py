@@ -56,11 +56,8 @@ class CalibrationError(ValueError):
 def novelty(neighbours: Neighbours, features: np.ndarray, k: int) -> np.ndarray:
     """Per row of ``features``: 1 - mean cosine similarity to its ``k`` nearest train photos
     (0: among them; larger: farther from anything the model learnt from)."""
-    features = np.asarray(features, np.float32)
+    features = neighbours.comparable(features)
     train = neighbours.features
-    if features.ndim != 2 or features.shape[1] != train.shape[1]:
-        raise ValueError(f"features of shape {features.shape} cannot be compared with the train photos' "
-                         f"{train.shape[1]}-d features (another backbone?)")
     k = min(k, len(train))
     out = np.empty(len(features))
     for lo in range(0, len(features), 256):  # bounded memory: 256 photos x train photos at a time

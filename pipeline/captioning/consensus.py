@@ -67,6 +67,18 @@ class Neighbours:
         vectors = features[rows_of(row_index(images), names)].astype(np.float32)
         return cls(unit_rows(vectors), references)
 
+    def comparable(self, features: np.ndarray) -> np.ndarray:
+        """The part of image rows that photos are compared by: the pooled vector. Rows for an
+        attention decoder carry the grid of regions after it (``pipeline/stages/train.py``
+        ``decoder_features``), which is cut off here; a row narrower than the train images'
+        vectors comes from another CNN: ValueError."""
+        features = np.asarray(features, np.float32)
+        width = self.features.shape[1]
+        if features.ndim != 2 or features.shape[1] < width:
+            raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
+                             f"{width}-d features (another backbone?)")
+        return features[:, :width]
+
     def save(self, path: Path | str) -> None:
         """One .npz, loadable without pickle: features, every caption as text, and the image
         (row of features) each caption belongs to."""
@@ -122,11 +134,7 @@ class ConsensusScorer:
     def _neighbourhood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, k) rows of the most similar train images, most similar first, and each one's
         weight: 1, or with ``sharpness`` exp(sharpness x (its similarity - the nearest one's))."""
-        features = np.asarray(features, np.float32)
-        if features.ndim != 2 or features.shape[1] != self.neighbours.features.shape[1]:
-            raise ValueError(f"features of shape {features.shape} cannot be compared with the train images' "
-                             f"{self.neighbours.features.shape[1]}-d features (another backbone?)")
-        sims = unit_rows(features) @ self.neighbours.features.T
+        sims = unit_rows(self.neighbours.comparable(features)) @ self.neighbours.features.T
         top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         rows = np.take_along_axis(top, order, axis=1)

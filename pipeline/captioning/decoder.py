@@ -8,6 +8,15 @@ Image injection, both ways at once:
 Init-inject alone tends to drift back to the language prior after a few words; merge alone
 cannot steer the first word. Using both costs two small Dense layers.
 
+With a grid of regions (``train.decoder: attention``), each word also looks at the photo: the
+image input is the pooled vector followed by the CNN's last feature map (R regions x C channels,
+row-major), and after the LSTM has read a word, its output h_t attends over the projected regions
+(scaled dot-product attention; placed after the LSTM as in the "spatial" model of Lu et
+al. 2017, "Knowing When to Look"). The context vector is added beside the image projection before
+the word classifier. Because the query is the LSTM's own output, not its input, the whole caption
+still trains in one pass (no attention inside the recurrent loop), and the weights alpha_t (which
+region each word came from) are one tensor of the training graph: ``attention_maps`` reads them.
+
 The image input is normalised with train-split statistics (a Normalization layer adapted
 in ``build_decoder``): random-init CNN features are ~1e-5 in scale and would otherwise
 not train.
@@ -59,6 +68,14 @@ class Layer:
     HIDDEN = "hidden"
     HIDDEN_DROPOUT = "hidden_dropout"
     LOGITS = "logits"
+    # attention over a grid of regions (absent from a pooled-only decoder)
+    REGION_NORM = "region_norm"
+    REGION_DROPOUT = "region_dropout"
+    REGION_PROJ = "region_proj"
+    ATTENTION_KEYS = "attention_keys"
+    ATTENTION_QUERY = "attention_query"
+    ATTENTION_WEIGHTS = "attention_weights"
+    CONTEXT = "context"
 
 
 @dataclass(frozen=True)
@@ -69,19 +86,46 @@ class DecoderConfig:
     embedding_dim: int
     units: int
     dropout: float
+    # (regions, channels) of the grid that follows the pooled vector in each image row;
+    # None: pooled vector only (the LSTM decoder)
+    grid: tuple[int, int] | None = None
+
+    @property
+    def input_width(self) -> int:
+        return self.feature_dim + (self.grid[0] * self.grid[1] if self.grid else 0)
+
+
+def _normalization(name: str, shape: tuple, samples: np.ndarray | None) -> layers.Normalization:
+    """Per-channel standardisation with train statistics (None: neutral, when a saved model is
+    about to restore them)."""
+    if samples is not None:
+        mean, variance = feature_statistics(samples)
+        return layers.Normalization(mean=mean, variance=variance, name=name)
+    norm = layers.Normalization(name=name)
+    norm.build((None, *shape))
+    return norm
+
+
+def _attend(get, seq, keys, regions):
+    """Scaled dot-product attention of each LSTM output (B, T, U) over the regions (B, R, U) with
+    their keys (B, R, A): (context (B, T, U), weights (B, T, R)). Additive attention (Show, Attend
+    and Tell's) cost 27% more per training step here for its (B, T, R, A) tanh. One function for training and for
+    the one-step inference model, so both run the same layers."""
+    query = get(Layer.ATTENTION_QUERY)(seq)  # (B, T, A)
+    scores = ops.matmul(query, ops.transpose(keys, (0, 2, 1))) / float(np.sqrt(keys.shape[-1]))  # (B, T, R)
+    weights = get(Layer.ATTENTION_WEIGHTS)(scores)
+    return ops.matmul(weights, regions), weights
 
 
 def build_decoder(cfg: DecoderConfig, train_features: np.ndarray | None = None) -> keras.Model:
-    """Training model: (image (N, D), input ids (N, T)) -> logits (N, T, V)."""
-    image = keras.Input((cfg.feature_dim,), name="image")
+    """Training model: (image (N, W), input ids (N, T)) -> logits (N, T, V); W is the pooled
+    width D, or D + R x C with a grid (attention)."""
+    image = keras.Input((cfg.input_width,), name="image")
     tokens = keras.Input((cfg.sequence_length,), dtype="int32", name="tokens")
-    if train_features is not None:
-        mean, variance = feature_statistics(train_features)
-        norm = layers.Normalization(mean=mean, variance=variance, name=Layer.IMAGE_NORM)
-    else:  # loading a saved model restores the statistics; build with neutral ones
-        norm = layers.Normalization(name=Layer.IMAGE_NORM)
-        norm.build((None, cfg.feature_dim))
-    img = layers.Dropout(cfg.dropout, name=Layer.IMAGE_DROPOUT)(norm(image))
+    d = cfg.feature_dim
+    pooled = image[:, :d] if cfg.grid else image
+    norm = _normalization(Layer.IMAGE_NORM, (d,), None if train_features is None else train_features[:, :d])
+    img = layers.Dropout(cfg.dropout, name=Layer.IMAGE_DROPOUT)(norm(pooled))
     img = layers.Dense(cfg.units, activation="relu", name=Layer.IMAGE_PROJ)(img)
     h0 = layers.Dense(cfg.units, activation="tanh", name=Layer.INIT_H)(img)
     c0 = layers.Dense(cfg.units, name=Layer.INIT_C)(img)
@@ -89,51 +133,116 @@ def build_decoder(cfg: DecoderConfig, train_features: np.ndarray | None = None) 
     emb = layers.Dropout(cfg.dropout, name=Layer.EMBEDDING_DROPOUT)(emb)
     seq, _, _ = layers.LSTM(cfg.units, return_sequences=True, return_state=True, name=Layer.LSTM)(
         emb, initial_state=[h0, c0])
-    merged = layers.Add(name=Layer.MERGE)([seq, ops.expand_dims(img, 1)])
+    merge = [seq, ops.expand_dims(img, 1)]
+    if cfg.grid:
+        n_regions, channels = cfg.grid
+        grid = ops.reshape(image[:, d:], (-1, n_regions, channels))
+        region_norm = _normalization(Layer.REGION_NORM, cfg.grid, None if train_features is None
+                                     else train_features[:, d:].reshape(-1, channels))
+        regions = layers.Dropout(cfg.dropout, name=Layer.REGION_DROPOUT)(region_norm(grid))
+        regions = layers.Dense(cfg.units, activation="relu", name=Layer.REGION_PROJ)(regions)
+        keys = layers.Dense(cfg.units, use_bias=False, name=Layer.ATTENTION_KEYS)(regions)
+        attention = {Layer.ATTENTION_QUERY: layers.Dense(cfg.units, name=Layer.ATTENTION_QUERY),
+                     Layer.ATTENTION_WEIGHTS: layers.Softmax(axis=-1, name=Layer.ATTENTION_WEIGHTS)}
+        context, _ = _attend(attention.get, seq, keys, regions)
+        merge.append(context)
+    merged = layers.Add(name=Layer.MERGE)(merge)
     hidden = layers.Dense(cfg.units, activation="relu", name=Layer.HIDDEN)(merged)
     hidden = layers.Dropout(cfg.dropout, name=Layer.HIDDEN_DROPOUT)(hidden)
     logits = layers.Dense(cfg.vocab_size, name=Layer.LOGITS)(hidden)
     return keras.Model([image, tokens], logits, name="caption_decoder")
 
 
+def grid_of(decoder: keras.Model) -> tuple[int, int] | None:
+    """(regions, channels) of the grid a decoder attends over; None for a pooled-only decoder
+    (every decoder saved before attention existed)."""
+    try:
+        norm = decoder.get_layer(Layer.REGION_NORM)
+    except ValueError:
+        return None
+    regions = decoder.get_layer(Layer.REGION_PROJ).input.shape
+    return int(regions[1]), int(norm.input.shape[-1])
+
+
+def pooled_width(decoder: keras.Model) -> int:
+    """D: the width of the pooled vector a decoder reads (its input, less any grid)."""
+    return int(decoder.get_layer(Layer.IMAGE_NORM).input.shape[-1])
+
+
 @dataclass
 class StepModels:
     """Inference halves of a trained decoder, sharing its weights, behind a cell-independent API:
 
-    encode(features (N, D)) -> state, an opaque list of (N, ...) arrays
+    encode(features (N, W)) -> state, an opaque list of (N, ...) arrays
     step(tokens (N, 1), state) -> (log-probs (N, V), state)
 
     Decoding only repeats, reorders (``[x[rows] for x in state]``) and passes the state on, so
-    greedy, beam search and ensembles work for any cell (here the state is image projection,
-    h, c of an LSTM).
+    greedy, beam search and ensembles work for any cell. The state is what the image fixes once
+    (its projection; with attention also the projected regions and their keys), then the
+    LSTM's h, c.
     """
 
     encoder: keras.Model
     stepper: keras.Model
+    fixed: int = 1  # leading state arrays that the steps read but never change
 
     @classmethod
     def from_decoder(cls, decoder: keras.Model) -> "StepModels":
         get = decoder.get_layer
         units = get(Layer.LSTM).units
-        image = keras.Input((get(Layer.IMAGE_NORM).input.shape[-1],))
-        img = get(Layer.IMAGE_PROJ)(get(Layer.IMAGE_NORM)(image))
-        encoder = keras.Model(image, [img, get(Layer.INIT_H)(img), get(Layer.INIT_C)(img)])
+        grid = grid_of(decoder)
+        d = pooled_width(decoder)
+        image = keras.Input((d + (grid[0] * grid[1] if grid else 0),))
+        img = get(Layer.IMAGE_PROJ)(get(Layer.IMAGE_NORM)(image[:, :d] if grid else image))
+        fixed = [img]
+        if grid:
+            regions = get(Layer.REGION_PROJ)(get(Layer.REGION_NORM)(ops.reshape(image[:, d:], (-1, *grid))))
+            fixed += [regions, get(Layer.ATTENTION_KEYS)(regions)]
+        encoder = keras.Model(image, [*fixed, get(Layer.INIT_H)(img), get(Layer.INIT_C)(img)])
 
         token = keras.Input((1,), dtype="int32")
-        img_in, h_in, c_in = (keras.Input((units,)) for _ in range(3))
+        fixed_in = [keras.Input(tuple(x.shape[1:])) for x in fixed]
+        h_in, c_in = keras.Input((units,)), keras.Input((units,))
         seq, h, c = get(Layer.LSTM)(get(Layer.EMBEDDING)(token), initial_state=[h_in, c_in])
-        hidden = get(Layer.HIDDEN)(get(Layer.MERGE)([seq, ops.expand_dims(img_in, 1)]))
+        merge = [seq, ops.expand_dims(fixed_in[0], 1)]
+        if grid:
+            merge.append(_attend(get, seq, fixed_in[2], fixed_in[1])[0])
+        hidden = get(Layer.HIDDEN)(get(Layer.MERGE)(merge))
         log_probs = ops.log_softmax(get(Layer.LOGITS)(hidden)[:, 0, :], axis=-1)
-        stepper = keras.Model([token, img_in, h_in, c_in], [log_probs, h, c])
-        return cls(encoder, stepper)
+        stepper = keras.Model([token, *fixed_in, h_in, c_in], [log_probs, h, c])
+        return cls(encoder, stepper, len(fixed))
 
     def encode(self, features: np.ndarray) -> list[np.ndarray]:
         return _run(self.encoder, features)
 
     def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        img, h, c = state
-        log_probs, h, c = _run(self.stepper, [tokens, img, h, c])
-        return log_probs, [img, h, c]
+        fixed = state[:self.fixed]
+        log_probs, h, c = _run(self.stepper, [tokens, *state])
+        return log_probs, [*fixed, h, c]
+
+
+def attention_maps(decoder: keras.Model, features: np.ndarray, captions: list[list[int]],
+                   start_id: int, sequence_length: int) -> list[np.ndarray]:
+    """Where the decoder looked for each word of each caption: per caption an array (words + 1,
+    R) of weights over the grid's regions (each row sums to 1), the last row for <end>. Read
+    from one teacher-forced pass over the finished captions (the query is the LSTM's output
+    after the previous word, as when the caption was decoded). ValueError for a pooled-only
+    decoder or ensemble member list: it has no grid to look at."""
+    members = members_of(decoder)
+    if any(grid_of(m) is None for m in members):
+        raise ValueError("this decoder reads one pooled vector per photo: it has no attention to show "
+                         "(train it with train.decoder: attention on features with a grid)")
+    inputs = np.zeros((len(captions), sequence_length), dtype=np.int32)
+    for row, tokens in enumerate(captions):
+        seq = [start_id, *tokens][:sequence_length]
+        inputs[row, :len(seq)] = seq
+    weights = []
+    for member in members:  # an ensemble: the mean of its members' maps
+        model = keras.Model(member.inputs, [member.get_layer(Layer.ATTENTION_WEIGHTS).output])
+        weights.append(np.concatenate([_run(model, [features[lo:lo + 256], inputs[lo:lo + 256]])[0]
+                                       for lo in range(0, len(captions), 256)]))
+    mean = np.mean(weights, axis=0)
+    return [mean[row, :min(len(tokens) + 1, sequence_length)] for row, tokens in enumerate(captions)]
 
 
 @dataclass
@@ -206,7 +315,8 @@ def _run(model: keras.Model, inputs) -> list[np.ndarray]:
         specs = [tf.TensorSpec((None, *x.shape[1:]), x.dtype) for x in model.inputs]
         fn = _COMPILED[model] = tf.function(
             lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), input_signature=specs)
-    return [np.asarray(x) for x in fn(*(inputs if isinstance(inputs, list) else [inputs]))]
+    out = fn(*(inputs if isinstance(inputs, list) else [inputs]))
+    return [np.asarray(x) for x in out] if isinstance(out, (list, tuple)) else [np.asarray(out)]
 
 
 class CaptionTrainer(keras.Model):
@@ -285,7 +395,7 @@ def require_feature_dim(decoder: keras.Model, feature_dim: int, backbone: str, d
     """A decoder reads the vectors of the CNN its features came from: ValueError, naming the file,
     when ``decoder`` was trained on vectors of another width than ``backbone`` makes (features of
     another CNN), which would otherwise fail deep in TensorFlow, or caption noise."""
-    width = int(decoder.inputs[0].shape[-1])
+    width = pooled_width(members_of(decoder)[0])
     if width != feature_dim:
         raise ValueError(f"the decoder {decoder_file} was trained on {width}-d image features, but its CNN "
                          f"{backbone} makes {feature_dim}-d ones: features from another backbone were given to it; "

@@ -12,6 +12,7 @@ same format and hold the images ``shard_of(name, N) == i``.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,63 @@ def rows_of(index: dict[str, int], names) -> list[int]:
         raise ValueError(f"{len(missing)} images have no features, e.g. {missing[:3]}; "
                          "rerun the features stage (dvc repro)")
     return [index[n] for n in names]
+
+
+GRID_COLUMN = "grid"
+
+
+class GridFileError(ValueError):
+    """A grid file that cannot be read as one: no grid column, no shape, a shape that does not
+    match the stored width."""
+
+
+def grid_shape(meta: dict[str, str], width: int, path: Path) -> tuple[int, int, int]:
+    """(rows, columns, channels) of a grid file from its ``shape`` metadata ("[7, 7, 320] ...")."""
+    found = re.match(r"\s*\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]", meta.get("shape", ""))
+    if not found:
+        raise GridFileError(f"{path}: no 'shape' in its schema metadata ('[rows, columns, channels]'), "
+                            "so its grid cannot be laid out")
+    shape = tuple(int(x) for x in found.groups())
+    if shape[0] * shape[1] * shape[2] != width or min(shape) < 1:
+        raise GridFileError(f"{path}: its shape {list(shape)} does not hold the {width} values each row stores")
+    return shape
+
+
+def read_grid(path: Path) -> tuple[list[str], np.ndarray, tuple[int, int, int]]:
+    """(image names, (N, rows x columns x channels) float32 matrix, (rows, columns, channels)) of a
+    grid file: column ``grid``, a fixed-size list of float16/float32, or of uint8 with ``scale`` and
+    ``zero_point`` in the schema metadata (value = (q - zero_point) x scale), row-major (row,
+    column, channel). GridFileError naming the file otherwise."""
+    table = pq.read_table(path)
+    if GRID_COLUMN not in table.schema.names or "image" not in table.schema.names:
+        raise GridFileError(f"{path}: no '{GRID_COLUMN}' column beside 'image' "
+                            f"(it holds {', '.join(table.schema.names)}): not a grid file")
+    kind = table.schema.field(GRID_COLUMN).type
+    if not pa.types.is_fixed_size_list(kind):
+        raise GridFileError(f"{path}: its '{GRID_COLUMN}' column is {kind}, not a fixed-size list")
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    shape = grid_shape(meta, kind.list_size, path)
+    raw = table.column(GRID_COLUMN).combine_chunks().flatten().to_numpy().reshape(-1, kind.list_size)
+    if raw.dtype == np.uint8:
+        try:
+            scale, zero = float(meta["scale"]), float(meta["zero_point"])
+        except (KeyError, ValueError):
+            raise GridFileError(f"{path}: a uint8 grid needs 'scale' and 'zero_point' in its metadata") from None
+        matrix = (raw.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+    elif raw.dtype in (np.float16, np.float32):
+        matrix = raw.astype(np.float32)
+    else:
+        raise GridFileError(f"{path}: grid values of type {raw.dtype}; expected float16, float32 or uint8")
+    return table.column("image").to_pylist(), matrix, shape
+
+
+def with_grid(images: list[str], features: np.ndarray, grid_images: list[str], grid: np.ndarray,
+              grid_path: Path) -> np.ndarray:
+    """Each image's row: its pooled vector followed by its grid (the layout an attention decoder
+    reads). ValueError naming the grid file when it lacks an image the features have."""
+    index = row_index(grid_images)
+    missing = [name for name in images if name not in index]
+    if missing:
+        raise GridFileError(f"{grid_path}: no grid for {len(missing)} of the {len(images)} images, "
+                            f"e.g. {missing[:3]}")
+    return np.concatenate([features, grid[[index[name] for name in images]]], axis=1)

@@ -50,6 +50,16 @@ def embeddings_file(data: Path) -> Path:
     return candidates[0]
 
 
+def grid_file(data: Path) -> Path | None:
+    """The grid of regions beside the pooled embeddings (``mobilenet_v2_224_grid.trainval.parquet``
+    beside ``mobilenet_v2_224.trainval.parquet``: the pooled file's name with ``_grid`` before its
+    first dot), or None when the folder holds none."""
+    pooled = embeddings_file(data)
+    stem, dot, rest = pooled.name.partition(".")
+    candidate = pooled.with_name(f"{stem}_grid{dot}{rest}")
+    return candidate if candidate.is_file() else None
+
+
 def read_captions(data: Path, min_tokens: int, max_tokens: int) -> tuple[pd.DataFrame, dict[str, int]]:
     """Cleaned train + dev captions in the stages' layout (image, split, caption_idx,
     caption_raw, caption), with validate's token-count bounds, and the count of lines dropped

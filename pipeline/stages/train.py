@@ -104,10 +104,28 @@ def references_of(captions: pd.DataFrame, split: str, index: dict[str, int]) -> 
     return np.asarray(rows_of(index, names), dtype=np.int64), references
 
 
+def decoder_features(features: np.ndarray, grid: tuple[int, int] | None, cfg: TrainSettings,
+                     source: str = "the features") -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(the image rows the chosen decoder reads, the grid it attends over): rows are the pooled
+    vector, then with a ``grid`` (regions, channels) the regions; an LSTM decoder gets the pooled
+    vector only. ValueError, naming ``source``, when an attention decoder is asked for and the
+    features hold no grid."""
+    if cfg.decoder == "attention":
+        if grid is None:
+            raise ValueError(f"train.decoder is attention, but {source} hold no grid of regions, only one pooled "
+                             f"{features.shape[1]}-d vector per photo: extract the grid (features.grid: true) "
+                             "or use train.decoder: lstm")
+        return features, grid
+    return (features[:, :features.shape[1] - grid[0] * grid[1]] if grid else features), None
+
+
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,
-                  cfg: TrainSettings, on_epoch=None, on_self_critical_epoch=None):
+                  cfg: TrainSettings, on_epoch=None, on_self_critical_epoch=None,
+                  grid: tuple[int, int] | None = None):
     """Pure core: (decoder, vocabulary, cross-entropy history, self-critical history), the
-    histories with a ``member`` column (0..ensemble-1). Each member is trained with its own
+    histories with a ``member`` column (0..ensemble-1). ``features`` rows are the pooled vector,
+    followed by the regions when ``grid`` (regions, channels) is given; ``train.decoder``
+    chooses which the decoder reads (``decoder_features``). Each member is trained with its own
     seed by cross-entropy, then fine-tuned on CIDEr-D when ``self_critical.epochs`` > 0; K > 1
     members are returned as one ensemble model. ``on_epoch(member, epoch, logs)`` and
     ``on_self_critical_epoch(member, row)`` report progress. Raises ValueError when a split is
@@ -122,6 +140,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     )
     from pipeline.captioning.self_critical import HISTORY_COLUMNS, fine_tune
 
+    features, grid = decoder_features(features, grid, cfg)
     train_captions = captions.loc[captions["split"] == "train", "caption"]
     if train_captions.empty or not (captions["split"] == "dev").any():
         raise ValueError("need captions in both the train and the dev split")
@@ -137,8 +156,8 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
         seed = cfg.seed + member
         keras.utils.set_random_seed(seed)
         model = build_decoder(DecoderConfig(
-            vocab.size, features.shape[1], vocab.sequence_length, cfg.embedding_dim, cfg.units,
-            cfg.dropout), train_features=train_feats)
+            vocab.size, features.shape[1] - (grid[0] * grid[1] if grid else 0), vocab.sequence_length,
+            cfg.embedding_dim, cfg.units, cfg.dropout, grid), train_features=train_feats)
         trainer = make_trainer(model, cfg.learning_rate, cfg.label_smoothing)
         log.info("member %d/%d: vocabulary %d words; %d train / %d dev captions; %d parameters",
                  member + 1, cfg.ensemble, vocab.size, len(train[0]), len(dev[0]), model.count_params())

@@ -25,8 +25,11 @@ def test_novelty_is_small_near_train_photos_and_large_far_from_them():
     outside = -near.features[:3]  # the opposite direction
     assert np.allclose(conf.novelty(near, inside, 1), 0.0, atol=1e-6)
     assert (conf.novelty(near, outside, 5) > 1.5).all()
-    with pytest.raises(ValueError, match="another backbone"):
+    with pytest.raises(ValueError, match="another backbone"):  # narrower than the train photos' 8-d vectors
         conf.novelty(near, np.ones((1, 5), np.float32), 5)
+    # a row that carries a grid of regions after its pooled vector is compared by the pooled vector
+    with_grid = np.concatenate([outside, np.full((3, 12), 9.0, np.float32)], axis=1)
+    np.testing.assert_allclose(conf.novelty(near, with_grid, 5), conf.novelty(near, outside, 5), rtol=1e-6)
 
 
 def test_signals_describe_the_chosen_caption_and_its_agreement_with_the_others():

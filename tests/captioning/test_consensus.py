@@ -116,8 +116,17 @@ def test_a_truncated_or_foreign_file_is_a_clear_error(tmp_path, content, neighbo
 
 
 def test_features_of_another_size_are_refused(neighbours):
-    with pytest.raises(ValueError, match="another backbone"):
-        scorer(neighbours, 2).score(np.ones((1, 5), np.float32), [[["a", "dog"]]])
+    with pytest.raises(ValueError, match="another backbone"):  # narrower than the train images' 3-d vectors
+        scorer(neighbours, 2).score(np.ones((1, 2), np.float32), [[["a", "dog"]]])
+
+
+def test_a_row_with_a_grid_after_its_pooled_vector_is_compared_by_the_pooled_vector(neighbours):
+    """An attention decoder's rows carry the regions after the pooled vector: the neighbours
+    are still chosen by the pooled vector, whatever the regions hold."""
+    pooled = FEATURES[4:5]
+    with_grid = np.concatenate([pooled, np.full((1, 8), -7.0, np.float32)], axis=1)
+    caption = [[["a", "dog", "runs"]]]
+    assert scorer(neighbours, 2).score(with_grid, caption)[0] == scorer(neighbours, 2).score(pooled, caption)[0]
 
 
 def test_consensus_in_chunks_equals_one_image_at_a_time(neighbours, monkeypatch):

@@ -6,10 +6,12 @@ from pipeline.captioning.decoder import (
     DecoderConfig,
     EnsembleSteps,
     StepModels,
+    attention_maps,
     build_decoder,
     decoding_models,
     ensemble_decoder,
     feature_statistics,
+    grid_of,
     load_decoder,
     make_trainer,
     members_of,
@@ -141,3 +143,79 @@ def test_a_decoder_given_another_cnns_features_is_refused_naming_its_file():
     with pytest.raises(ValueError, match=r"models/decoder\.keras was trained on 2048-d image features, but its "
                                          r"CNN mobilenet_v2_int8 makes 1280-d ones"):
         require_feature_dim(model, 1280, "mobilenet_v2_int8", "models/decoder.keras")
+
+
+def attention_decoder(seed: int = 0):
+    """A tiny attention decoder: 5-d pooled vectors followed by a grid of 4 regions x 3 channels."""
+    keras.utils.set_random_seed(seed)
+    cfg = DecoderConfig(vocab_size=11, feature_dim=5, sequence_length=6, embedding_dim=4, units=8, dropout=0.2,
+                        grid=(4, 3))
+    rng = np.random.default_rng(seed)
+    return build_decoder(cfg, rng.normal(size=(12, cfg.input_width)).astype("float32")), cfg
+
+
+def test_attention_steps_reproduce_the_teacher_forced_logits_and_survive_save_and_load(tmp_path):
+    decoder, cfg = attention_decoder()
+    assert grid_of(decoder) == (4, 3)
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(3, cfg.input_width)).astype("float32")
+    tokens = rng.integers(1, 11, size=(3, 6)).astype("int32")
+    full = keras.ops.log_softmax(decoder([image, tokens], training=False), axis=-1).numpy()
+    decoder.save(tmp_path / "decoder.keras")
+    loaded = load_decoder(tmp_path / "decoder.keras")
+    assert grid_of(loaded) == (4, 3)
+    steps = StepModels.from_decoder(loaded)
+    state = steps.encode(image)
+    for t in range(6):
+        lp, state = steps.step(tokens[:, t:t + 1], state)
+        np.testing.assert_allclose(lp, full[:, t], atol=1e-5)
+
+
+def test_the_attention_decoder_looks_at_the_regions():
+    """Changing one region of the grid (pooled vector kept) changes what it says next, and
+    training moves each word's attention toward the region that tells that word."""
+    decoder, cfg = attention_decoder()
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(1, cfg.input_width)).astype("float32")
+    moved = image.copy()
+    moved[0, cfg.feature_dim:cfg.feature_dim + 3] += 5.0  # region 0 only
+    tokens = np.array([[1, 5, 6, 7, 0, 0]], "int32")
+    assert not np.allclose(decoder([image, tokens]).numpy(), decoder([moved, tokens]).numpy(), atol=1e-4)
+
+    # word 5 and then word 6 are told by region 2's first channel (+1 -> 5, -1 -> 6); the pooled
+    # vector and the other regions are noise, so only looking at region 2 helps
+    n = 256
+    images = rng.normal(size=(n, cfg.input_width)).astype("float32")
+    sign = rng.choice([-1.0, 1.0], size=n)
+    images[:, cfg.feature_dim + 2 * 3] = 3 * sign
+    first = np.where(sign > 0, 5, 6)
+    inputs = np.stack([np.ones(n), first, np.full(n, 9), np.zeros(n), np.zeros(n), np.zeros(n)], 1).astype("int32")
+    targets = np.stack([first, np.full(n, 9), np.full(n, 2), np.zeros(n), np.zeros(n), np.zeros(n)], 1).astype("int32")
+    before = attention_maps(decoder, images[:32], [[int(f), 9] for f in first[:32]], 1, 6)
+    make_trainer(decoder, 1e-2).fit([images, inputs], targets, batch_size=32, epochs=30, verbose=0)
+    after = attention_maps(decoder, images[:32], [[int(f), 9] for f in first[:32]], 1, 6)
+    assert all(m.shape == (3, 4) and np.allclose(m.sum(axis=1), 1, atol=1e-5) for m in after)
+    on_region_2 = lambda maps: float(np.mean([m[0, 2] for m in maps]))  # noqa: E731  (the first word's look)
+    assert on_region_2(after) > 0.5 > on_region_2(before)
+
+
+def test_attention_maps_are_refused_for_a_pooled_only_decoder_and_averaged_over_an_ensemble():
+    pooled, _ = two_decoders()
+    with pytest.raises(ValueError, match="no attention to show"):
+        attention_maps(pooled, np.zeros((1, 6), "float32"), [[3]], 1, 7)
+    first, cfg = attention_decoder(0)
+    second, _ = attention_decoder(1)
+    image = np.random.default_rng(2).normal(size=(2, cfg.input_width)).astype("float32")
+    captions = [[3, 4], [5]]
+    alone = [attention_maps(m, image, captions, 1, 6) for m in (first, second)]
+    both = attention_maps(ensemble_decoder([first, second]), image, captions, 1, 6)
+    for row in range(2):
+        np.testing.assert_allclose(both[row], (alone[0][row] + alone[1][row]) / 2, atol=1e-6)
+    assert both[1].shape == (2, 4)  # one word and <end>
+
+
+def test_an_attention_decoder_checks_the_pooled_width_of_its_cnn():
+    decoder, _ = attention_decoder()
+    require_feature_dim(decoder, 5, "some cnn", "models/decoder.keras")
+    with pytest.raises(ValueError, match="trained on 5-d image features"):
+        require_feature_dim(decoder, 17, "some cnn", "models/decoder.keras")

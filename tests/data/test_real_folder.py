@@ -11,6 +11,7 @@ from pipeline.data.real_folder import (
     EMBEDDINGS,
     RealFolderError,
     dev_photos,
+    grid_file,
     read_captions,
     read_embeddings,
 )
@@ -75,3 +76,10 @@ def test_dev_photos_are_only_dev_images_inside_the_folder(tmp_path):
     (root / "dev_photos" / "d.jpg").symlink_to(outside)
     assert dev_photos(root, {"c.jpg", "d.jpg"}) == {"c.jpg": root / "dev_photos" / "c.jpg"}
     assert dev_photos(tmp_path / "nowhere", {"c.jpg"}) == {}
+
+
+def test_the_grid_beside_the_embeddings_is_found_by_its_name(tmp_path):
+    root = write_folder(tmp_path / "real")
+    assert grid_file(root) is None
+    (root / "mobilenet_v2_224_grid.trainval.parquet").write_bytes(b"")
+    assert grid_file(root) == root / "mobilenet_v2_224_grid.trainval.parquet"

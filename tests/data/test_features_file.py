@@ -1,0 +1,61 @@
+"""The grid file format: what an attention decoder reads beside the pooled vectors."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.features_file import GridFileError, read_grid, with_grid
+
+
+def write_grid(path, values, meta, images=("b.jpg", "a.jpg")):
+    flat = pa.array(values.reshape(-1))
+    table = pa.table({"image": pa.array(list(images)),
+                      "grid": pa.FixedSizeListArray.from_arrays(flat, values.shape[1])})
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    return path
+
+
+def test_a_quantised_grid_is_dequantised_and_laid_out_row_major(tmp_path):
+    q = np.arange(2 * 12, dtype=np.uint8).reshape(2, 12)
+    path = write_grid(tmp_path / "g.parquet", q, {"shape": "[2, 2, 3] row-major (row, column, channel)",
+                                                  "scale": "0.5", "zero_point": "4"})
+    images, grid, shape = read_grid(path)
+    assert images == ["b.jpg", "a.jpg"] and shape == (2, 2, 3)
+    np.testing.assert_allclose(grid, (q.astype(np.float32) - 4) * 0.5)
+    # each image's row: pooled vector first, then its grid, matched by name
+    rows = with_grid(["a.jpg", "b.jpg"], np.array([[1.0], [2.0]], np.float32), images, grid, path)
+    np.testing.assert_allclose(rows[0], [1.0, *grid[1]])
+    np.testing.assert_allclose(rows[1], [2.0, *grid[0]])
+
+
+def test_a_float16_grid_reads_as_float32(tmp_path):
+    values = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float16)
+    _, grid, shape = read_grid(write_grid(tmp_path / "g.parquet", values, {"shape": "[2, 2, 2]"}))
+    assert grid.dtype == np.float32 and shape == (2, 2, 2)
+    np.testing.assert_array_equal(grid, values.astype(np.float32))
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({}, "no 'shape'"),
+    ({"shape": "[7, 7, 320]"}, r"shape \[7, 7, 320\] does not hold the 12 values"),
+    ({"shape": "[2, 2, 3]"}, "needs 'scale' and 'zero_point'"),
+])
+def test_a_grid_file_that_cannot_be_laid_out_is_refused_naming_it(tmp_path, meta, match):
+    path = write_grid(tmp_path / "bad.parquet", np.zeros((2, 12), np.uint8), meta)
+    with pytest.raises(GridFileError, match=match) as err:
+        read_grid(path)
+    assert "bad.parquet" in str(err.value)
+
+
+def test_a_pooled_features_file_is_not_taken_for_a_grid(tmp_path):
+    path = tmp_path / "xception.parquet"
+    pq.write_table(pa.table({"image": ["a.jpg"], "embedding": [[1.0, 2.0]]}), path)
+    with pytest.raises(GridFileError, match="no 'grid' column beside 'image'.*not a grid file"):
+        read_grid(path)
+
+
+def test_a_grid_missing_an_image_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "g.parquet"
+    with pytest.raises(GridFileError, match=r"g\.parquet: no grid for 1 of the 2 images, e\.g\. \['c\.jpg'\]"):
+        with_grid(["a.jpg", "c.jpg"], np.zeros((2, 1), np.float32), ["a.jpg"], np.zeros((1, 4), np.float32), path)
