@@ -113,15 +113,16 @@ def decoder_features(features: np.ndarray, grid: tuple[int, int] | None, cfg: Tr
     if cfg.decoder == "attention":
         if grid is None:
             raise ValueError(f"train.decoder is attention, but {source} hold no grid of regions, only one pooled "
-                             f"{features.shape[1]}-d vector per photo: extract the grid (features.grid: true) "
-                             "or use train.decoder: lstm")
+                             f"{features.shape[1]}-d vector per photo (the features stage writes pooled vectors "
+                             "only; a real-features folder with a *_grid Parquet has both): use train.decoder: lstm "
+                             "here")
         return features, grid
     return (features[:, :features.shape[1] - grid[0] * grid[1]] if grid else features), None
 
 
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,
                   cfg: TrainSettings, on_epoch=None, on_self_critical_epoch=None,
-                  grid: tuple[int, int] | None = None):
+                  grid: tuple[int, int] | None = None, source: str = "the features"):
     """Pure core: (decoder, vocabulary, cross-entropy history, self-critical history), the
     histories with a ``member`` column (0..ensemble-1). ``features`` rows are the pooled vector,
     followed by the regions when ``grid`` (regions, channels) is given; ``train.decoder``
@@ -140,7 +141,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
     )
     from pipeline.captioning.self_critical import HISTORY_COLUMNS, fine_tune
 
-    features, grid = decoder_features(features, grid, cfg)
+    features, grid = decoder_features(features, grid, cfg, source)
     train_captions = captions.loc[captions["split"] == "train", "caption"]
     if train_captions.empty or not (captions["split"] == "dev").any():
         raise ValueError("need captions in both the train and the dev split")
@@ -225,7 +226,7 @@ def run(settings: Settings) -> dict:
         with reported(ValueError):
             model, vocab, history, self_critical = train_decoder(
                 training_rows(captions, settings.feedback.train_repeats), images, features, settings.train,
-                log_epoch, log_self_critical)
+                log_epoch, log_self_critical, source=str(feature_file))
         per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
         summary = {"best_epoch": int(per_member["epoch"].iloc[0]),  # member 0's
                    "best_dev_loss": float(per_member["val_loss"].mean()), "epochs_run": len(history),
