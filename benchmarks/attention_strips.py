@@ -69,7 +69,9 @@ def main() -> None:
     for name, caption, weights in tqdm(list(zip(names, best, maps)), desc="strips", unit="photo"):
         words = vocab.decode(caption.tokens).split()
         photo = Image.open(io.BytesIO(thumbnail_jpeg(photos[name], 480, settings.validation.max_image_pixels)))
-        strip = render_strip(photo, words, weights, (rows, cols), " ".join(words))
+        strip = render_strip(photo, words, weights, (rows, cols),
+                             f"{' '.join(words)}\n\n(dev photo {name}: where the decoder looked for each word; "
+                             "a picture for developers, not a caption judged for how sure it is)")
         with atomic_path(args.out / f"{Path(name).stem}.png") as tmp:
             strip.save(tmp, format="PNG")
         print(f"{args.out / (Path(name).stem + '.png')}: {' '.join(words)}")

@@ -66,13 +66,16 @@ def render_strip(photo: Image.Image, words: list[str], maps: np.ndarray, grid_hw
 
 
 def _wrapped(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> str:
-    """``text`` broken into lines no wider than ``width`` pixels."""
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return "\n".join([*lines, line])
+    """``text`` broken into lines no wider than ``width`` pixels (its own line breaks kept)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return "\n".join(lines)

@@ -7,6 +7,16 @@
 one row per image, sorted by name, and the backbone's provenance (weights, input size,
 preprocessing, library versions) as schema metadata. Shard files (``features@i``) have the
 same format and hold the images ``shard_of(name, N) == i``.
+
+A grid file (``*_grid.*.parquet`` beside the pooled one in a real-features folder) holds each
+image's last feature map before pooling, for the attention decoder:
+
+    image  string
+    grid   fixed_size_list<uint8 | float16 | float32>[rows x columns x channels], row-major
+
+with ``shape`` ("[7, 7, 320] ...") and, for uint8, ``scale`` and ``zero_point`` in the schema
+metadata. ``with_grid`` lays an image's row out as the attention decoder reads it: the pooled
+vector, then the grid.
 """
 
 from __future__ import annotations
