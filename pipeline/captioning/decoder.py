@@ -75,7 +75,6 @@ class Layer:
     ATTENTION_KEYS = "attention_keys"
     ATTENTION_QUERY = "attention_query"
     ATTENTION_WEIGHTS = "attention_weights"
-    CONTEXT = "context"
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,8 @@ def _normalization(name: str, shape: tuple, samples: np.ndarray | None) -> layer
 def _attend(get, seq, keys, regions):
     """Scaled dot-product attention of each LSTM output (B, T, U) over the regions (B, R, U) with
     their keys (B, R, A): (context (B, T, U), weights (B, T, R)). Additive attention (Show, Attend
-    and Tell's) cost 27% more per training step here for its (B, T, R, A) tanh. One function for training and for
-    the one-step inference model, so both run the same layers."""
+    and Tell's) needs a (B, T, R, A) tanh and was not faster or better in a first measurement.
+    One function for training and for the one-step inference model, so both run the same layers."""
     query = get(Layer.ATTENTION_QUERY)(seq)  # (B, T, A)
     scores = ops.matmul(query, ops.transpose(keys, (0, 2, 1))) / float(np.sqrt(keys.shape[-1]))  # (B, T, R)
     weights = get(Layer.ATTENTION_WEIGHTS)(scores)
