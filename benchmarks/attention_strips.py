@@ -37,7 +37,13 @@ def main() -> None:
     from pipeline.captioning.attention_strip import render_strip
     from pipeline.captioning.caption_choice import CaptionChooser
     from pipeline.captioning.consensus import Neighbours
-    from pipeline.captioning.decoder import attention_maps, decoding_models, grid_of, load_decoder
+    from pipeline.captioning.decoder import (
+        attention_maps,
+        decoding_models,
+        grid_of,
+        load_decoder,
+        require_grid,
+    )
     from pipeline.captioning.vocabulary import Vocabulary
     from pipeline.config import parse_settings
     from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
@@ -54,7 +60,11 @@ def main() -> None:
         raise SystemExit(f"{args.data} holds no grid of regions beside {embeddings_file(args.data).name}")
     captions, _ = read_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
     images, pooled, _ = read_features(embeddings_file(args.data))
-    grid_images, regions, (rows, cols, _) = read_grid(grid_path)
+    grid_images, regions, (rows, cols, channels) = read_grid(grid_path)
+    try:
+        require_grid(decoder, (rows * cols, channels), str(grid_path), args.load / "decoder.keras")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     features = with_grid(images, pooled, grid_images, regions, grid_path)
     photos = dev_photos(args.data, set(captions.loc[captions["split"] == "dev", "image"]))
     names = sorted(photos)[:args.photos]

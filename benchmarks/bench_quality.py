@@ -101,7 +101,13 @@ def main() -> None:
     import yaml
 
     from pipeline.captioning.consensus import Neighbours
-    from pipeline.captioning.decoder import decoding_models, ensemble_decoder, grid_of, members_of
+    from pipeline.captioning.decoder import (
+        decoding_models,
+        ensemble_decoder,
+        grid_of,
+        members_of,
+        require_grid,
+    )
     from pipeline.captioning.decoding import beam_search
     from pipeline.captioning.self_critical import fine_tune
     from pipeline.config import DecodingSettings, parse_settings
@@ -124,13 +130,17 @@ def main() -> None:
           + (f", grids of {grid[0]} regions x {grid[1]} channels" if grid else ""))
 
     kind = settings.train
-    if args.load:  # the saved decoders' own kind decides what they read
-        attends = any(grid_of(m) for m in load_members(args.load)[0])
-        kind = settings.train.model_copy(update={"decoder": "attention" if attends else "lstm"})
-    decoder_rows, _ = decoder_features(features, grid, kind, str(grid_path or embeddings))
     start = time.perf_counter()
-    if args.load:  # then only self-critical fine-tuning (of each member), if train.self_critical.epochs > 0
+    if args.load:  # the saved decoders' own kind decides what they read
         members, vocab = load_members(args.load)
+        for folder, member in zip(args.load, members):
+            try:
+                require_grid(member, grid, str(grid_path or embeddings), folder / "decoder.keras")
+            except ValueError as err:
+                raise SystemExit(str(err)) from None
+        kind = settings.train.model_copy(update={"decoder": "attention" if any(map(grid_of, members)) else "lstm"})
+    decoder_rows, _ = decoder_features(features, grid, kind, str(grid_path or embeddings))
+    if args.load:  # then only self-critical fine-tuning (of each member), if train.self_critical.epochs > 0
         history = None
         tuned = []
         if settings.train.self_critical.epochs:

@@ -101,7 +101,13 @@ def main() -> None:
 
     from pipeline.captioning.caption_choice import CaptionChooser
     from pipeline.captioning.consensus import Neighbours
-    from pipeline.captioning.decoder import decoding_models, ensemble_decoder, grid_of, members_of
+    from pipeline.captioning.decoder import (
+        decoding_models,
+        ensemble_decoder,
+        grid_of,
+        members_of,
+        require_grid,
+    )
     from pipeline.config import parse_settings
     from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
     from pipeline.data.real_folder import embeddings_file, grid_file
@@ -125,8 +131,10 @@ def main() -> None:
         decoder, vocab, _, _ = train_decoder(captions, images, rows_with_grid if grid else features,
                                              settings.train, grid=grid)
     attends = any(grid_of(m) for m in members_of(decoder))
-    if attends and rows_with_grid is None:
-        raise SystemExit(f"the decoder attends over a grid of regions, but {args.data} holds none beside {embeddings.name}")
+    try:
+        require_grid(decoder, grid, str(grid_path or embeddings), args.load[0] / "decoder.keras" if args.load else "trained")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     models = decoding_models(decoder)
     index = row_index(images)
     dev = captions[captions["split"] == "dev"]

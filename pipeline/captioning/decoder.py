@@ -390,6 +390,21 @@ def load_decoder(path) -> keras.Model:
     return keras.models.load_model(path)
 
 
+def require_grid(decoder: keras.Model, grid: tuple[int, int] | None, source: str, decoder_file) -> None:
+    """An attention decoder reads the grid it was trained on: ValueError naming both files when
+    ``source`` holds no grid, or one of another shape (regions x channels), which would otherwise
+    fail deep in TensorFlow. A pooled-only decoder takes any source (it reads the pooled part)."""
+    wanted = {grid_of(m) for m in members_of(decoder)} - {None}
+    if not wanted:
+        return
+    if grid is None:
+        raise ValueError(f"the decoder {decoder_file} attends over a grid of {' / '.join(f'{r} regions x {c} channels' for r, c in wanted)}, "
+                         f"but {source} holds no grid, only pooled vectors")
+    if wanted != {tuple(grid)}:
+        raise ValueError(f"the decoder {decoder_file} attends over a grid of {' / '.join(f'{r} regions x {c} channels' for r, c in wanted)}, "
+                         f"but {source} holds grids of {grid[0]} regions x {grid[1]} channels (another CNN or input size?)")
+
+
 def require_feature_dim(decoder: keras.Model, feature_dim: int, backbone: str, decoder_file) -> None:
     """A decoder reads the vectors of the CNN its features came from: ValueError, naming the file,
     when ``decoder`` was trained on vectors of another width than ``backbone`` makes (features of

@@ -121,6 +121,11 @@ def read_grid(path: Path) -> tuple[list[str], np.ndarray, tuple[int, int, int]]:
         matrix = (raw.astype(np.float32) - np.float32(zero)) * np.float32(scale)
     elif raw.dtype in (np.float16, np.float32):
         matrix = raw.astype(np.float32)
+        bad = ~np.isfinite(matrix).all(axis=1)
+        if bad.any():  # a NaN would turn every caption of that photo into noise, silently
+            names = table.column("image").to_pylist()
+            raise GridFileError(f"{path}: {int(bad.sum())} rows hold NaN or infinite values, e.g. "
+                                f"{[names[i] for i in np.flatnonzero(bad)[:3]]}")
     else:
         raise GridFileError(f"{path}: grid values of type {raw.dtype}; expected float16, float32 or uint8")
     return table.column("image").to_pylist(), matrix, shape

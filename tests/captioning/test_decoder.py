@@ -16,6 +16,7 @@ from pipeline.captioning.decoder import (
     make_trainer,
     members_of,
     require_feature_dim,
+    require_grid,
 )
 
 
@@ -219,3 +220,16 @@ def test_an_attention_decoder_checks_the_pooled_width_of_its_cnn():
     require_feature_dim(decoder, 5, "some cnn", "models/decoder.keras")
     with pytest.raises(ValueError, match="trained on 5-d image features"):
         require_feature_dim(decoder, 17, "some cnn", "models/decoder.keras")
+
+
+def test_an_attention_decoder_refuses_a_grid_of_another_shape_or_none_naming_both_files():
+    decoder, _ = attention_decoder()
+    require_grid(decoder, (4, 3), "grid.parquet", "decoder.keras")
+    with pytest.raises(ValueError, match=r"decoder\.keras attends over a grid of 4 regions x 3 channels, but "
+                                         r"grid\.parquet holds grids of 49 regions x 320 channels"):
+        require_grid(decoder, (49, 320), "grid.parquet", "decoder.keras")
+    with pytest.raises(ValueError, match=r"but pooled\.parquet holds no grid"):
+        require_grid(decoder, None, "pooled.parquet", "decoder.keras")
+    pooled, _ = two_decoders()
+    require_grid(pooled, None, "pooled.parquet", "decoder.keras")  # reads the pooled part of any rows
+    require_grid(pooled, (49, 320), "grid.parquet", "decoder.keras")

@@ -59,3 +59,10 @@ def test_a_grid_missing_an_image_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "g.parquet"
     with pytest.raises(GridFileError, match=r"g\.parquet: no grid for 1 of the 2 images, e\.g\. \['c\.jpg'\]"):
         with_grid(["a.jpg", "c.jpg"], np.zeros((2, 1), np.float32), ["a.jpg"], np.zeros((1, 4), np.float32), path)
+
+
+def test_a_grid_with_nan_is_refused_naming_the_photo(tmp_path):
+    values = np.zeros((2, 8), np.float32)
+    values[1, 3] = np.nan
+    with pytest.raises(GridFileError, match=r"1 rows hold NaN or infinite values, e\.g\. \['a\.jpg'\]"):
+        read_grid(write_grid(tmp_path / "g.parquet", values, {"shape": "[2, 2, 2]"}))
