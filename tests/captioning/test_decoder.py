@@ -64,12 +64,16 @@ def test_step_models_reproduce_the_teacher_forced_logits():
     cfg = DecoderConfig(vocab_size=11, feature_dim=7, sequence_length=5, embedding_dim=4, units=8, dropout=0.2)
     rng = np.random.default_rng(2)
     decoder = build_decoder(cfg, rng.normal(size=(10, 7)).astype("float32"))
-    image = rng.normal(size=(3, 7)).astype("float32")
-    tokens = rng.integers(1, 11, size=(3, 5)).astype("int32")
-    full = keras.ops.log_softmax(decoder([image, tokens], training=False), axis=-1).numpy()
-    steps = StepModels.from_decoder(decoder)
+    assert_steps_match(decoder, decoder, rng.normal(size=(3, 7)).astype("float32"),
+                       rng.integers(1, 11, size=(3, 5)).astype("int32"))
+
+
+def assert_steps_match(trained, stepped, image, tokens):
+    """One word at a time, ``stepped``'s inference halves give ``trained``'s teacher-forced log-probs."""
+    full = keras.ops.log_softmax(trained([image, tokens], training=False), axis=-1).numpy()
+    steps = StepModels.from_decoder(stepped)
     state = steps.encode(image)
-    for t in range(5):
+    for t in range(tokens.shape[1]):
         lp, state = steps.step(tokens[:, t:t + 1], state)
         np.testing.assert_allclose(lp, full[:, t], atol=1e-5)
 
@@ -159,17 +163,11 @@ def test_attention_steps_reproduce_the_teacher_forced_logits_and_survive_save_an
     decoder, cfg = attention_decoder()
     assert grid_of(decoder) == (4, 3)
     rng = np.random.default_rng(1)
-    image = rng.normal(size=(3, cfg.input_width)).astype("float32")
-    tokens = rng.integers(1, 11, size=(3, 6)).astype("int32")
-    full = keras.ops.log_softmax(decoder([image, tokens], training=False), axis=-1).numpy()
     decoder.save(tmp_path / "decoder.keras")
     loaded = load_decoder(tmp_path / "decoder.keras")
     assert grid_of(loaded) == (4, 3)
-    steps = StepModels.from_decoder(loaded)
-    state = steps.encode(image)
-    for t in range(6):
-        lp, state = steps.step(tokens[:, t:t + 1], state)
-        np.testing.assert_allclose(lp, full[:, t], atol=1e-5)
+    assert_steps_match(decoder, loaded, rng.normal(size=(3, cfg.input_width)).astype("float32"),
+                       rng.integers(1, 11, size=(3, 6)).astype("int32"))
 
 
 def test_the_attention_decoder_looks_at_the_regions():
