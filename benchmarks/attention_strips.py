@@ -46,26 +46,25 @@ def main() -> None:
     )
     from pipeline.captioning.vocabulary import Vocabulary
     from pipeline.config import parse_settings
-    from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
+    from pipeline.data.features_file import read_features, row_index, rows_of
     from pipeline.data.images import thumbnail_jpeg
-    from pipeline.data.real_folder import dev_photos, embeddings_file, grid_file, read_captions
+    from pipeline.data.real_folder import dev_photos, embeddings_file, read_captions, read_grid_rows
 
     settings = parse_settings(yaml.safe_load((PROJECT / "params.yaml").read_text()))
     decoder = load_decoder(args.load / "decoder.keras")
     vocab = Vocabulary.load(args.load / "vocab.json")
     if grid_of(decoder) is None:
         raise SystemExit(f"{args.load / 'decoder.keras'} reads pooled vectors only: it has no attention to draw")
-    grid_path = grid_file(args.data)
-    if grid_path is None:
-        raise SystemExit(f"{args.data} holds no grid of regions beside {embeddings_file(args.data).name}")
     captions, _ = read_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
     images, pooled, _ = read_features(embeddings_file(args.data))
-    grid_images, regions, (rows, cols, channels) = read_grid(grid_path)
+    found = read_grid_rows(args.data, images, pooled)
+    if found is None:
+        raise SystemExit(f"{args.data} holds no grid of regions beside {embeddings_file(args.data).name}")
+    grid_path, features, (rows, cols, channels) = found
     try:
         require_grid(decoder, (rows * cols, channels), str(grid_path), args.load / "decoder.keras")
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    features = with_grid(images, pooled, grid_images, regions, grid_path)
     photos = dev_photos(args.data, set(captions.loc[captions["split"] == "dev", "image"]))
     names = sorted(photos)[:args.photos]
     if not names:

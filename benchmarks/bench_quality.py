@@ -111,8 +111,8 @@ def main() -> None:
     from pipeline.captioning.decoding import beam_search
     from pipeline.captioning.self_critical import fine_tune
     from pipeline.config import DecodingSettings, parse_settings
-    from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
-    from pipeline.data.real_folder import embeddings_file, grid_file, read_captions
+    from pipeline.data.features_file import read_features, row_index, rows_of
+    from pipeline.data.real_folder import embeddings_file, read_captions, read_grid_rows
     from pipeline.stages.evaluate import HEALTH, evaluate_model
     from pipeline.stages.train import decoder_features, references_of, train_decoder
 
@@ -121,11 +121,11 @@ def main() -> None:
     captions, dropped = read_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
     embeddings = embeddings_file(args.data)
     images, pooled, _ = read_features(embeddings)
-    grid_path, grid, features = grid_file(args.data), None, pooled
-    if grid_path:
-        grid_images, regions, (rows, columns, channels) = read_grid(grid_path)
-        features, grid = with_grid(images, pooled, grid_images, regions, grid_path), (rows * columns, channels)
-        del regions
+    grid_path, grid, features = None, None, pooled
+    found = read_grid_rows(args.data, images, pooled)
+    if found:
+        grid_path, features, (rows, columns, channels) = found
+        grid = (rows * columns, channels)
     print(f"{len(captions)} captions ({dropped} dropped), {len(images)} embeddings of {pooled.shape[1]} dims"
           + (f", grids of {grid[0]} regions x {grid[1]} channels" if grid else ""))
 

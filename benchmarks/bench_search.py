@@ -109,8 +109,8 @@ def main() -> None:
         require_grid,
     )
     from pipeline.config import parse_settings
-    from pipeline.data.features_file import read_features, read_grid, row_index, rows_of, with_grid
-    from pipeline.data.real_folder import embeddings_file, grid_file
+    from pipeline.data.features_file import read_features, row_index, rows_of
+    from pipeline.data.real_folder import embeddings_file, read_grid_rows
     from pipeline.search.photo_index import Photo, PhotoIndex
     from pipeline.search.ranking import RRF_K, Searcher, query_ids, shortlist_rows
     from pipeline.stages.train import train_decoder
@@ -119,11 +119,11 @@ def main() -> None:
     captions, _ = load_captions(args.data, settings.validation.min_tokens, settings.validation.max_tokens)
     embeddings = embeddings_file(args.data)
     images, features, _ = read_features(embeddings)
-    grid_path, grid, rows_with_grid = grid_file(args.data), None, None
-    if grid_path:  # an attention decoder reads each photo's pooled vector followed by its regions
-        grid_images, regions, (height, width, channels) = read_grid(grid_path)
-        rows_with_grid, grid = with_grid(images, features, grid_images, regions, grid_path), (height * width, channels)
-        del regions
+    grid_path, grid, rows_with_grid = None, None, None
+    found = read_grid_rows(args.data, images, features)  # an attention decoder reads pooled vector + regions
+    if found:
+        grid_path, rows_with_grid, (height, width, channels) = found
+        grid = (height * width, channels)
     if args.load:
         members, vocab = load_members(args.load)
         decoder = members[0] if len(members) == 1 else ensemble_decoder(members)

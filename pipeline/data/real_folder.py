@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.caption_text import clean_caption
-from pipeline.data.features_file import read_features
+from pipeline.data.features_file import read_features, read_grid, with_grid
 from pipeline.data.flickr8k import parse_token_file, read_split_list
 from pipeline.data.photo_folder import PHOTO_SUFFIXES
 
@@ -58,6 +58,18 @@ def grid_file(data: Path) -> Path | None:
     stem, dot, rest = pooled.name.partition(".")
     candidate = pooled.with_name(f"{stem}_grid{dot}{rest}")
     return candidate if candidate.is_file() else None
+
+
+def read_grid_rows(data: Path, images: list[str], pooled: np.ndarray
+                   ) -> tuple[Path, np.ndarray, tuple[int, int, int]] | None:
+    """With a grid beside the pooled embeddings (``grid_file``): (its path, each of ``images``'
+    rows as an attention decoder reads them: the ``pooled`` vector then the grid, (rows, columns,
+    channels)); None when the folder holds no grid. GridFileError naming the file otherwise."""
+    path = grid_file(data)
+    if path is None:
+        return None
+    grid_images, regions, shape = read_grid(path)
+    return path, with_grid(images, pooled, grid_images, regions, path), shape
 
 
 def read_captions(data: Path, min_tokens: int, max_tokens: int) -> tuple[pd.DataFrame, dict[str, int]]:
