@@ -135,14 +135,33 @@ def caption(args: argparse.Namespace) -> int:
     names = list(data)
     person = _persons_alt_texts(names) if args.json else {}
     params = {"beam_size": args.beam} if args.beam else None
+    python_model = model.unwrap_python_model()
+    if args.attention is not None:
+        if getattr(python_model, "grid_hw", None) is None:
+            print(f"captioner: {args.model} reads one pooled vector per photo: it has no attention to draw "
+                  "(a model trained with train.decoder: attention has)", file=sys.stderr)
+            return 2
+        try:
+            args.attention.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"captioner: --attention {args.attention}: cannot make that folder ({err.strerror or err})",
+                  file=sys.stderr)
+            return 2
     # a request holds at most the model's serving.max_rows images: more files go in several
-    step = getattr(getattr(model.unwrap_python_model(), "limits", None), "max_rows", 64)
+    step = getattr(getattr(python_model, "limits", None), "max_rows", 64)
     status = 1 if errors else 0
+    drawn: set[str] = set()
     for lo in range(0, len(names), step):
         chunk = names[lo:lo + step]
-        result = model.predict(pd.DataFrame({"image": [data[n] for n in chunk]}), params=params)
-        for name, row in zip(chunk, result.to_dict("records")):
+        if args.attention is None:
+            rows = model.predict(pd.DataFrame({"image": [data[n] for n in chunk]}), params=params).to_dict("records")
+        else:  # the Python model itself: predict's table has no column for the maps
+            rows = python_model.caption_images([data[n] for n in chunk], args.beam, attention=True)
+        for name, row in zip(chunk, rows):
             said = said_of(row)
+            if args.attention is not None and not row["error"]:
+                said["attention_png"] = _draw_attention(name, data[name], row, said, args.attention, drawn,
+                                                        python_model.limits.max_image_pixels)
             if row["error"]:
                 status = 1
                 if args.json:
@@ -155,7 +174,42 @@ def caption(args: argparse.Namespace) -> int:
             else:
                 number = "" if said["confidence"] is None else f" {said['confidence']:.2f}"
                 print(f"{name}\t{said['spoken']}\t({said['confidence_words']}{number})", flush=True)
+                if args.attention is not None:
+                    print(f"{name}\twhere it looked: {said['attention_png'] or 'not drawn (the model abstained)'}",
+                          file=sys.stderr)
     return status
+
+
+def _draw_attention(name: str, image: bytes, row: dict, said: dict, folder: Path, drawn: set[str],
+                    max_pixels: int) -> str | None:
+    """Write ``folder/<stem>.png``: the photo, its caption as a reader should take it, and where
+    the model looked for each word. None (nothing drawn) when the model abstained: it says it
+    does not know what the picture shows, so its words are not drawn as if it did."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.atomic import atomic_path
+    from pipeline.captioning.attention_strip import render_strip
+    from pipeline.data.images import thumbnail_jpeg
+
+    if said["abstained"] or not row.get("attention"):
+        return None
+    stem = Path(name).stem or "photo"
+    out, k = folder / f"{stem}.png", 1
+    while out.name in drawn:  # two photos of one name in different folders: both kept
+        k += 1
+        out = folder / f"{stem}-{k}.png"
+    drawn.add(out.name)
+    found = row["attention"]
+    number = "" if said["confidence"] is None else f" {said['confidence']:.2f}"
+    photo = Image.open(io.BytesIO(thumbnail_jpeg(image, 480, max_pixels)))
+    strip = render_strip(photo, found["words"], np.asarray(found["maps"], np.float32), tuple(found["grid"]),
+                         f"{said['spoken']}\n({said['confidence_words']}{number})")
+    with atomic_path(out) as tmp:
+        strip.save(tmp, format="PNG")
+    return str(out)
 
 
 def _persons_alt_texts(names: list[str]) -> dict[str, str] | None:
@@ -500,8 +554,12 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     cap.add_argument("--json", action="store_true",
                      help="one JSON object per photo: file, caption, confidence, confidence_words, abstained, "
-                          "reason, person_alt_text (the alt text a person already wrote into the photo, or null) "
-                          "(or file, error)")
+                          "reason, person_alt_text (the alt text a person already wrote into the photo, or null), "
+                          "attention_png with --attention (or file, error)")
+    cap.add_argument("--attention", type=Path, default=None, metavar="DIR",
+                     help="also write DIR/<photo>.png per photo: the photo with its caption and, per word, where the "
+                          "model looked (a heat map over the photo); needs a model trained with train.decoder: "
+                          "attention; none is drawn for a photo the model abstains on")
     ind = sub.add_parser("index", help="caption every photo of a folder into a searchable index",
                          description="Caption every photo under DIR (JPEG, PNG, WebP; recursively) with the "
                                      "champion into a photo index. Again later, it does only what changed: "

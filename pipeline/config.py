@@ -135,6 +135,9 @@ class FeaturesSettings(_Section):
     # One entry per shard, [0, 1, ..., N-1]: DVC makes one `features@i` stage per entry (its
     # foreach needs a list) and an image goes to shard stable_hash(name) % N.
     shards: list[int] = Field(min_length=1, max_length=64)
+    # also store each image's grid of regions (the CNN's last feature map) beside the pooled
+    # vector, for train.decoder: attention; mobilenet_v2_int8 only so far (7x7x320, uint8)
+    grid: bool = False
 
     @model_validator(mode="after")
     def _mobilenet_as_it_was_made(self):

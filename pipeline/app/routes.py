@@ -8,7 +8,11 @@ logged while the old one keeps serving. Routes:
 * ``GET /``: the page (drop or pick photos; caption, the other beam candidates, time taken);
 * ``POST /api/caption``: multipart upload, field ``file`` (repeatable) -> JSON per file: the
   caption, its candidates, how sure the model is (``confidence``, ``confidence_words``,
-  ``abstained`` and its ``reason``) and ``spoken``, the caption as a reader should take it;
+  ``abstained`` and its ``reason``) and ``spoken``, the caption as a reader should take it; with
+  ``?attention=1``, ``attention``: where the model looked for each word ({"grid": [rows,
+  columns], "words", "maps": per word rows x columns integers 0..100, the percent of that word's
+  strongest region}; null for a model that reads one vector per photo). Bounded as the rest: at
+  most ``max_rows`` photos of ``max_length`` words;
 * ``POST /api/photo-with-alt-text``: one photo (field ``file``) -> the same photo with the
   champion's caption written into its own XMP (IPTC alt text, by ``tag.fields``), as
   ``captioner tag`` writes it: "Download with alt text". Nothing else in the file changes; an
@@ -206,6 +210,19 @@ async def _answer(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def captioned(model, datas: list[bytes], attention: bool) -> list[dict]:
+    """``model.caption_images(datas)``, with where it looked for each word when ``attention`` is
+    asked: ``attention`` is then null for a model without (one that reads one vector per photo, or
+    one registered before models could say, whose packaged code takes no such request)."""
+    if attention and hasattr(model, "attention_of"):
+        return model.caption_images(datas, attention=True)
+    results = model.caption_images(datas)
+    if attention:
+        for result in results:
+            result["attention"] = None
+    return results
+
+
 def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSettings,
                photos: PhotoSearch | None = None, desk=None, operator: OperatorCredential | None = None,
                hosts: list[str] | None = None, tag: TagSettings | None = None,
@@ -325,7 +342,9 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
             "X-Confidence-Words": said_of(said)["confidence_words"]})
 
     @app.post("/api/caption")
-    def caption(request: Request, file: list[UploadFile] = File(..., description="one or more images; repeat the field")):
+    def caption(request: Request, file: list[UploadFile] = File(..., description="one or more images; repeat the field"),
+                attention: bool = Query(False, description="also where the model looked for each word (an attention "
+                                                           "model; null for one that reads one vector per photo)")):
         limited(request)
         served = serving()
         model_limits = served.model.limits
@@ -335,10 +354,10 @@ def create_app(champion: ChampionHolder, poll_seconds: float, limits: AppSetting
         # never more than the limit + 1 bytes of a file: enough for the model to say it is too large
         datas = [upload.file.read(model_limits.max_image_bytes + 1) for upload in file]
         if desk is None:
-            results = served.model.caption_images(datas)
+            results = captioned(served.model, datas, attention)
         else:
             with desk.traced(served.info, [u.filename for u in file]) as trace:
-                results = served.model.caption_images(datas)
+                results = captioned(served.model, datas, attention)
                 trace["captions"] = [r["caption"] for r in results]
                 trace["confidence"] = [r.get("confidence") for r in results]
                 trace["abstained"] = [bool(r.get("abstained")) for r in results]

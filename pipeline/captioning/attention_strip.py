@@ -9,6 +9,9 @@ red-to-yellow over a dimmed copy of the photo, so the looked-at part stays reada
 
 from __future__ import annotations
 
+import io
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -63,6 +66,41 @@ def render_strip(photo: Image.Image, words: list[str], maps: np.ndarray, grid_hw
         strip.paste(heat_overlay(thumb, np.asarray(maps[k]), grid_hw), (x, y))
         draw.text((x + w // 2, y + h + 3), word, fill="black", font=font, anchor="ma")
     return strip
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def square_grid(regions: int) -> tuple[int, int]:
+    """(rows, columns) of a decoder's ``regions``: the CNNs here make square maps of square
+    inputs (MobileNetV2 7x7, Xception 10x10). ValueError for a count that is no square."""
+    side = math.isqrt(regions)
+    if side * side != regions:
+        raise ValueError(f"{regions} regions do not make a square grid")
+    return side, side
+
+
+def draw_strips(decoder, vocab, rows: np.ndarray, captions: list[str], photos: list, headers: list[str],
+                max_pixels: int | None) -> list[Image.Image]:
+    """One strip per photo (a path or bytes): the decoder's attention while it reads each of
+    ``captions`` (text of its vocabulary's words) on that photo's image ``rows``, under a header
+    line from ``headers``. ValueError for a decoder without attention."""
+    from pipeline.captioning.decoder import attention_maps, grid_of, members_of
+    from pipeline.data.images import thumbnail_jpeg
+
+    grid = grid_of(members_of(decoder)[0])
+    if grid is None:
+        raise ValueError("this decoder reads one pooled vector per photo: it has no attention to draw")
+    tokens = [vocab.encode(caption) for caption in captions]
+    maps = attention_maps(decoder, rows, tokens, vocab.start_id, vocab.sequence_length)
+    out = []
+    for caption, weights, photo, header in zip(captions, maps, photos, headers):
+        with Image.open(io.BytesIO(thumbnail_jpeg(photo, 480, max_pixels))) as image:
+            out.append(render_strip(image.convert("RGB"), caption.split(), weights, square_grid(grid[0]), header))
+    return out
 
 
 def _wrapped(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> str:

@@ -62,6 +62,7 @@ import keras  # noqa: E402
 
 from pipeline import cpu  # noqa: E402
 from pipeline.config import FeaturesSettings  # noqa: E402
+from pipeline.data.features_file import dequantize, grid_metadata  # noqa: E402
 from pipeline.data.images import ImageSource, load_rgb  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -311,6 +312,8 @@ class MobileNetV2Int8Embedder:
         scale, zero_point = pooled[0]["quantization"]
         self._scale, self._zero_point = np.float32(scale), np.float32(zero_point)
         self.grid_quantization = tuple(grid[0]["quantization"])  # (scale, zero point) of ``grid``'s values
+        self.grid_hw = MOBILENET_GRID_SHAPE[1:3]  # rows, columns of regions
+        self.grid = (MOBILENET_GRID_SHAPE[1] * MOBILENET_GRID_SHAPE[2], MOBILENET_GRID_SHAPE[3])  # regions, channels
         self._lock = threading.Lock()
 
     def _run(self, batch_uint8: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -330,6 +333,16 @@ class MobileNetV2Int8Embedder:
         found = list(self._run(batch_uint8))
         pooled = np.stack([p for p, _ in found]).astype(np.float32)
         return (pooled - self._zero_point) * self._scale, np.stack([g for _, g in found])
+
+    def grid_metadata(self) -> dict[str, str]:
+        """How ``with_grid``'s grids are stored in a features file (shape, scale, zero point)."""
+        return grid_metadata(MOBILENET_GRID_SHAPE[1:], self.grid_quantization)
+
+    def rows(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """(N, 1280 + 7 x 7 x 320) float32: the pooled vector, then the grid dequantized, as the
+        attention decoder reads an image (the layout ``read_feature_rows`` gives the stages)."""
+        pooled, grid = self.with_grid(batch_uint8)
+        return np.concatenate([pooled, dequantize(grid.reshape(len(grid), -1), *self.grid_quantization)], axis=1)
 
 
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
@@ -515,6 +528,17 @@ class BackboneFolder:
         same_cnn = (spec.name, spec.weights, spec.image_size, spec.seed) == (
             base.name, base.weights, base.image_size, base.seed)
         return same_cnn and asked == {"runtime": cfg.runtime, "precision": cfg.precision}
+
+    def grid_embedder(self) -> MobileNetV2Int8Embedder:
+        """The embedder that also gives each image's grid of regions (``with_grid``, ``rows``,
+        ``grid_metadata``). Built for the int8 MobileNetV2; BackboneError naming the folder for
+        another CNN (Xception's 10x10 map is not extracted yet: its decoders read pooled vectors)."""
+        spec = self.spec()
+        if spec.name != MOBILENET:
+            raise BackboneError(f"{self.path} holds {spec.name} run by {spec.runtime}: grids of regions are extracted "
+                                f"from {MOBILENET} only so far (features.grid: true and attention decoders need it); "
+                                f"use features.backbone: {MOBILENET}, or train.decoder: lstm with features.grid: false")
+        return self.embedder()
 
     def embedder(self, fallback_to_keras: bool = False, cpu_flags: frozenset[str] | None = None) -> Embedder:
         """The embedder of the saved runtime and precision. ``fallback_to_keras`` (the served

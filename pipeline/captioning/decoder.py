@@ -405,6 +405,15 @@ def require_grid(decoder: keras.Model, grid: tuple[int, int] | None, source: str
                          f"but {source} holds grids of {grid[0]} regions x {grid[1]} channels (another CNN or input size?)")
 
 
+def decoder_rows(decoder: keras.Model, rows: np.ndarray, grid: tuple[int, int] | None, source,
+                 decoder_file) -> np.ndarray:
+    """The part of image ``rows`` (pooled vector, then any grid of ``grid`` = (regions, channels))
+    that ``decoder`` reads: all of it for an attention decoder (``require_grid`` first), the
+    pooled vector for a pooled-only one."""
+    require_grid(decoder, grid, source, decoder_file)
+    return rows[:, :int(members_of(decoder)[0].inputs[0].shape[-1])]
+
+
 def require_feature_dim(decoder: keras.Model, feature_dim: int, backbone: str, decoder_file) -> None:
     """A decoder reads the vectors of the CNN its features came from: ValueError, naming the file,
     when ``decoder`` was trained on vectors of another width than ``backbone`` makes (features of

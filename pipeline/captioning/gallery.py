@@ -15,16 +15,23 @@ def thumbnail_data_uri(path: Path, max_pixels: int | None, size: int = 200) -> s
 
 def render(items: list[dict], title: str, summary: str, max_pixels: int | None) -> str:
     """items: {path, image, beam, greedy, references} and, where the model says how sure it is,
-    ``sure`` (the confidence in words); images (at most ``max_pixels``) are embedded as data URIs."""
+    ``sure`` (the confidence in words), and for an attention decoder ``strip`` (PNG bytes: where it
+    looked for each word of the beam caption); images (at most ``max_pixels``) are embedded as
+    data URIs."""
     cards = []
     for item in items:
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in item["references"])
         sure = f' <i>({html.escape(item["sure"])})</i>' if item.get("sure") else ""
+        strip = ""
+        if item.get("strip"):
+            uri = "data:image/png;base64," + base64.b64encode(item["strip"]).decode()
+            strip = (f'<details><summary>where it looked</summary><img class="strip" src="{uri}" alt="where the '
+                     f'model looked for each word of: {html.escape(item["beam"])}"></details>')
         cards.append(
             f'<figure><img src="{thumbnail_data_uri(item["path"], max_pixels)}" alt="{html.escape(item["image"])}">'
             f'<figcaption><b>beam:</b> {html.escape(item["beam"])}{sure}<br>'
             f'<b>greedy:</b> {html.escape(item["greedy"])}<details><summary>references</summary>'
-            f'<ul>{refs}</ul></details><small>{html.escape(item["image"])}</small></figcaption></figure>')
+            f'<ul>{refs}</ul></details>{strip}<small>{html.escape(item["image"])}</small></figcaption></figure>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} main{{display:flex;flex-wrap:wrap;gap:1em}}

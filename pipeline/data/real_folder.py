@@ -13,9 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.data.caption_text import clean_caption
-from pipeline.data.features_file import read_features, read_grid, with_grid
+from pipeline.data.features_file import (
+    GRID_COLUMN,
+    grid_shape,
+    read_features,
+    read_grid,
+    row_index,
+    with_grid,
+)
 from pipeline.data.flickr8k import parse_token_file, read_split_list
 from pipeline.data.photo_folder import PHOTO_SUFFIXES
 
@@ -70,6 +79,37 @@ def read_grid_rows(data: Path, images: list[str], pooled: np.ndarray
         return None
     grid_images, regions, shape = read_grid(path)
     return path, with_grid(images, pooled, grid_images, regions, path), shape
+
+
+def stored_grid(data: Path, images: list[str], metadata: dict[str, str]) -> np.ndarray:
+    """The folder's grid of ``images`` as stored, (N, rows, columns, channels) uint8, for a
+    features file whose grid ``metadata`` (shape, scale, zero point: the serving CNN's) it must
+    match: a grid made another way would be read one way in training and computed another in
+    serving. RealFolderError naming the file otherwise."""
+    path = grid_file(data)
+    if path is None:
+        raise RealFolderError(f"{data} holds no grid of regions ({GRID} beside {EMBEDDINGS}), so no attention "
+                              "decoder can be trained on it: use train.decoder: lstm")
+    table = pq.read_table(path)
+    if GRID_COLUMN not in table.schema.names or "image" not in table.schema.names:
+        raise RealFolderError(f"{path}: no 'image' and '{GRID_COLUMN}' columns: not a grid file")
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    kind = table.schema.field(GRID_COLUMN).type
+    shape = grid_shape(meta, getattr(kind, "list_size", -1), path)
+    wanted = grid_shape(metadata, -1, path, check_width=False)
+    same_scale = all(key in meta and np.isclose(float(meta[key]), float(metadata[key]), rtol=1e-6, atol=0)
+                     for key in ("scale", "zero_point"))
+    if getattr(kind, "value_type", None) != pa.uint8() or shape != wanted or not same_scale:
+        raise RealFolderError(f"{path} holds grids of {list(shape)} {getattr(kind, 'value_type', kind)} with scale "
+                              f"{meta.get('scale')} and zero point {meta.get('zero_point')}; the CNN that serves this "
+                              f"model makes {list(wanted)} uint8 with scale {metadata.get('scale')} and zero point "
+                              f"{metadata.get('zero_point')}: they were made by another CNN or recipe")
+    index = row_index(table.column("image").to_pylist())
+    missing = [name for name in images if name not in index]
+    if missing:
+        raise RealFolderError(f"{path}: no grid for {len(missing)} of the {len(images)} images, e.g. {missing[:3]}")
+    raw = table.column(GRID_COLUMN).combine_chunks().flatten().to_numpy().reshape(-1, *shape)
+    return raw[[index[name] for name in images]]
 
 
 def read_captions(data: Path, min_tokens: int, max_tokens: int) -> tuple[pd.DataFrame, dict[str, int]]:

@@ -114,7 +114,14 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         from pipeline.captioning.backbone import BackboneFolder
         from pipeline.captioning.caption_choice import CaptionChooser
         from pipeline.captioning.consensus import Neighbours
-        from pipeline.captioning.decoder import decoding_models, load_decoder, require_feature_dim
+        from pipeline.captioning.decoder import (
+            decoding_models,
+            grid_of,
+            load_decoder,
+            members_of,
+            require_feature_dim,
+            require_grid,
+        )
         from pipeline.captioning.vocabulary import Vocabulary
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
@@ -123,7 +130,6 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.backbone_digest = backbone.digest()  # photo search reuses embeddings of the same CNN
         self.decoding = DecodingSettings.from_stored(config["decoding"])
         self.limits = ServingSettings.model_validate(config["limits"])
-        self.embed = backbone.embedder(fallback_to_keras=True)
         self.vocab = Vocabulary.load(context.artifacts["vocab"])
         neighbours = None
         if self.decoding.consensus.neighbours and "neighbours" not in context.artifacts:
@@ -133,6 +139,14 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.confidence, self.no_confidence = self._confidence(context.artifacts, neighbours)
         decoder = load_decoder(context.artifacts["decoder"])
         require_feature_dim(decoder, self.spec.feature_dim, self.spec.name, context.artifacts["decoder"])
+        self.decoder, self.grid_hw = decoder, None
+        if grid_of(members_of(decoder)[0]) is None:
+            self.embed = backbone.embedder(fallback_to_keras=True)
+        else:  # an attention decoder: each photo's row is its pooled vector, then its grid of regions
+            grids = backbone.grid_embedder()
+            require_grid(decoder, grids.grid, f"the CNN in {backbone.path}", context.artifacts["decoder"])
+            self.embed, self.grid_hw = grids.rows, grids.grid_hw
+            self.backbone_digest += "+grid"  # rows of another width: stored embeddings of a pooled model are not reused
         self.chooser = CaptionChooser(decoding_models(decoder), self.vocab,
                                       self.decoding, neighbours)
         self._warm_up()
@@ -181,13 +195,14 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({key: pd.Series([r[key] for r in results], dtype=object)
                              for key in ("caption", "error", "confidence", "abstained", "reason")})
 
-    def caption_images(self, values: list, beam_size: int | None = None) -> list[dict]:
+    def caption_images(self, values: list, beam_size: int | None = None, attention: bool = False) -> list[dict]:
         """Each image value -> {"caption", "candidates": [{"caption", "score"}], "error", "confidence",
         "abstained", "reason"} (``describe``), with the same limits and per-row errors as ``predict`` (apps call this to show the other beam
         candidates, ``beam_size`` of them; ``score`` is the length-normalised log-probability; a
         model that reranks by consensus adds ``consensus``, the CIDEr-D against similar train
         images' captions, and lists the best by consensus + consensus.weight x score, sampled
-        captions among them when it samples)."""
+        captions among them when it samples). With ``attention``, each captioned row also gets
+        ``attention``: where the model looked for each word (``describe``)."""
         beam = beam_param({"beam_size": beam_size}, self.decoding.beam_size)
         rows, limit = len(values), self.limits.max_rows
         if rows > limit:
@@ -196,10 +211,10 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
                     "reason": ""} for _ in values]
         step = self.limits.batch_size
         for lo in range(0, rows, step):
-            self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam)
+            self._caption_batch(values[lo:lo + step], results[lo:lo + step], beam, attention)
         return results
 
-    def _caption_batch(self, values: list, results: list[dict], beam: int) -> None:
+    def _caption_batch(self, values: list, results: list[dict], beam: int, attention: bool = False) -> None:
         from pipeline.captioning.backbone import load_image
 
         pixels, ok = [], []
@@ -212,13 +227,15 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
                 result["error"] = str(err).splitlines()[0]
         if not pixels:
             return
-        for result, described in zip(ok, self.describe(self.embed(np.stack(pixels)), beam)):
+        for result, described in zip(ok, self.describe(self.embed(np.stack(pixels)), beam, attention)):
             result.update(described)
 
-    def describe(self, features: np.ndarray, beam_size: int | None = None) -> list[dict]:
-        """Per row of pooled ``features``: {"caption", "candidates" (the best ``beam_size``, with
-        their scores), "confidence", "abstained", "reason"}: the one way the app, search and alt
-        text caption what the CNN saw."""
+    def describe(self, features: np.ndarray, beam_size: int | None = None, attention: bool = False) -> list[dict]:
+        """Per row of ``features`` (what ``embed`` gives: the pooled vector, then the grid for an
+        attention decoder): {"caption", "candidates" (the best ``beam_size``, with their scores),
+        "confidence", "abstained", "reason"}: the one way the app, search and alt text caption
+        what the CNN saw. With ``attention``, also "attention": ``attention_of``'s maps of the
+        caption, or None for a model that reads one pooled vector per photo."""
         beam = beam_size or self.decoding.beam_size
         ranked = self.chooser.choose(features, beam_size=beam)
         if self.confidence is None:
@@ -227,7 +244,30 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             notes = without_confidence(len(ranked), self.no_confidence)
         else:
             notes = self.confidence.describe(features, ranked, self.vocab.decode, beam)
-        return with_candidates(self.vocab, ranked, beam, notes)
+        out = with_candidates(self.vocab, ranked, beam, notes)
+        if attention:
+            maps = self.attention_of(features, [pool[0].caption.tokens for pool in ranked])
+            for row, found in zip(out, maps):
+                row["attention"] = found
+        return out
+
+    def attention_of(self, features: np.ndarray, captions: list[list[int]]) -> list[dict | None]:
+        """Where the decoder looked for each word of each caption (token ids), compactly:
+        {"grid": [rows, columns], "words": [...], "maps": one list of rows x columns integers per
+        word, row-major, 0..100 = percent of that word's strongest region}; None for each when the
+        model reads one pooled vector per photo (it has no attention to show)."""
+        if self.grid_hw is None:
+            return [None] * len(captions)
+        from pipeline.captioning.decoder import attention_maps
+
+        maps = attention_maps(self.decoder, features, captions, self.vocab.start_id, self.vocab.sequence_length)
+        out = []
+        for tokens, weights in zip(captions, maps):
+            words = self.vocab.decode(tokens).split()
+            peak = np.maximum(weights[:len(words)].max(axis=1, keepdims=True), 1e-12)
+            out.append({"grid": list(self.grid_hw), "words": words,
+                        "maps": np.rint(100 * weights[:len(words)] / peak).astype(int).tolist()})
+        return out
 
 
 def with_candidates(vocab, ranked: list, beam: int, notes: list[dict]) -> list[dict]:

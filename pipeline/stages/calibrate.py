@@ -32,12 +32,12 @@ from pipeline.captioning import confidence as conf
 from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.cider import CiderD
 from pipeline.captioning.consensus import Neighbours
-from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
+from pipeline.captioning.decoder import StepModels, decoder_rows, decoding_models, load_decoder
 from pipeline.captioning.metrics import JavaMissingError
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import ConfidenceSettings, DecodingSettings, Settings
 from pipeline.data.caption_text import references_by_image
-from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.data.features_file import read_feature_rows, row_index, rows_of
 from pipeline.data.sources import prepared_captions
 from pipeline.registry.tracking import resume_run
 from pipeline.stages._cli import reported, require, stage_main
@@ -146,10 +146,12 @@ def run(settings: Settings) -> dict:
     feature_file = paths.features_file(settings.features.backbone)
     require(paths.DECODER, paths.VOCAB, paths.NEIGHBOURS, paths.CAPTIONS, feature_file)
     captions = prepared_captions()
-    images, features, _ = read_features(feature_file)
+    images, rows, _, grid = read_feature_rows(feature_file)
     with reported(JavaMissingError, ValueError):
+        decoder = load_decoder(paths.DECODER)
+        features = decoder_rows(decoder, rows, grid, feature_file, paths.DECODER)
         calibration, report, table = calibrate_model(
-            decoding_models(load_decoder(paths.DECODER)), Vocabulary.load(paths.VOCAB), captions, images, features,
+            decoding_models(decoder), Vocabulary.load(paths.VOCAB), captions, images, features,
             Neighbours.load(paths.NEIGHBOURS), settings.decoding, settings.confidence, settings.alt_text.min_confidence)
     with atomic_path(paths.CONFIDENCE) as tmp:
         calibration.save(tmp)

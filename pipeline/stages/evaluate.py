@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.atomic import write_json, write_parquet, write_text
+from pipeline.captioning.attention_strip import draw_strips, png_bytes
 from pipeline.captioning.caption_choice import CaptionChooser
 from pipeline.captioning.comparison import per_image_scores
 from pipeline.captioning.confidence import (
@@ -43,13 +44,20 @@ from pipeline.captioning.confidence import (
     leave_one_out_meteor,
 )
 from pipeline.captioning.consensus import Neighbours
-from pipeline.captioning.decoder import StepModels, decoding_models, load_decoder
+from pipeline.captioning.decoder import (
+    StepModels,
+    decoder_rows,
+    decoding_models,
+    grid_of,
+    load_decoder,
+    members_of,
+)
 from pipeline.captioning.decoding import beam_search, greedy
 from pipeline.captioning.gallery import render
 from pipeline.captioning.metrics import JavaMissingError, caption_health, score
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import DecodingSettings, Settings
-from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.data.features_file import read_feature_rows, row_index, rows_of
 from pipeline.data.sources import FEEDBACK_TEST, image_files, prepared_captions
 from pipeline.registry.champion import caption_with_champion
 from pipeline.registry.tracking import flatten, resume_run, setup
@@ -203,10 +211,13 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
     features were computed elsewhere, the photos its folder holds."""
     consensus = settings.decoding.consensus.neighbours > 0
     vocab = Vocabulary.load(paths.VOCAB)
-    models = decoding_models(load_decoder(paths.DECODER))
-    images, features, _ = read_features(paths.features_file(settings.features.backbone))
+    feature_file = paths.features_file(settings.features.backbone)
+    images, rows, _, grid = read_feature_rows(feature_file)
     setup(settings)
     with reported(JavaMissingError, ValueError):
+        decoder = load_decoder(paths.DECODER)
+        features = decoder_rows(decoder, rows, grid, feature_file, paths.DECODER)
+        models = decoding_models(decoder)
         neighbours = Neighbours.load(paths.NEIGHBOURS) if consensus else None
         calibration = Calibration.load(paths.CONFIDENCE) if paths.CONFIDENCE.is_file() else None
         metrics, table = evaluate_model(models, vocab, captions, images, features, settings.decoding, neighbours,
@@ -231,6 +242,15 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
               **({"sure": in_words(sure[r.image]["confidence"], bool(sure[r.image]["abstained"]))
                   + f" {sure[r.image]['confidence']:.2f}"} if r.image in sure else {})}
              for r in shown.itertuples()]
+    strips = []
+    if grid_of(members_of(decoder)[0]) is not None and items:  # where it looked, for each word
+        shown_rows = features[rows_of(row_index(images), [item["image"] for item in items])]
+        strips = draw_strips(decoder, vocab, shown_rows, [item["beam"] for item in items],
+                             [item["path"] for item in items],
+                             [item["beam"] + (f" ({item['sure']})" if "sure" in item else "") for item in items],
+                             settings.validation.max_image_pixels)
+        for item, strip in zip(items, strips):
+            item["strip"] = png_bytes(strip)
     b, base, health = metrics["beam"], metrics["baseline"], metrics[HEALTH]["beam"]
     samples = f" (+ {metrics['consensus_samples']} samples per image)" if metrics["consensus_samples"] else ""
     reranked = (f" reranked by consensus with {metrics['consensus_neighbours']} train images{samples}"
@@ -266,6 +286,8 @@ def evaluate(settings: Settings, captions: pd.DataFrame, files: dict[str, Path])
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for artifact in (paths.EVAL_METRICS, paths.GALLERY, paths.TEST_CAPTIONS, paths.TEST_SCORES):
             mlflow.log_artifact(str(artifact))
+        for item, strip in zip(items, strips):  # the run shows where it looked on a few test photos
+            mlflow.log_image(strip, artifact_file=f"attention/{Path(item['image']).stem}.png")
         # The same captions as a table the UI shows (Artifacts, and Evaluation's table view)
         mlflow.log_table(caption_table(table), artifact_file=CAPTION_TABLE)
         log.info("logged to MLflow run %s", active.info.run_id)

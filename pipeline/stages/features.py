@@ -35,7 +35,12 @@ from tqdm import tqdm
 
 from pipeline import cpu, paths
 from pipeline.atomic import write_text
-from pipeline.captioning.backbone import BackboneError, BackboneFolder, BackboneSpec
+from pipeline.captioning.backbone import (
+    MOBILENET_GRID_SHAPE,
+    BackboneError,
+    BackboneFolder,
+    BackboneSpec,
+)
 from pipeline.config import Settings
 from pipeline.data.features_file import embedding_table, shard_of, sorted_by_image, write_table
 from pipeline.data.images import CORRUPT, ImageError, load_rgb
@@ -92,36 +97,46 @@ class _Parts:
                 part.unlink()  # torn write: redo those images
         return names
 
-    def write(self, images: list[str], embeddings: np.ndarray) -> None:
+    def write(self, images: list[str], embeddings: np.ndarray, grid: np.ndarray | None) -> None:
         existing = self.files()  # numbered after the highest, even if a torn part was removed
         index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        write_table(embedding_table(images, embeddings), self.folder / f"part-{index:05d}.parquet")
+        write_table(embedding_table(images, embeddings, grid), self.folder / f"part-{index:05d}.parquet")
 
 
 def extract_features(files: dict[str, Path], images: list[str], out: Path, parts_dir: Path,
-                     backbone: BackboneFolder, batch_size: int, rows_per_part: int) -> dict:
+                     backbone: BackboneFolder, batch_size: int, rows_per_part: int, grid: bool = False) -> dict:
     """Write features of ``images`` (``files`` maps each name to its file) to ``out`` with the CNN
-    saved in ``backbone``; returns stats. Raises BackboneError (CNN unavailable) or ImageError (an image
-    cannot be decoded)."""
+    saved in ``backbone``, with each image's grid of regions too when ``grid``; returns stats.
+    Raises BackboneError (CNN unavailable, or no grid from it) or ImageError (an image cannot be
+    decoded)."""
     spec = backbone.spec()
-    parts = _Parts(parts_dir, {**spec.to_dict(), "images": len(images)})
+    grid_embedder = backbone.grid_embedder() if grid else None  # refused before any work for a CNN without
+    parts = _Parts(parts_dir, {**spec.to_dict(), "images": len(images), "grid": grid})
     done = parts.done()
     todo = [n for n in images if n not in done]
     if done:
         log.info("resuming: %d of %d images already extracted", len(images) - len(todo), len(images))
-    embed = backbone.embedder() if todo else None  # nothing to do: no CNN to load
+    if grid_embedder is not None:
+        embed = grid_embedder.with_grid
+    else:  # nothing to do: no CNN to load
+        embed = (lambda b, plain=backbone.embedder(): (plain(b), None)) if todo else None
 
-    start, buffer_names, buffer_vecs = time.perf_counter(), [], []
+    start, buffer_names, buffer_vecs, buffer_grids = time.perf_counter(), [], [], []
     names_iter = iter(todo)
     bar = tqdm(total=len(todo), desc="features", unit="img")
+
+    def flush():
+        parts.write(buffer_names, np.concatenate(buffer_vecs), np.concatenate(buffer_grids) if grid else None)
+
     try:
         for batch in _image_batches([files[n] for n in todo], spec.image_size, batch_size):
-            vectors = embed(batch)
+            vectors, grids = embed(batch)
             buffer_names += [next(names_iter) for _ in range(len(vectors))]
             buffer_vecs.append(vectors)
+            buffer_grids.append(grids)
             if len(buffer_names) >= rows_per_part:
-                parts.write(buffer_names, np.concatenate(buffer_vecs))
-                buffer_names, buffer_vecs = [], []
+                flush()
+                buffer_names, buffer_vecs, buffer_grids = [], [], []
             bar.update(len(vectors))
     except ImageError as err:
         raise ImageError(err.category, f"{err.detail}\n({bar.n} images before it are saved in "
@@ -129,18 +144,20 @@ def extract_features(files: dict[str, Path], images: list[str], out: Path, parts
                          "features to resume)") from None
     finally:  # also on SIGTERM / Ctrl-C: keep what was computed
         if buffer_names:
-            parts.write(buffer_names, np.concatenate(buffer_vecs))
+            flush()
         bar.close()
     elapsed = time.perf_counter() - start
 
     tables = [pq.read_table(p) for p in parts.files()]
     table = pa.concat_tables(tables).combine_chunks() if tables else embedding_table(
-        [], np.zeros((0, spec.feature_dim), np.float32))
+        [], np.zeros((0, spec.feature_dim), np.float32),
+        np.zeros((0, *MOBILENET_GRID_SHAPE[1:]), np.uint8) if grid else None)
     table = sorted_by_image(table)
     missing = set(images) - set(table.column("image").to_pylist())
     if missing:
         raise ValueError(f"features missing for {len(missing)} images, e.g. {sorted(missing)[:3]}")
-    write_table(table.replace_schema_metadata(backbone.metadata()), out, row_group_size=rows_per_part)
+    meta = {**backbone.metadata(), **(grid_embedder.grid_metadata() if grid_embedder else {})}
+    write_table(table.replace_schema_metadata(meta), out, row_group_size=rows_per_part)
     shutil.rmtree(parts.folder)
     rate = len(todo) / elapsed if todo and elapsed > 0 else float("nan")
     log.info("wrote %s: %d images (%d new at %.1f img/s)", out, len(images), len(todo), rate)
@@ -173,7 +190,7 @@ def run(settings: Settings, shard: int | str = 0) -> dict:
         log.info("shard %s: %d of %d images", shard, len(images), len(files))
         return extract_features(files, images, paths.feature_shard_file(cfg.backbone, shard),
                                 paths.feature_parts_dir(cfg.backbone, shard), backbone,
-                                cfg.batch_size, cfg.rows_per_part)
+                                cfg.batch_size, cfg.rows_per_part, cfg.grid)
 
 
 def _shard(text: str) -> int | str:

@@ -36,7 +36,13 @@ from pipeline.atomic import write_json, write_parquet
 from pipeline.captioning.backbone import FEATURE_DIM, MOBILENET, BackboneError, BackboneFolder
 from pipeline.config import Settings
 from pipeline.data.features_file import embedding_table, write_table
-from pipeline.data.real_folder import RealFolderError, dev_photos, read_captions, read_embeddings
+from pipeline.data.real_folder import (
+    RealFolderError,
+    dev_photos,
+    read_captions,
+    read_embeddings,
+    stored_grid,
+)
 from pipeline.data.sources import FEEDBACK, image_files, prepared_captions
 from pipeline.registry.champion import ALIAS
 from pipeline.stages import calibrate, evaluate, features, feedback, merge_features, register, train
@@ -55,7 +61,8 @@ def real_settings(settings: Settings, data: Path) -> Settings:
     if features.backbone != MOBILENET:
         features = features.model_copy(update={"backbone": MOBILENET, "weights": "imagenet", "image_size": 224,
                                                "runtime": "tflite_int8", "precision": "auto"})
-    features = features.model_copy(update={"shards": [0]})
+    # an attention decoder reads each photo's grid of regions: the folder's, and the served CNN's
+    features = features.model_copy(update={"shards": [0], "grid": settings.train.decoder == "attention"})
     source = settings.data.model_copy(update={"source": "local", "local_path": str(data)})
     return settings.model_copy(update={"features": features, "data": source})
 
@@ -76,12 +83,18 @@ def lay_out(settings: Settings, data: Path) -> dict[str, Path]:
     write_parquet(prepared, paths.CAPTIONS)
     keep = set(captions["image"])
     rows = [i for i, name in enumerate(images) if name in keep]
-    table = embedding_table([images[i] for i in rows], features[rows])
+    names = [images[i] for i in rows]
     save_backbone(settings.features, paths.backbone_dir(MOBILENET))
+    backbone = BackboneFolder(paths.backbone_dir(MOBILENET))
+    metadata = backbone.metadata()
+    grid = None
+    if settings.features.grid:
+        metadata.update(backbone.grid_embedder().grid_metadata())
+        grid = stored_grid(data, names, metadata)
     # the folder's features are the dataset's one shard, and the corrected photos' shard joins them:
     # both carry the backbone's provenance (the folder's vectors are what this CNN computes: a test
     # checks it bit for bit on the shared pictures)
-    write_table(table.replace_schema_metadata(BackboneFolder(paths.backbone_dir(MOBILENET)).metadata()),
+    write_table(embedding_table(names, features[rows], grid).replace_schema_metadata(metadata),
                 paths.feature_shard_file(MOBILENET, 0))
     return dev_photos(data, set(scored["image"]))
 

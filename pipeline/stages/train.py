@@ -34,7 +34,7 @@ from pipeline.captioning.consensus import Neighbours
 from pipeline.captioning.vocabulary import Vocabulary
 from pipeline.config import Settings, TrainSettings
 from pipeline.data.caption_text import references_by_image
-from pipeline.data.features_file import read_features, row_index, rows_of
+from pipeline.data.features_file import pooled_part, read_feature_rows, row_index, rows_of
 from pipeline.data.sources import FEEDBACK, prepared_captions, training_rows
 from pipeline.registry.tracking import (
     data_identity,
@@ -117,7 +117,7 @@ def decoder_features(features: np.ndarray, grid: tuple[int, int] | None, cfg: Tr
                              "only; a real-features folder with a *_grid Parquet has both): use train.decoder: lstm "
                              "here")
         return features, grid
-    return (features[:, :features.shape[1] - grid[0] * grid[1]] if grid else features), None
+    return pooled_part(features, grid), None
 
 
 def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarray,
@@ -157,7 +157,7 @@ def train_decoder(captions: pd.DataFrame, images: list[str], features: np.ndarra
         seed = cfg.seed + member
         keras.utils.set_random_seed(seed)
         model = build_decoder(DecoderConfig(
-            vocab.size, features.shape[1] - (grid[0] * grid[1] if grid else 0), vocab.sequence_length,
+            vocab.size, pooled_part(features, grid).shape[1], vocab.sequence_length,
             cfg.embedding_dim, cfg.units, cfg.dropout, grid), train_features=train_feats)
         trainer = make_trainer(model, cfg.learning_rate, cfg.label_smoothing)
         log.info("member %d/%d: vocabulary %d words; %d train / %d dev captions; %d parameters",
@@ -198,7 +198,7 @@ def run(settings: Settings) -> dict:
     require(paths.CAPTIONS, feature_file)
     captions = prepared_captions()  # the dataset's and the corrections people made
     corrected = captions[(captions["folder"] == FEEDBACK) & (captions["split"] == "train")]
-    images, features, feature_meta = read_features(feature_file)
+    images, features, feature_meta, grid = read_feature_rows(feature_file)
     mlflow = setup(settings)
     identity = data_identity(settings, paths.CAPTIONS, feature_file, paths.FEEDBACK_CAPTIONS)
     tags = {**identity, **owner_tags(), "mlflow.source.name": "pipeline/stages/train.py"}  # not __main__.py
@@ -226,7 +226,7 @@ def run(settings: Settings) -> dict:
         with reported(ValueError):
             model, vocab, history, self_critical = train_decoder(
                 training_rows(captions, settings.feedback.train_repeats), images, features, settings.train,
-                log_epoch, log_self_critical, source=str(feature_file))
+                log_epoch, log_self_critical, grid=grid, source=str(feature_file))
         per_member = history.loc[history.groupby("member")["val_loss"].idxmin()]
         summary = {"best_epoch": int(per_member["epoch"].iloc[0]),  # member 0's
                    "best_dev_loss": float(per_member["val_loss"].mean()), "epochs_run": len(history),
@@ -241,7 +241,7 @@ def run(settings: Settings) -> dict:
         with atomic_path(paths.DECODER) as tmp:
             model.save(tmp)
         with atomic_path(paths.NEIGHBOURS) as tmp:  # for consensus reranking (evaluate, serving)
-            Neighbours.from_split(captions, "train", images, features).save(tmp)
+            Neighbours.from_split(captions, "train", images, pooled_part(features, grid)).save(tmp)
         write_text(paths.VOCAB, vocab.to_text())
         with atomic_path(paths.TRAIN_HISTORY) as tmp:
             history.to_csv(tmp, index=False)

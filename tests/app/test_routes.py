@@ -117,6 +117,17 @@ def test_a_jpeg_gets_a_caption_and_the_other_candidates(api):
     assert all(a >= b - 1e-3 for a, b in zip(totals, totals[1:]))  # best first, as reranked (4 decimals)
     assert body["model"] == {"name": NAME, "version": "1"} and body["ms"] > 0
 
+    assert "attention" not in result  # only when asked
+
+
+def test_attention_asked_of_a_model_that_reads_one_vector_is_null_not_made_up(api):
+    client, _ = api
+    response = client.post("/api/caption?attention=1", files=[("file", ("photo.jpg", photo(), "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["caption"] and result["attention"] is None
+    assert client.post("/api/caption?attention=maybe", files=[("file", ("p.jpg", photo(), "image/jpeg"))]).status_code == 422
+
 
 def noise_png() -> bytes:
     import io

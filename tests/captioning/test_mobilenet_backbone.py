@@ -20,7 +20,7 @@ from pipeline.captioning.backbone import (
     mobilenet_file,
 )
 from pipeline.config import ConfigError, parse_settings
-from pipeline.data.features_file import read_features
+from pipeline.data.features_file import read_feature_rows, read_features
 from pipeline.stages.backbone import save_backbone
 from pipeline.stages.features import extract_features
 from tests.helpers import PROJECT, tiny_params
@@ -49,25 +49,40 @@ def test_the_vendored_file_is_the_published_model_with_its_license():
 
 
 @pytest.mark.skipif(not (OUT_OF_DOMAIN / "images").is_dir(), reason=f"no shared pictures in {OUT_OF_DOMAIN}")
-def test_features_of_real_pictures_equal_the_shared_ones_to_the_last_bit(folder, tmp_path):
+@pytest.mark.parametrize("grid", [False, True], ids=["pooled", "with-grid"])
+def test_features_of_real_pictures_equal_the_shared_ones_to_the_last_bit(folder, tmp_path, grid):
     """The features stage's own path (decode, resize, LiteRT, dequantise), in two shards of
-    different batch sizes, against the Parquet made by the recipe in the shared README."""
+    different batch sizes, against the Parquet made by the recipe in the shared README; with
+    ``features.grid`` each picture's 7x7x320 grid too, against the shared grid file, as stored."""
     table = pq.read_table(OUT_OF_DOMAIN / "mobilenet_v2_224.parquet")
     expected = dict(zip(table.column("image").to_pylist(),
                         np.stack(table.column("embedding").to_numpy(zero_copy_only=False))))
+    shared = pq.read_table(OUT_OF_DOMAIN / "mobilenet_v2_224_grid.parquet")
+    expected_grid = dict(zip(shared.column("image").to_pylist(),
+                             shared.column("grid").combine_chunks().flatten().to_numpy().reshape(len(shared), -1)))
     names = sorted(expected)
     files = {n: OUT_OF_DOMAIN / "images" / n for n in names}
     halves = (names[: len(names) // 2], names[len(names) // 2:])
-    found = {}
+    found, found_grid = {}, {}
     for i, (half, batch) in enumerate(zip(halves, (32, 7))):
         out = tmp_path / f"shard-{i}.parquet"
-        extract_features(files, half, out, tmp_path / f"parts-{i}", folder, batch_size=batch, rows_per_part=50)
+        extract_features(files, half, out, tmp_path / f"parts-{i}", folder, batch_size=batch, rows_per_part=50,
+                         grid=grid)
         images, features, meta = read_features(out)
         assert meta["backbone"] == "mobilenet_v2_int8" and features.dtype == np.float32
         found.update(zip(images, features))
+        stored = pq.read_table(out)
+        assert ("grid" in stored.schema.names) == grid
+        if grid:
+            assert stored.schema.field("grid").type.value_type == "uint8"  # stored as the CNN gives it: 15,680 bytes
+            assert meta["shape"].startswith("[7, 7, 320]") and float(meta["scale"]) == float(shared.schema.metadata[b"scale"])
+            found_grid.update(zip(images, stored.column("grid").combine_chunks().flatten().to_numpy().reshape(len(images), -1)))
     assert sorted(found) == names
     differing = [n for n in names if not np.array_equal(found[n], expected[n])]
     assert differing == [], f"{len(differing)} of {len(names)} differ, e.g. {differing[:3]}"
+    if grid:
+        differing = [n for n in names if not np.array_equal(found_grid[n], expected_grid[n])]
+        assert differing == [], f"{len(differing)} grids of {len(names)} differ, e.g. {differing[:3]}"
 
 
 def test_the_grid_comes_from_the_same_pass_as_the_pooled_vector(folder):
@@ -141,10 +156,12 @@ def test_the_spec_says_what_it_runs():
     assert Path(mobilenet_file(spec.weights)).name == "mobilenet_v2_1.0_224_quant.tflite"
 
 
-def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkeypatch):
+@pytest.mark.parametrize("decoder", ["lstm", "attention"])
+def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkeypatch, decoder):
     """The DVC stages with ``features.backbone: mobilenet_v2_int8``: two shards (merged equal to
     embedding each photo alone), training, the registered model, which captions a photo with the
-    vendored CNN it carries."""
+    vendored CNN it carries. With ``train.decoder: attention`` (and ``features.grid``) the same
+    stages carry each photo's grid, and the served model computes it and says where it looked."""
     import mlflow
     import pandas as pd
 
@@ -157,15 +174,20 @@ def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkey
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
     settings = parse_settings(tiny_params(**{**MOBILENET_PARAMS, "features.runtime": "tflite_int8",
                                              "features.shards": [0, 1], "data.synthetic.n_images": 30,
-                                             "train.epochs": 1, "decoding.consensus.samples": 0}))
+                                             "train.epochs": 1, "decoding.consensus.samples": 0,
+                                             "train.decoder": decoder, "features.grid": decoder == "attention"}))
     download.run(settings)
     validate.run(settings)
     run_features(settings)
-    images, features, meta = read_features(paths.features_file("mobilenet_v2_int8"))
-    assert features.shape == (30, 1280) and meta["backbone"] == "mobilenet_v2_int8"
+    images, features, meta, grid = read_feature_rows(paths.features_file("mobilenet_v2_int8"))
+    assert features.shape == (30, 1280 + (49 * 320 if grid else 0)) and meta["backbone"] == "mobilenet_v2_int8"
+    assert grid == ((49, 320) if decoder == "attention" else None)
     folder = BackboneFolder(paths.backbone_dir("mobilenet_v2_int8"))
     photo = paths.dataset_dir("synthetic") / paths.IMAGES_SUBDIR / images[3]
-    assert np.array_equal(folder.embedder()(load_image(photo, folder.spec(), None)[None])[0], features[3])
+    alone = load_image(photo, folder.spec(), None)[None]
+    assert np.array_equal(folder.embedder()(alone)[0], features[3, :1280])
+    if grid:  # the rows the served model computes are the rows the stages trained on
+        assert np.array_equal(folder.grid_embedder().rows(alone)[0], features[3])
     train.run(settings)
     calibrate.run(settings)
     evaluate.run(settings)
@@ -174,3 +196,22 @@ def test_the_pipeline_runs_on_it_from_photos_to_a_served_caption(workdir, monkey
     assert model.unwrap_python_model().spec.name == "mobilenet_v2_int8"
     out = model.predict(pd.DataFrame({"image": [jpeg_bytes()]}))
     assert out["error"].iloc[0] == "" and out["caption"].iloc[0].strip()
+    served = model.unwrap_python_model()
+    (said,) = served.caption_images([photo.read_bytes()], attention=True)
+    if decoder == "lstm":
+        assert said["attention"] is None  # nothing to show, and said so rather than made up
+        assert "where it looked" not in paths.GALLERY.read_text()
+        return
+    # the evaluation gallery shows where it looked for each test photo, and the run keeps the strips
+    gallery = paths.GALLERY.read_text()
+    shown = gallery.count("<figure>")
+    assert shown >= 1 and gallery.count("<summary>where it looked</summary>") == shown
+    assert gallery.count('<img class="strip" src="data:image/png;base64,') == shown
+    strips = mlflow.MlflowClient().list_artifacts(report["run_id"], "attention")
+    assert len(strips) == shown and all(a.path.endswith(".png") for a in strips)
+    looked = said["attention"]
+    assert looked["grid"] == [7, 7] and looked["words"] == said["caption"].split()
+    assert len(looked["maps"]) == len(looked["words"]) and all(len(m) == 49 for m in looked["maps"])
+    assert all(max(m) == 100 and min(m) >= 0 for m in looked["maps"])  # percent of each word's strongest region
+    # a model of another width reusing this one's stored embeddings would caption noise: its key differs
+    assert served.backbone_digest == folder.digest() + "+grid"

@@ -66,3 +66,38 @@ def test_a_grid_with_nan_is_refused_naming_the_photo(tmp_path):
     values[1, 3] = np.nan
     with pytest.raises(GridFileError, match=r"1 rows hold NaN or infinite values, e\.g\. \['a\.jpg'\]"):
         read_grid(write_grid(tmp_path / "g.parquet", values, {"shape": "[2, 2, 2]"}))
+
+
+def test_a_features_file_with_a_grid_reads_as_rows_of_pooled_then_regions(tmp_path):
+    from pipeline.data.features_file import (
+        embedding_table,
+        grid_metadata,
+        pooled_part,
+        read_feature_rows,
+        read_features,
+        write_table,
+    )
+
+    pooled = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    q = np.arange(2 * 2 * 1 * 3, dtype=np.uint8).reshape(2, 2, 1, 3)
+    path = tmp_path / "f.parquet"
+    table = embedding_table(["a.jpg", "b.jpg"], pooled, q)
+    write_table(table.replace_schema_metadata({"backbone": "x", **grid_metadata((2, 1, 3), (0.25, 3))}), path)
+    images, rows, meta, grid = read_feature_rows(path)
+    assert images == ["a.jpg", "b.jpg"] and grid == (2, 3) and meta["backbone"] == "x"
+    np.testing.assert_allclose(rows, np.concatenate([pooled, (q.reshape(2, -1) - 3.0) * 0.25], axis=1))
+    np.testing.assert_array_equal(pooled_part(rows, grid), pooled)
+    # readers of pooled vectors see the file as before; a file without a grid reads as its vectors
+    assert np.array_equal(read_features(path)[1], pooled)
+    write_table(embedding_table(["a.jpg", "b.jpg"], pooled), tmp_path / "p.parquet")
+    _, rows, _, grid = read_feature_rows(tmp_path / "p.parquet")
+    assert grid is None and np.array_equal(rows, pooled) and pooled_part(rows, None) is rows
+
+
+def test_a_grid_of_float32_or_the_wrong_count_is_not_written(tmp_path):
+    from pipeline.data.features_file import embedding_table
+
+    with pytest.raises(ValueError, match="uint8 or float16"):
+        embedding_table(["a.jpg"], np.ones((1, 2), np.float32), np.ones((1, 2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="for 2 images"):
+        embedding_table(["a.jpg", "b.jpg"], np.ones((2, 2), np.float32), np.ones((1, 2, 2, 3), np.uint8))

@@ -83,3 +83,45 @@ def test_the_grid_beside_the_embeddings_is_found_by_its_name(tmp_path):
     assert grid_file(root) is None
     (root / "mobilenet_v2_224_grid.trainval.parquet").write_bytes(b"")
     assert grid_file(root) == root / "mobilenet_v2_224_grid.trainval.parquet"
+
+
+def write_grid_file(root, images=("a.jpg", "b.jpg", "c.jpg"), shape=(7, 7, 320), scale="0.11694499105215073",
+                    zero_point="130", dtype=np.uint8):
+    values = np.arange(len(images) * int(np.prod(shape))).reshape(len(images), -1).astype(dtype)
+    table = pa.table({"image": pa.array(list(images)),
+                      "grid": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])})
+    meta = {"shape": f"[{shape[0]}, {shape[1]}, {shape[2]}]", "scale": scale, "zero_point": zero_point}
+    pq.write_table(table.replace_schema_metadata(meta), root / "mobilenet_v2_224_grid.trainval.parquet")
+    return values
+
+
+SERVING = {"shape": "[7, 7, 320] (rows, columns, channels; row-major)", "scale": "0.11694499105215073",
+           "zero_point": "130"}
+
+
+def test_the_stored_grid_is_taken_as_it_is_in_the_order_asked(tmp_path):
+    from pipeline.data.real_folder import stored_grid
+
+    root = write_folder(tmp_path / "real")
+    values = write_grid_file(root)
+    found = stored_grid(root, ["c.jpg", "a.jpg"], SERVING)
+    assert found.dtype == np.uint8 and found.shape == (2, 7, 7, 320)
+    assert np.array_equal(found.reshape(2, -1), values[[2, 0]])
+
+
+@pytest.mark.parametrize("grid, match", [
+    (None, "holds no grid of regions"),
+    ({"shape": (10, 10, 32)}, r"holds grids of \[10, 10, 32\]"),
+    ({"scale": "0.5"}, "scale 0.5"),
+    ({"zero_point": "128"}, "zero point 128"),
+    ({"images": ("a.jpg", "b.jpg")}, r"no grid for 1 of the 2 images, e.g. \['c.jpg'\]"),
+])
+def test_a_grid_the_serving_cnn_would_not_make_is_refused_naming_the_file(tmp_path, grid, match):
+    """Trained on one grid and served another, the decoder would caption noise: refused first."""
+    from pipeline.data.real_folder import stored_grid
+
+    root = write_folder(tmp_path / "real")
+    if grid is not None:
+        write_grid_file(root, **grid)
+    with pytest.raises(RealFolderError, match=match):
+        stored_grid(root, ["a.jpg", "c.jpg"], SERVING)

@@ -193,6 +193,13 @@ def test_tflite_features_are_the_keras_features(prepared):
     np.testing.assert_allclose(lite, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
 
 
+def test_a_grid_from_a_cnn_without_one_is_refused_before_any_image_is_read(prepared):
+    asked = prepared.model_copy(update={"features": prepared.features.model_copy(update={"grid": True})})
+    with pytest.raises(StageError, match=r"grids of regions are extracted from mobilenet_v2_int8 only so far"):
+        features.run(asked)
+    assert not paths.feature_shard_file("xception", 0).exists() and not PARTS0.exists()
+
+
 def test_features_refuse_a_backbone_built_for_other_params(prepared):
     other = tiny_settings(**{"data.synthetic.n_images": 20, "features.runtime": "keras"})
     with pytest.raises(StageError, match=r"rerun the backbone stage"):
