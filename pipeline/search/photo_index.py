@@ -311,15 +311,15 @@ class PhotoIndex:
                                     {"q": " & ".join(words)})
             return {int(r[0]) for r in rows}
 
-    def embeddings(self) -> tuple[list[int], np.ndarray, list[str]]:
-        """(ids, (N, D) float32, the digest of the CNN that embedded each) of every photo indexed
-        with an embedding, in id order."""
+    def embeddings(self) -> tuple[list[int], list[np.ndarray], list[str]]:
+        """(ids, float32 vectors, the digest of the CNN that embedded each) of every photo indexed
+        with an embedding, in id order. Vectors differ in width between CNNs, and between a
+        model that reads the pooled vector (that alone) and one that attends over the grid (the
+        pooled vector, then the grid)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(photos.c.id, photos.c.embedding, photos.c.backbone).where(
                 photos.c.status == "ok", photos.c.embedding.is_not(None)).order_by(photos.c.id)).all()
-        if not rows:
-            return [], np.zeros((0, 0), np.float32), []
-        return ([r.id for r in rows], np.stack([np.frombuffer(r.embedding, np.float32) for r in rows]),
+        return ([r.id for r in rows], [np.frombuffer(r.embedding, np.float32) for r in rows],
                 [r.backbone for r in rows])
 
     def confident_ids(self, min_confidence: float) -> set[int]:

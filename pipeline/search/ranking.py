@@ -122,11 +122,16 @@ class Searcher:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the photos' features again if the index changed since they were read."""
+        """Read the photos' features again if the index changed since they were read. Photos are
+        compared with one another by the part every stored row begins with, the pooled vector
+        (an attention model's rows add the grid after it); the caption model reads whole rows."""
         version = self.store.version()
         if version == self._version:
             return
-        self.ids, self.features, self.backbones = self.store.embeddings()
+        self.ids, self.rows, self.backbones = self.store.embeddings()
+        width = min((len(v) for v in self.rows), default=0)
+        self.features = (np.stack([v[:width] for v in self.rows]) if self.rows
+                         else np.zeros((0, 0), np.float32))
         self._version = version
 
     @property
@@ -193,14 +198,16 @@ class Searcher:
             rows = shortlist_rows(self.ids, self.features, rows, text, shortlist)
         if not len(rows):
             return {}
-        found = log_likelihood(self.model.chooser.models, self.model.vocab, self.features[rows], ids)
+        # the model's own CNN embedded these rows for it: one width, the width its decoder reads
+        found = log_likelihood(self.model.chooser.models, self.model.vocab, np.stack([self.rows[r] for r in rows]), ids)
         return {self.ids[r]: float(s) for r, s in zip(rows, found)}
 
     def more_like(self, vector: np.ndarray, limit: int, exclude: int | None = None) -> list[Hit]:
         """Photos ranked by the cosine of their CNN features to ``vector``."""
         if not self.ids:
             return []
-        sims = unit_rows(self.features) @ unit_rows(np.asarray(vector, np.float32)[None])[0]
+        vector = np.asarray(vector, np.float32)[:self.features.shape[1]]  # compared by the pooled part
+        sims = unit_rows(self.features) @ unit_rows(vector[None])[0]
         order = [i for i in np.argsort(-sims) if self.ids[i] != exclude][:limit]
         photos = self.store.by_ids(self.ids[i] for i in order)
         return [Hit(photos[self.ids[i]], float(sims[i])) for i in order]

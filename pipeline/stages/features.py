@@ -97,7 +97,7 @@ class _Parts:
                 part.unlink()  # torn write: redo those images
         return names
 
-    def write(self, images: list[str], embeddings: np.ndarray, grid: np.ndarray | None) -> None:
+    def write(self, images: list[str], embeddings: np.ndarray, grid: np.ndarray | None = None) -> None:
         existing = self.files()  # numbered after the highest, even if a torn part was removed
         index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         write_table(embedding_table(images, embeddings, grid), self.folder / f"part-{index:05d}.parquet")

@@ -53,7 +53,7 @@ def test_moves_deletes_and_the_cheap_version_check(index):
     index.delete([index.by_path("b.jpg").id])
     assert index.version() != before and index.text_search("cat", 5) == []
     ids, features, backbones = index.embeddings()
-    assert ids == [a.id] and features.shape == (1, 8) and backbones == ["cnn"]
+    assert ids == [a.id] and [f.shape for f in features] == [(8,)] and backbones == ["cnn"]
 
 
 def test_a_path_that_is_not_a_database_is_a_clear_error(tmp_path):
@@ -133,3 +133,25 @@ def test_an_index_made_before_confidence_gains_the_columns_and_keeps_its_rows(tm
     (row,) = reopened.all()
     assert row.caption == "a dog runs" and row.confidence is None and row.abstained is False
     assert reopened.text_search("dog", 5)
+
+
+def test_photos_of_a_pooled_and_an_attention_model_are_compared_by_the_pooled_vector(index):
+    """After the champion changes from a pooled to an attention model, an index holds rows of both
+    widths until it is run again (the pooled vector, then the grid): search still compares
+    photos, by the part every row begins with, instead of failing to stack them."""
+    from dataclasses import replace
+
+    from pipeline.search.ranking import Searcher
+
+    pooled = photo("a.jpg", "a dog", seed=1)
+    like_a = replace(photo("b.jpg", "a dog", seed=2), backbone="cnn+grid",
+                     embedding=np.concatenate([pooled.embedding * 2, np.full(4, 9.0, np.float32)]))
+    other = replace(photo("c.jpg", "a cat", seed=3), backbone="cnn+grid")
+    other = replace(other, embedding=np.concatenate([-pooled.embedding, np.zeros(4, np.float32)]))
+    index.save([pooled, like_a, other])
+    ids, vectors, backbones = index.embeddings()
+    assert [len(v) for v in vectors] == [8, 12, 12] and backbones == ["cnn", "cnn+grid", "cnn+grid"]
+    hits = Searcher(index).more_like(like_a.embedding, 3)
+    assert {h.photo.path for h in hits[:2]} == {"a.jpg", "b.jpg"} and hits[2].photo.path == "c.jpg"
+    # the same pooled vector (scaled), whatever follows it; the opposite one last
+    assert [round(h.score, 5) for h in hits] == [1.0, 1.0, -1.0]

@@ -344,3 +344,8 @@ def test_a_second_model_is_judged_against_the_champion_on_the_same_photos(champi
     assert report["decision"] == "promoted" and report["champion"] == "2"
     assert report["reason"].startswith("promoted by the operator (--promote); the judgement was: beam_bleu4 -")
     assert "does not clear" in report["reason"]
+    # the pooled champion has no attention to draw, and says so rather than drawing something
+    photo = sorted((REAL / "dev_photos").iterdir())[0]
+    result = captioner(project, "caption", "--attention", str(tmp_path / "strips"), str(photo))
+    assert result.returncode == 2 and "has no attention to draw" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "strips").exists()
