@@ -154,6 +154,13 @@ class FeaturesSettings(_Section):
         return self
 
     @model_validator(mode="after")
+    def _grid_from_a_cnn_that_gives_one(self):
+        if self.grid and self.backbone != "mobilenet_v2_int8":
+            raise ValueError(f"grid: true is built for backbone mobilenet_v2_int8 only (its 7x7x320 grid); "
+                             f"{self.backbone}'s map is not extracted yet: use grid: false with {self.backbone}")
+        return self
+
+    @model_validator(mode="after")
     def _bf16_needs_keras_or_openvino(self):
         if self.precision == "bfloat16" and self.runtime in ("tflite", "tflite_int8"):
             raise ValueError(f"precision bfloat16 runs on runtimes keras, openvino and auto, not {self.runtime} "

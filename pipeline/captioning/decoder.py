@@ -237,11 +237,16 @@ def attention_maps(decoder: keras.Model, features: np.ndarray, captions: list[li
         inputs[row, :len(seq)] = seq
     weights = []
     for member in members:  # an ensemble: the mean of its members' maps
-        model = keras.Model(member.inputs, [member.get_layer(Layer.ATTENTION_WEIGHTS).output])
+        model = _MAPS.get(member)
+        if model is None:  # built (and traced by _run) once per decoder: a served model is asked per request
+            model = _MAPS[member] = keras.Model(member.inputs, [member.get_layer(Layer.ATTENTION_WEIGHTS).output])
         weights.append(np.concatenate([_run(model, [features[lo:lo + 256], inputs[lo:lo + 256]])[0]
                                        for lo in range(0, len(captions), 256)]))
     mean = np.mean(weights, axis=0)
     return [mean[row, :min(len(tokens) + 1, sequence_length)] for row, tokens in enumerate(captions)]
+
+
+_MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # decoder -> its attention-weights model
 
 
 @dataclass

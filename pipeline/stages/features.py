@@ -4,7 +4,9 @@
 ``shard_of(name, N) == I`` (N = len(features.shards)) with the CNN saved by the ``backbone``
 stage, into ``data/features/shards/<backbone>-<I>.parquet`` (format of
 ``pipeline/data/features_file.py``); ``merge_features`` joins the shards. Shards are independent
-DVC stages, so Airflow runs them in parallel, on different workers.
+DVC stages, so Airflow runs them in parallel, on different workers. With ``features.grid`` each
+image's grid of regions is stored beside its vector, from the same pass of the CNN (the int8
+MobileNetV2 only; another CNN is refused before any image is read).
 
 Each batch is decoded and resized by a thread pool, then embedded (``_image_batches`` says
 why the two do not overlap). Finished batches are written to

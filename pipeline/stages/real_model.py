@@ -1,8 +1,10 @@
 """``captioner real-model --data DIR``: a champion trained on real Flickr8k features, offline.
 
 ``DIR`` is a folder in the layout of the shared ``flickr8k_real/`` (token file, train and dev
-split lists, the int8 MobileNetV2 embeddings; ``dev_photos/`` optional): features computed
-elsewhere by the CNN vendored in ``vendor/mobilenet_v2/``, so no photo is needed to train. The
+split lists, the int8 MobileNetV2 embeddings, and for ``train.decoder: attention`` their grids of
+regions; ``dev_photos/`` optional): features computed elsewhere by the CNN vendored in
+``vendor/mobilenet_v2/``, so no photo is needed to train. A grid is taken only when it is what
+that CNN makes (its shape and quantisation), since the served model computes it again. The
 command lays them out as the stages' files in a work folder (``--work``, default ``real/``) and
 runs the stages' own code there, on the project's MLflow store:
 

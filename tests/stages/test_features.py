@@ -194,6 +194,11 @@ def test_tflite_features_are_the_keras_features(prepared):
 
 
 def test_a_grid_from_a_cnn_without_one_is_refused_before_any_image_is_read(prepared):
+    """By params.yaml's check, naming the key; and by the stage, for settings made past it."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"features.*grid: true is built for backbone mobilenet_v2_int8 only"):
+        tiny_settings(**{"features.grid": True})
     asked = prepared.model_copy(update={"features": prepared.features.model_copy(update={"grid": True})})
     with pytest.raises(StageError, match=r"grids of regions are extracted from mobilenet_v2_int8 only so far"):
         features.run(asked)
@@ -349,3 +354,20 @@ def test_a_shard_follows_the_recorded_choice_or_says_why_it_cannot(prepared):
     folder.spec_file.write_text(json.dumps(record))
     with pytest.raises(BackboneError, match=r"native bf16.*computed with openvino bfloat16 on a CPU with avx512_bf16.*rerun the backbone"):
         folder.embedder(cpu_flags=frozenset({"avx2"}))
+
+
+def test_shards_with_and_without_grids_are_not_merged(tmp_path):
+    """A shard extracted with ``features.grid`` and one without (params changed between them)
+    would give the decoders rows of two layouts: the merge refuses, naming the file."""
+    from pipeline.data.features_file import embedding_table, grid_metadata, write_table
+
+    meta = {"backbone": "mobilenet_v2_int8"}
+    write_table(embedding_table(["a.jpg"], np.ones((1, 4), np.float32)).replace_schema_metadata(meta),
+                tmp_path / "shard-0.parquet")
+    with_grid = embedding_table(["b.jpg"], np.ones((1, 4), np.float32), np.zeros((1, 1, 1, 2), np.uint8))
+    write_table(with_grid.replace_schema_metadata({**meta, **grid_metadata((1, 1, 2), (0.5, 3))}),
+                tmp_path / "feedback.parquet")
+    with pytest.raises(ValueError, match=r"feedback.parquet was computed with another CNN or settings"):
+        merge_features.merge_shards([tmp_path / "shard-0.parquet"], {"a.jpg", "b.jpg"}, tmp_path / "out.parquet",
+                                    64, tmp_path / "feedback.parquet")
+    assert not (tmp_path / "out.parquet").exists()
